@@ -1,0 +1,91 @@
+"""The RWKV-X language model: embedding, interleaved RWKV-7 and sparse blocks, head (SPEC §5)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from rwkvx_jax.config import RWKVXConfig
+from rwkvx_jax.layers import layer_norm, linear, scaled_orthogonal, uniform_symmetric
+from rwkvx_jax.rwkv7 import RWKVBlock
+from rwkvx_jax.sparse_attention import SparseBlock
+
+
+def block_name(kind: str, index: int) -> str:
+    """Flax submodule name of a block: `blocks_{i}` (RWKV-7) or `moba_{j}` (sparse)."""
+    return f"blocks_{index}" if kind == "rwkv" else f"moba_{index}"
+
+
+class RWKVX(nn.Module):
+    """RWKV-X (A = 0 gives plain RWKV-7). The only module that sees the whole config."""
+
+    config: RWKVXConfig
+
+    @nn.compact
+    def __call__(self, tokens, return_state: bool = False):
+        """Args:
+          tokens: int [B, T].
+          return_state: also return each block's final recurrent state.
+
+        Returns:
+          logits float32 [B, T, V]; with return_state, (logits, states) where states maps a
+          block name (`blocks_{i}` / `moba_{j}`) to that block's state dict.
+        """
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        x = nn.Embed(
+            cfg.vocab_size,
+            cfg.n_embd,
+            embedding_init=uniform_symmetric(1e-4),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="emb",
+        )(tokens)
+        v_first = None
+        states = {}
+        for kind, index in cfg.block_order():
+            name = block_name(kind, index)
+            if kind == "rwkv":
+                block = RWKVBlock(
+                    layer_id=index,
+                    n_layer=cfg.n_rwkv_layer,
+                    n_embd=cfg.n_embd,
+                    head_size=cfg.head_size,
+                    dim_w=cfg.dim_w,
+                    dim_a=cfg.dim_a,
+                    dim_v=cfg.dim_v,
+                    dim_g=cfg.dim_g,
+                    has_v_params=index > 0 or cfg.block0_v_params,
+                    wkv_backend=cfg.wkv_backend,
+                    wkv_chunk_size=cfg.wkv_chunk_size,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    name=name,
+                )
+                x, v_first, states[name] = block(x, v_first)
+            else:
+                block = SparseBlock(
+                    n_embd=cfg.n_embd,
+                    head_size=cfg.head_size,
+                    chunk_size=cfg.chunk_size,
+                    top_k=cfg.top_k,
+                    channel_mix_layer_id=_preceding_rwkv_layer(cfg, index),
+                    n_layer=cfg.n_rwkv_layer,
+                    backend=cfg.attention_backend,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    name=name,
+                )
+                x, states[name] = block(x)
+        x = layer_norm("ln_out", dtype, param_dtype)(x)
+        scale = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
+        head = linear(cfg.vocab_size, "head", dtype, param_dtype, scaled_orthogonal(scale))
+        logits = head(x).astype(jnp.float32)
+        return (logits, states) if return_state else logits
+
+
+def _preceding_rwkv_layer(cfg: RWKVXConfig, attn_index: int) -> int:
+    """Index of the RWKV block just before sparse block `attn_index` (for its init profile)."""
+    if cfg.n_attn_layer == 1:
+        return cfg.n_rwkv_layer - 1
+    return (attn_index + 1) * (cfg.n_rwkv_layer // cfg.n_attn_layer) - 1

@@ -1,0 +1,221 @@
+"""RWKV-7 blocks (SPEC §3): TimeMix with the WKV-7 recurrence, ChannelMix, and the block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from rwkvx_jax import ops
+from rwkvx_jax.layers import (
+    constant_init,
+    layer_norm,
+    linear,
+    scaled_orthogonal,
+    token_shift,
+    uniform_symmetric,
+)
+
+# decay = exp(-e^{-1/2} * sigmoid(z)) lies in (0.545, 1): the log-decay is -0.606531 * sigmoid(z).
+_DECAY_SCALE = 0.606531
+_GROUPNORM_EPS = 64e-5
+
+
+def _mix_profile(n_embd: int, power: float) -> np.ndarray:
+    """1 - (c / C)^power over channels c: the RWKV-7 token-shift mixing initialisation."""
+    ratio = np.arange(n_embd, dtype=np.float64) / n_embd
+    return (1.0 - ratio**power).astype(np.float32)
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 time mixing with the WKV-7 state (per-head [N, N], fp32).
+
+    Leaf layer: takes scalars, never the whole config. Parameter names mirror the official
+    `blocks.{i}.att.*` keys.
+    """
+
+    layer_id: int
+    n_layer: int
+    n_embd: int
+    head_size: int
+    dim_w: int
+    dim_a: int
+    dim_v: int
+    dim_g: int
+    has_v_params: bool
+    wkv_backend: str = "auto"
+    wkv_chunk_size: int = 64
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, v_first, shift_state=None, wkv_state=None):
+        """Args:
+          x: [B, T, C] (after ln1).
+          v_first: [B, T, C] value of block 0, or None in block 0.
+          shift_state: [B, C] token before x[:, 0]; wkv_state: [B, H, N, N] fp32.
+
+        Returns:
+          (out [B, T, C], v_first [B, T, C], last x [B, C], final wkv state [B, H, N, N]).
+        """
+        C, N = self.n_embd, self.head_size
+        H = C // N
+        B, T, _ = x.shape
+        r0 = self.layer_id / max(self.n_layer - 1, 1)
+        r1 = 1.0 - self.layer_id / self.n_layer
+        p = lambda name, shape, init: self.param(name, init, shape, self.param_dtype)
+        cast = lambda a: jnp.asarray(a, self.dtype)
+
+        mix = {
+            "x_r": 0.2 * r1, "x_w": 0.9 * r1, "x_k": 0.7 * r1,
+            "x_v": 0.7 * r1, "x_a": 0.9 * r1, "x_g": 0.2 * r1,
+        }  # fmt: skip
+        coeff = {n: cast(p(n, (C,), constant_init(_mix_profile(C, e)))) for n, e in mix.items()}
+        n = np.arange(C) / max(C - 1, 1)
+        decay_speed = -7.0 + 5.0 * n ** (0.85 + 1.0 * r0**0.5)
+        w0 = p("w0", (C,), constant_init((decay_speed + 0.5).astype(np.float32)))
+        w1 = p("w1", (C, self.dim_w), nn.initializers.zeros)
+        w2 = p("w2", (self.dim_w, C), scaled_orthogonal(0.1))
+        a0 = p("a0", (C,), nn.initializers.zeros)
+        a1 = p("a1", (C, self.dim_a), nn.initializers.zeros)
+        a2 = p("a2", (self.dim_a, C), scaled_orthogonal(0.1))
+        if self.has_v_params:
+            v0 = p("v0", (C,), nn.initializers.ones)
+            v1 = p("v1", (C, self.dim_v), nn.initializers.zeros)
+            v2 = p("v2", (self.dim_v, C), scaled_orthogonal(0.1))
+        g1 = p("g1", (C, self.dim_g), nn.initializers.zeros)
+        g2 = p("g2", (self.dim_g, C), scaled_orthogonal(0.1))
+        k_k = p("k_k", (C,), nn.initializers.constant(0.85))
+        k_a = p("k_a", (C,), nn.initializers.ones)
+        r_k = p("r_k", (H, N), nn.initializers.constant(-0.04))
+
+        dense = lambda name, init: linear(C, name, self.dtype, self.param_dtype, init)
+        bound = C**-0.5
+        receptance = dense("receptance", uniform_symmetric(0.5 * bound))
+        key = dense("key", uniform_symmetric(0.05 * bound))
+        value = dense("value", uniform_symmetric(0.5 * bound))
+        output = dense("output", nn.initializers.zeros)
+        ln_x_scale = ((1 + self.layer_id) / self.n_layer) ** 0.7
+        ln_x = nn.GroupNorm(
+            num_groups=H,
+            epsilon=_GROUPNORM_EPS,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            scale_init=nn.initializers.constant(ln_x_scale),
+            name="ln_x",
+        )
+
+        x = x.astype(self.dtype)
+        delta = token_shift(x, shift_state) - x
+        xr, xw, xk, xv, xa, xg = (x + delta * coeff[n] for n in mix)
+
+        r = receptance(xr)
+        k = key(xk)
+        v = value(xv)
+        # The decay and the rates are computed in fp32: they feed exponentials and the state.
+        f32 = lambda t: t.astype(jnp.float32)
+        z = f32(w0) + jnp.tanh(f32(xw) @ f32(w1)) @ f32(w2)
+        log_decay = -_DECAY_SCALE * jax.nn.sigmoid(z)
+        a = jax.nn.sigmoid(f32(a0) + (f32(xa) @ f32(a1)) @ f32(a2))
+        g = cast(jax.nn.sigmoid(xg @ cast(g1)) @ cast(g2))
+
+        heads = lambda t: t.reshape(B, T, H, N)
+        kk = heads(f32(k) * f32(k_k))
+        kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)
+        k = f32(k) * (1.0 + (a - 1.0) * f32(k_a))
+        if v_first is None:
+            v_first = v
+        else:
+            gate = jax.nn.sigmoid(f32(v0) + (f32(xv) @ f32(v1)) @ f32(v2))
+            v = f32(v) + (f32(v_first) - f32(v)) * gate
+
+        a_h = heads(a)
+        y, wkv_state = ops.wkv7(
+            heads(f32(r)),
+            heads(log_decay),
+            heads(k),
+            heads(f32(v)),
+            -kk,
+            kk * a_h,
+            wkv_state,
+            backend=self.wkv_backend,
+            chunk_size=self.wkv_chunk_size,
+        )
+        # Flattened so GroupNorm's statistics are per token, not over the time axis too.
+        o = ln_x(y.reshape(B * T, C)).reshape(B, T, C)
+        bonus = jnp.sum(heads(f32(r)) * heads(k) * f32(r_k), axis=-1, keepdims=True)
+        o = o + (bonus * heads(f32(v))).reshape(B, T, C)
+        out = output(cast(o) * g)
+        return out, v_first, x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 channel mixing: relu(h Wk^T)^2 Wv^T with a token-shifted input."""
+
+    layer_id: int
+    n_layer: int
+    n_embd: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, shift_state=None):
+        """Args: x [B, T, C]; shift_state [B, C]. Returns (out [B, T, C], last x [B, C])."""
+        C = self.n_embd
+        r1 = 1.0 - self.layer_id / self.n_layer
+        x_k = self.param("x_k", constant_init(_mix_profile(C, r1**4)), (C,), self.param_dtype)
+        key = linear(4 * C, "key", self.dtype, self.param_dtype, uniform_symmetric(0.5 * C**-0.5))
+        value = linear(C, "value", self.dtype, self.param_dtype, nn.initializers.zeros)
+        x = x.astype(self.dtype)
+        h = x + (token_shift(x, shift_state) - x) * jnp.asarray(x_k, self.dtype)
+        out = value(jnp.square(jax.nn.relu(key(h))))
+        return out, x[:, -1]
+
+
+class RWKVBlock(nn.Module):
+    """`x += TimeMix(LN1(x)); x += ChannelMix(LN2(x))`; block 0 first applies LN0."""
+
+    layer_id: int
+    n_layer: int
+    n_embd: int
+    head_size: int
+    dim_w: int
+    dim_a: int
+    dim_v: int
+    dim_g: int
+    has_v_params: bool
+    wkv_backend: str = "auto"
+    wkv_chunk_size: int = 64
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, v_first, state=None):
+        """Args:
+          x: [B, T, C] residual stream; v_first: [B, T, C] or None (block 0).
+          state: optional dict with `att_x_prev` [B, C], `wkv` [B, H, N, N], `ffn_x_prev` [B, C].
+
+        Returns:
+          (x [B, T, C], v_first [B, T, C], final state dict of the same structure).
+        """
+        state = state or {}
+        norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)
+        if self.layer_id == 0:
+            x = norm("ln0")(x)
+        att = TimeMix(
+            self.layer_id, self.n_layer, self.n_embd, self.head_size,
+            self.dim_w, self.dim_a, self.dim_v, self.dim_g, self.has_v_params,
+            self.wkv_backend, self.wkv_chunk_size, self.dtype, self.param_dtype, name="att",
+        )  # fmt: skip
+        ffn = ChannelMix(self.layer_id, self.n_layer, self.n_embd, self.dtype, self.param_dtype,
+                         name="ffn")  # fmt: skip
+        dx, v_first, att_x_prev, wkv = att(
+            norm("ln1")(x), v_first, state.get("att_x_prev"), state.get("wkv")
+        )
+        x = x + dx
+        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"))
+        x = x + dx
+        return x, v_first, {"att_x_prev": att_x_prev, "wkv": wkv, "ffn_x_prev": ffn_x_prev}

@@ -1,0 +1,80 @@
+"""The sparse-attention block (SPEC §4): top-k chunk attention plus an RWKV-7 channel mix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from rwkvx_jax import ops
+from rwkvx_jax.layers import layer_norm, linear
+from rwkvx_jax.rwkv7 import ChannelMix
+
+
+class TopKChunkAttention(nn.Module):
+    """Multi-head attention (no bias, no positions, scale 1/sqrt(64)) over top-k chunks.
+
+    Parameter names mirror the official `moba.{j}.att.{receptance,key,value,output}`.
+    """
+
+    n_embd: int
+    head_size: int
+    chunk_size: int
+    top_k: int
+    backend: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """Args: x [B, T, C]. Returns (out [B, T, C], k [B, T, H, N], v [B, T, H, N])."""
+        B, T, C = x.shape
+        H, N = C // self.head_size, self.head_size
+        dense = lambda name: linear(C, name, self.dtype, self.param_dtype)
+        x = x.astype(self.dtype)
+        q = dense("receptance")(x).reshape(B, T, H, N)
+        k = dense("key")(x).reshape(B, T, H, N)
+        v = dense("value")(x).reshape(B, T, H, N)
+        o = ops.topk_chunk_attention(
+            q, k, v, chunk_size=self.chunk_size, top_k=self.top_k, backend=self.backend
+        )
+        return dense("output")(o.reshape(B, T, C).astype(self.dtype)), k, v
+
+
+class SparseBlock(nn.Module):
+    """`x += Attn(LN1(x)); x += ChannelMix(LN2(x))` (official keys `moba.{j}.*`)."""
+
+    n_embd: int
+    head_size: int
+    chunk_size: int
+    top_k: int
+    channel_mix_layer_id: int
+    n_layer: int
+    backend: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, state=None):
+        """Args:
+          x: [B, T, C]; state: optional dict with `ffn_x_prev` [B, C].
+
+        Returns:
+          (x [B, T, C], state dict with `ffn_x_prev` [B, C] and this call's `k`, `v`
+          [B, T, H, N]).
+        """
+        state = state or {}
+        norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)
+        att = TopKChunkAttention(
+            self.n_embd, self.head_size, self.chunk_size, self.top_k, self.backend,
+            self.dtype, self.param_dtype, name="att",
+        )  # fmt: skip
+        dx, k, v = att(norm("ln1")(x))
+        x = x + dx
+        ffn = ChannelMix(
+            self.channel_mix_layer_id, self.n_layer, self.n_embd, self.dtype, self.param_dtype,
+            name="ffn",
+        )  # fmt: skip
+        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"))
+        return x + dx, {"ffn_x_prev": ffn_x_prev, "k": k, "v": v}
