@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -77,11 +78,31 @@ class RWKVX(nn.Module):
                     name=name,
                 )
                 x, states[name] = block(x)
-        x = layer_norm("ln_out", dtype, param_dtype)(x)
+        ln_out = layer_norm("ln_out", dtype, param_dtype)
         scale = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
         head = linear(cfg.vocab_size, "head", dtype, param_dtype, scaled_orthogonal(scale))
-        logits = head(x).astype(jnp.float32)
+        logits = _map_over_tokens(lambda h: head(ln_out(h)).astype(jnp.float32), x)
         return (logits, states) if return_state else logits
+
+
+# Rows per step of the head. XLA:CPU runs LayerNorm + the [C, V] head matmul ~1.6x faster in
+# 512-row pieces than in one [B*T, C] x [C, V] dot (measured at T = 4096, V = 65536: 2.6 s vs
+# 4.1 s); on accelerators the pieces are still large matmuls.
+_HEAD_ROWS = 512
+
+
+def _map_over_tokens(fn, x):
+    """fn applied to x [B, T, C] in row blocks of `_HEAD_ROWS` tokens; returns [B, T, ...]."""
+    B, T, C = x.shape
+    rows = B * T
+    if rows <= 2 * _HEAD_ROWS:
+        return fn(x)
+    flat = x.reshape(rows, C)
+    padded = -rows % _HEAD_ROWS
+    flat = jnp.pad(flat, ((0, padded), (0, 0)))
+    out = jax.lax.map(fn, flat.reshape(-1, _HEAD_ROWS, C))
+    out = out.reshape(rows + padded, *out.shape[2:])[:rows]
+    return out.reshape(B, T, *out.shape[1:])
 
 
 def _preceding_rwkv_layer(cfg: RWKVXConfig, attn_index: int) -> int:

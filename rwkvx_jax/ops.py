@@ -20,7 +20,7 @@ def resolve_backend(name: str) -> str:
     return "xla_chunked"
 
 
-def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto", chunk_size: int = 64):
+def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto", chunk_size: int = 16):
     """WKV-7 recurrence; see `pallas_kernels.wkv7.wkv7_reference` for the maths.
 
     Args:

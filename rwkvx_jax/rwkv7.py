@@ -11,9 +11,12 @@ from flax import linen as nn
 
 from rwkvx_jax import ops
 from rwkvx_jax.layers import (
+    HeadGroupNorm,
     constant_init,
     layer_norm,
     linear,
+    per_head_broadcast,
+    per_head_sum,
     scaled_orthogonal,
     token_shift,
     uniform_symmetric,
@@ -47,7 +50,7 @@ class TimeMix(nn.Module):
     dim_g: int
     has_v_params: bool
     wkv_backend: str = "auto"
-    wkv_chunk_size: int = 64
+    wkv_chunk_size: int = 16
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -99,10 +102,9 @@ class TimeMix(nn.Module):
         value = dense("value", uniform_symmetric(0.5 * bound))
         output = dense("output", nn.initializers.zeros)
         ln_x_scale = ((1 + self.layer_id) / self.n_layer) ** 0.7
-        ln_x = nn.GroupNorm(
-            num_groups=H,
+        ln_x = HeadGroupNorm(
+            n_head=H,
             epsilon=_GROUPNORM_EPS,
-            dtype=jnp.float32,
             param_dtype=self.param_dtype,
             scale_init=nn.initializers.constant(ln_x_scale),
             name="ln_x",
@@ -123,8 +125,9 @@ class TimeMix(nn.Module):
         g = cast(jax.nn.sigmoid(xg @ cast(g1)) @ cast(g2))
 
         heads = lambda t: t.reshape(B, T, H, N)
-        kk = heads(f32(k) * f32(k_k))
-        kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)
+        kk = f32(k) * f32(k_k)
+        kk_norm = jnp.sqrt(per_head_sum(kk * kk, H))
+        kk = heads(kk / per_head_broadcast(jnp.maximum(kk_norm, 1e-12), N))
         k = f32(k) * (1.0 + (a - 1.0) * f32(k_a))
         if v_first is None:
             v_first = v
@@ -144,10 +147,9 @@ class TimeMix(nn.Module):
             backend=self.wkv_backend,
             chunk_size=self.wkv_chunk_size,
         )
-        # Flattened so GroupNorm's statistics are per token, not over the time axis too.
-        o = ln_x(y.reshape(B * T, C)).reshape(B, T, C)
-        bonus = jnp.sum(heads(f32(r)) * heads(k) * f32(r_k), axis=-1, keepdims=True)
-        o = o + (bonus * heads(f32(v))).reshape(B, T, C)
+        o = ln_x(y.reshape(B, T, C))
+        bonus = per_head_sum(f32(r) * k * f32(r_k).reshape(C), H)
+        o = o + per_head_broadcast(bonus, N) * f32(v)
         out = output(cast(o) * g)
         return out, v_first, x[:, -1], wkv_state
 
@@ -188,7 +190,7 @@ class RWKVBlock(nn.Module):
     dim_g: int
     has_v_params: bool
     wkv_backend: str = "auto"
-    wkv_chunk_size: int = 64
+    wkv_chunk_size: int = 16
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

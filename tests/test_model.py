@@ -45,8 +45,10 @@ def test_causal(tiny_params):
     changed[0, 80] = (changed[0, 80] + 1) % TINY.vocab_size
     a = rwkvx_jax.forward(TINY, tiny_params, tokens)
     b = rwkvx_jax.forward(TINY, tiny_params, changed)
-    np.testing.assert_array_equal(np.asarray(a[:, :80]), np.asarray(b[:, :80]))
-    assert not np.allclose(np.asarray(a[:, 80:]), np.asarray(b[:, 80:]))
+    # Not bit-equal: the chunked WKV centres its exponents on a decay sum that includes later
+    # tokens of the same chunk, which changes rounding (not values) at earlier positions.
+    assert _relative_error(a[:, :80], b[:, :80]) <= 1e-5
+    assert _relative_error(a[:, 80:], b[:, 80:]) > 1e-2
 
 
 def test_chunked_backends_match_references_in_sparse_regime(tiny_params):
