@@ -53,6 +53,7 @@ def run_demo(work_dir: str | None = None, seq_len: int = 64) -> dict[str, object
     steps.update()
 
     config = convert_pth(pth, converted, overwrite=True)
+    steps.set_postfix_str("converted")
     steps.update()
 
     config, params = load(converted)
@@ -61,6 +62,7 @@ def run_demo(work_dir: str | None = None, seq_len: int = 64) -> dict[str, object
     report["forward (incl. compile) s"] = round(time.perf_counter() - start, 2)
     report["logits shape"] = logits.shape
     report["logits finite"] = bool(np.isfinite(logits).all())
+    steps.set_postfix_str("ran forward")
     steps.update()
 
     export_pth(converted, exported)
@@ -69,6 +71,7 @@ def run_demo(work_dir: str | None = None, seq_len: int = 64) -> dict[str, object
         roundtrip[k].dtype == original[k].dtype and np.array_equal(roundtrip[k], original[k])
         for k in original
     )
+    steps.set_postfix_str("exported .pth")
     steps.update()
 
     reference = _official_logits(pth, tokens[0])
@@ -77,6 +80,7 @@ def run_demo(work_dir: str | None = None, seq_len: int = 64) -> dict[str, object
     else:
         error = np.max(np.abs(logits[0] - reference)) / np.max(np.abs(reference))
         report["vs official rwkv-x (rel. max err)"] = f"{error:.2e}"
+    steps.set_postfix_str("compared with the official runtime")
     steps.update()
     steps.close()
 

@@ -246,3 +246,16 @@ def test_safetensors_writer_round_trips_every_dtype(tmp_path):
     }
     write_safetensors(tmp_path / "t.safetensors", arrays, {"note": "x"})
     _assert_bit_exact(read_safetensors(tmp_path / "t.safetensors"), arrays)
+
+
+def test_demo_main_job_end_to_end(tmp_path, capsys):
+    """`python convert_torch.py --demo`: convert, run, export bit-exactly, match the official."""
+    assert convert_torch.main(["--demo", str(tmp_path)]) == 0
+    lines = {}
+    for line in capsys.readouterr().out.splitlines():
+        key, sep, value = line.strip().rpartition("  ")
+        if sep:
+            lines[key.strip()] = value.strip()
+    assert lines["export bit-exact"] == "True"
+    assert lines["logits finite"] == "True"
+    assert float(lines["vs official rwkv-x (rel. max err)"]) <= 1e-4
