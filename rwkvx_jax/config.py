@@ -9,6 +9,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE as DEFAULT_WKV_CHUNK_SIZE
+
 HEAD_SIZE = 64
 
 # The Pallas backends arrive with their kernels; until then "auto" means "xla_chunked".
@@ -37,7 +39,7 @@ class RWKVXConfig:
       top_k: chunks attended per query, counting the query's own chunk.
       dtype: compute dtype; param_dtype: storage dtype of parameters.
       wkv_backend, attention_backend: kernel choice, "auto" picks by platform.
-      wkv_chunk_size: chunk length of the chunked WKV-7 form (16 was fastest on CPU).
+      wkv_chunk_size: chunk length of the chunked WKV-7 form (its default was fastest on CPU).
       block0_v_params: the checkpoint's block 0 carries the (unused) value-residual LoRA
         `v0, v1, v2`; they are kept so that export round-trips bit-exactly.
       allow_dropped_rwkv_blocks: reproduce the official quirk that silently skips the trailing
@@ -59,7 +61,7 @@ class RWKVXConfig:
     param_dtype: str = "float32"
     wkv_backend: str = "auto"
     attention_backend: str = "auto"
-    wkv_chunk_size: int = 16
+    wkv_chunk_size: int = DEFAULT_WKV_CHUNK_SIZE
     block0_v_params: bool = False
     allow_dropped_rwkv_blocks: bool = False
 

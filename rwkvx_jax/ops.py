@@ -10,6 +10,7 @@ from pallas_kernels.topk_attention import topk_chunk_attention as _topk_chunked
 from pallas_kernels.topk_attention import topk_chunk_attention_reference as _topk_reference
 from pallas_kernels.wkv7 import wkv7_chunked as _wkv7_chunked
 from pallas_kernels.wkv7 import wkv7_reference as _wkv7_reference
+from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE
 
 
 def resolve_backend(name: str) -> str:
@@ -20,7 +21,9 @@ def resolve_backend(name: str) -> str:
     return "xla_chunked"
 
 
-def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto", chunk_size: int = 16):
+def wkv7(
+    r, w, k, v, a, b, state=None, *, backend: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE
+):
     """WKV-7 recurrence; see `pallas_kernels.wkv7.wkv7_reference` for the maths.
 
     Args:

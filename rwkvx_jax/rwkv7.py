@@ -10,13 +10,14 @@ import numpy as np
 from flax import linen as nn
 
 from rwkvx_jax import ops
+from rwkvx_jax.config import DEFAULT_WKV_CHUNK_SIZE
 from rwkvx_jax.layers import (
-    HeadGroupNorm,
+    GroupedNorm,
     constant_init,
     layer_norm,
     linear,
-    per_head_broadcast,
-    per_head_sum,
+    per_group_broadcast,
+    per_group_sum,
     scaled_orthogonal,
     token_shift,
     uniform_symmetric,
@@ -50,7 +51,7 @@ class TimeMix(nn.Module):
     dim_g: int
     has_v_params: bool
     wkv_backend: str = "auto"
-    wkv_chunk_size: int = 16
+    wkv_chunk_size: int = DEFAULT_WKV_CHUNK_SIZE
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -102,8 +103,8 @@ class TimeMix(nn.Module):
         value = dense("value", uniform_symmetric(0.5 * bound))
         output = dense("output", nn.initializers.zeros)
         ln_x_scale = ((1 + self.layer_id) / self.n_layer) ** 0.7
-        ln_x = HeadGroupNorm(
-            n_head=H,
+        ln_x = GroupedNorm(
+            n_groups=H,
             epsilon=_GROUPNORM_EPS,
             param_dtype=self.param_dtype,
             scale_init=nn.initializers.constant(ln_x_scale),
@@ -126,8 +127,8 @@ class TimeMix(nn.Module):
 
         heads = lambda t: t.reshape(B, T, H, N)
         kk = f32(k) * f32(k_k)
-        kk_norm = jnp.sqrt(per_head_sum(kk * kk, H))
-        kk = heads(kk / per_head_broadcast(jnp.maximum(kk_norm, 1e-12), N))
+        kk_norm = jnp.sqrt(per_group_sum(kk * kk, H))
+        kk = heads(kk / per_group_broadcast(jnp.maximum(kk_norm, 1e-12), N))
         k = f32(k) * (1.0 + (a - 1.0) * f32(k_a))
         if v_first is None:
             v_first = v
@@ -148,8 +149,8 @@ class TimeMix(nn.Module):
             chunk_size=self.wkv_chunk_size,
         )
         o = ln_x(y.reshape(B, T, C))
-        bonus = per_head_sum(f32(r) * k * f32(r_k).reshape(C), H)
-        o = o + per_head_broadcast(bonus, N) * f32(v)
+        bonus = per_group_sum(f32(r) * k * f32(r_k).reshape(C), H)
+        o = o + per_group_broadcast(bonus, N) * f32(v)
         out = output(cast(o) * g)
         return out, v_first, x[:, -1], wkv_state
 
@@ -190,7 +191,7 @@ class RWKVBlock(nn.Module):
     dim_g: int
     has_v_params: bool
     wkv_backend: str = "auto"
-    wkv_chunk_size: int = 16
+    wkv_chunk_size: int = DEFAULT_WKV_CHUNK_SIZE
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

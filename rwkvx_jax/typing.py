@@ -9,8 +9,3 @@
 WKV-7 state: [B, H, N, N] fp32, rows index value dims, columns key dims (BlinkDL layout).
 Official linear weights are [out, in]; Flax kernels are [in, out].
 """
-
-import jax
-
-Array = jax.Array
-PyTree = object
