@@ -22,6 +22,29 @@ def token_shift(x: jnp.ndarray, previous: jnp.ndarray | None = None) -> jnp.ndar
     return jnp.concatenate([previous[:, None, :].astype(x.dtype), x[:, :-1]], axis=1)
 
 
+def last_valid(x: jnp.ndarray, n_valid=None, previous=None) -> jnp.ndarray:
+    """The last real token of each sequence: x[b, n_valid[b] - 1], or `previous` if none.
+
+    Args:
+      x: [B, T, C]; n_valid: int [B] real tokens per row (right padding after), None = all.
+      previous: [B, C] returned for rows with n_valid = 0 (zeros when None).
+    """
+    if n_valid is None:
+        return x[:, -1]
+    index = jnp.maximum(n_valid - 1, 0)
+    last = jnp.take_along_axis(x, index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    if previous is None:
+        previous = jnp.zeros_like(last)
+    return jnp.where((n_valid > 0)[:, None], last, previous.astype(last.dtype))
+
+
+def valid_mask(n_valid, length: int):
+    """bool [B, T]: position t of row b is real (t < n_valid[b]); None when n_valid is None."""
+    if n_valid is None:
+        return None
+    return jnp.arange(length)[None, :] < n_valid[:, None]
+
+
 def linear(features: int, name: str, dtype, param_dtype, init=None) -> nn.Dense:
     """A bias-free linear layer; its `kernel` [in, out] is the official `weight` [out, in]^T."""
     return nn.Dense(

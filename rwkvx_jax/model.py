@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.layers import layer_norm, linear, scaled_orthogonal, uniform_symmetric
+from rwkvx_jax.decode_state import DecodeState, RWKVBlockState, SparseBlockState
+from rwkvx_jax.layers import last_valid, layer_norm, linear, scaled_orthogonal, uniform_symmetric
 from rwkvx_jax.rwkv7 import RWKVBlock
 from rwkvx_jax.sparse_attention import SparseBlock
 
@@ -23,14 +24,30 @@ class RWKVX(nn.Module):
     config: RWKVXConfig
 
     @nn.compact
-    def __call__(self, tokens, return_state: bool = False):
+    def __call__(
+        self,
+        tokens,
+        return_state: bool = False,
+        *,
+        decode_state: DecodeState | None = None,
+        n_valid=None,
+        eviction: str = "distinct",
+        last_logits_only: bool = False,
+    ):
         """Args:
           tokens: int [B, T].
           return_state: also return each block's final recurrent state.
+          decode_state: continue from this `DecodeState` (prefill pieces, decode steps); the
+            call then returns (logits, new DecodeState).
+          n_valid: int32 [B] real tokens per row when decoding (right padding after); padding
+            never enters the state.
+          eviction: KV-cache eviction policy when decoding (static).
+          last_logits_only: return logits of each row's last real token only, [B, V].
 
         Returns:
-          logits float32 [B, T, V]; with return_state, (logits, states) where states maps a
-          block name (`blocks_{i}` / `moba_{j}`) to that block's state dict.
+          logits float32 [B, T, V] ([B, V] with last_logits_only); with return_state,
+          (logits, states) where states maps a block name (`blocks_{i}` / `moba_{j}`) to that
+          block's state dict; with decode_state, (logits, DecodeState).
         """
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -44,6 +61,9 @@ class RWKVX(nn.Module):
         )(tokens)
         v_first = None
         states = {}
+        decoding = decode_state is not None
+        if decoding and n_valid is None:
+            n_valid = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
         for kind, index in cfg.block_order():
             name = block_name(kind, index)
             if kind == "rwkv":
@@ -63,7 +83,12 @@ class RWKVX(nn.Module):
                     param_dtype=param_dtype,
                     name=name,
                 )
-                x, v_first, states[name] = block(x, v_first)
+                if decoding:
+                    prior = decode_state.blocks[name]._asdict()
+                    x, v_first, new = block(x, v_first, prior, n_valid)
+                    states[name] = RWKVBlockState(**new)
+                else:
+                    x, v_first, states[name] = block(x, v_first)
             else:
                 block = SparseBlock(
                     n_embd=cfg.n_embd,
@@ -77,11 +102,22 @@ class RWKVX(nn.Module):
                     param_dtype=param_dtype,
                     name=name,
                 )
-                x, states[name] = block(x)
+                if decoding:
+                    prior = decode_state.blocks[name]._asdict()
+                    x, new = block(x, prior, decode_state.lengths, n_valid, eviction)
+                    states[name] = SparseBlockState(**new)
+                else:
+                    x, states[name] = block(x)
         ln_out = layer_norm("ln_out", dtype, param_dtype)
         scale = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
         head = linear(cfg.vocab_size, "head", dtype, param_dtype, scaled_orthogonal(scale))
+        if last_logits_only:
+            x = last_valid(x, n_valid)[:, None]
         logits = _map_over_tokens(lambda h: head(ln_out(h)).astype(jnp.float32), x)
+        if last_logits_only:
+            logits = logits[:, 0]
+        if decoding:
+            return logits, DecodeState(decode_state.lengths + n_valid, states)
         return (logits, states) if return_state else logits
 
 

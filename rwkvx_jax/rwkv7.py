@@ -14,6 +14,7 @@ from rwkvx_jax.config import DEFAULT_WKV_CHUNK_SIZE
 from rwkvx_jax.layers import (
     GroupedNorm,
     constant_init,
+    last_valid,
     layer_norm,
     linear,
     per_group_broadcast,
@@ -21,6 +22,7 @@ from rwkvx_jax.layers import (
     scaled_orthogonal,
     token_shift,
     uniform_symmetric,
+    valid_mask,
 )
 
 # decay = exp(-e^{-1/2} * sigmoid(z)) lies in (0.545, 1): the log-decay is -0.606531 * sigmoid(z).
@@ -56,11 +58,13 @@ class TimeMix(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, v_first, shift_state=None, wkv_state=None):
+    def __call__(self, x, v_first, shift_state=None, wkv_state=None, n_valid=None):
         """Args:
           x: [B, T, C] (after ln1).
           v_first: [B, T, C] value of block 0, or None in block 0.
           shift_state: [B, C] token before x[:, 0]; wkv_state: [B, H, N, N] fp32.
+          n_valid: int [B] real tokens per row (the rest is right padding that must not enter
+            the returned states), or None when every token is real.
 
         Returns:
           (out [B, T, C], v_first [B, T, C], last x [B, C], final wkv state [B, H, N, N]).
@@ -137,13 +141,14 @@ class TimeMix(nn.Module):
             v = f32(v) + (f32(v_first) - f32(v)) * gate
 
         a_h = heads(a)
+        wkv_in = [heads(log_decay), heads(k), heads(f32(v)), -kk, kk * a_h]
+        valid = valid_mask(n_valid, T)
+        if valid is not None:
+            # w = k = v = a = b = 0 leaves the state untouched: padding is never absorbed.
+            wkv_in = [jnp.where(valid[:, :, None, None], t, 0.0) for t in wkv_in]
         y, wkv_state = ops.wkv7(
             heads(f32(r)),
-            heads(log_decay),
-            heads(k),
-            heads(f32(v)),
-            -kk,
-            kk * a_h,
+            *wkv_in,
             wkv_state,
             backend=self.wkv_backend,
             chunk_size=self.wkv_chunk_size,
@@ -152,7 +157,7 @@ class TimeMix(nn.Module):
         bonus = per_group_sum(f32(r) * k * f32(r_k).reshape(C), H)
         o = o + per_group_broadcast(bonus, N) * f32(v)
         out = output(cast(o) * g)
-        return out, v_first, x[:, -1], wkv_state
+        return out, v_first, last_valid(x, n_valid, shift_state), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -165,8 +170,11 @@ class ChannelMix(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, shift_state=None):
-        """Args: x [B, T, C]; shift_state [B, C]. Returns (out [B, T, C], last x [B, C])."""
+    def __call__(self, x, shift_state=None, n_valid=None):
+        """Args: x [B, T, C]; shift_state [B, C]; n_valid int [B] or None (see TimeMix).
+
+        Returns (out [B, T, C], last real x [B, C]).
+        """
         C = self.n_embd
         r1 = 1.0 - self.layer_id / self.n_layer
         x_k = self.param("x_k", constant_init(_mix_profile(C, r1**4)), (C,), self.param_dtype)
@@ -175,7 +183,7 @@ class ChannelMix(nn.Module):
         x = x.astype(self.dtype)
         h = x + (token_shift(x, shift_state) - x) * jnp.asarray(x_k, self.dtype)
         out = value(jnp.square(jax.nn.relu(key(h))))
-        return out, x[:, -1]
+        return out, last_valid(x, n_valid, shift_state)
 
 
 class RWKVBlock(nn.Module):
@@ -196,10 +204,11 @@ class RWKVBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, v_first, state=None):
+    def __call__(self, x, v_first, state=None, n_valid=None):
         """Args:
           x: [B, T, C] residual stream; v_first: [B, T, C] or None (block 0).
           state: optional dict with `att_x_prev` [B, C], `wkv` [B, H, N, N], `ffn_x_prev` [B, C].
+          n_valid: int [B] real tokens per row (right padding after), or None for all.
 
         Returns:
           (x [B, T, C], v_first [B, T, C], final state dict of the same structure).
@@ -216,9 +225,9 @@ class RWKVBlock(nn.Module):
         ffn = ChannelMix(self.layer_id, self.n_layer, self.n_embd, self.dtype, self.param_dtype,
                          name="ffn")  # fmt: skip
         dx, v_first, att_x_prev, wkv = att(
-            norm("ln1")(x), v_first, state.get("att_x_prev"), state.get("wkv")
+            norm("ln1")(x), v_first, state.get("att_x_prev"), state.get("wkv"), n_valid
         )
         x = x + dx
-        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"))
+        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"), n_valid)
         x = x + dx
         return x, v_first, {"att_x_prev": att_x_prev, "wkv": wkv, "ffn_x_prev": ffn_x_prev}

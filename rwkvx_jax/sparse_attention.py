@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from rwkvx_jax import ops
+from rwkvx_jax.cached_attention import attend_piece, attend_token
 from rwkvx_jax.layers import layer_norm, linear
 from rwkvx_jax.rwkv7 import ChannelMix
 
@@ -27,8 +28,18 @@ class TopKChunkAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        """Args: x [B, T, C]. Returns (out [B, T, C], k [B, T, H, N], v [B, T, H, N])."""
+    def __call__(self, x, cache=None, lengths=None, n_valid=None, eviction="distinct"):
+        """Args:
+          x: [B, T, C].
+          cache: optional `ChunkKVCache`: attend over it too (decoding), absorbing the new keys.
+          lengths: int32 [B] tokens already absorbed by the cache (with cache).
+          n_valid: int32 [B] real tokens of x per row, right padding after (with cache).
+          eviction: the cache's eviction policy (static).
+
+        Returns:
+          (out [B, T, C], k [B, T, H, N], v [B, T, H, N]); with a cache,
+          (out [B, T, C], updated cache).
+        """
         B, T, C = x.shape
         H, N = C // self.head_size, self.head_size
         dense = lambda name: linear(C, name, self.dtype, self.param_dtype)
@@ -36,6 +47,18 @@ class TopKChunkAttention(nn.Module):
         q = dense("receptance")(x).reshape(B, T, H, N)
         k = dense("key")(x).reshape(B, T, H, N)
         v = dense("value")(x).reshape(B, T, H, N)
+        if cache is not None:
+            if T == 1:
+                o, cache = attend_token(
+                    q[:, 0], k[:, 0], v[:, 0], cache, lengths, n_valid > 0,
+                    top_k=self.top_k, eviction=eviction,
+                )  # fmt: skip
+                o = o[:, None]
+            else:
+                o, cache = attend_piece(
+                    q, k, v, cache, lengths, n_valid, top_k=self.top_k, eviction=eviction
+                )
+            return dense("output")(o.reshape(B, T, C).astype(self.dtype)), cache
         o = ops.topk_chunk_attention(
             q, k, v, chunk_size=self.chunk_size, top_k=self.top_k, backend=self.backend
         )
@@ -56,25 +79,33 @@ class SparseBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, lengths=None, n_valid=None, eviction="distinct"):
         """Args:
-          x: [B, T, C]; state: optional dict with `ffn_x_prev` [B, C].
+          x: [B, T, C]; state: optional dict with `ffn_x_prev` [B, C] and, when decoding,
+            `cache` (a `ChunkKVCache`).
+          lengths, n_valid, eviction: decoding only, see `TopKChunkAttention`.
 
         Returns:
-          (x [B, T, C], state dict with `ffn_x_prev` [B, C] and this call's `k`, `v`
-          [B, T, H, N]).
+          (x [B, T, C], state dict with `ffn_x_prev` [B, C] and either this call's `k`, `v`
+          [B, T, H, N] or, when decoding, the updated `cache`).
         """
         state = state or {}
+        cache = state.get("cache")
         norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)
         att = TopKChunkAttention(
             self.n_embd, self.head_size, self.chunk_size, self.top_k, self.backend,
             self.dtype, self.param_dtype, name="att",
         )  # fmt: skip
-        dx, k, v = att(norm("ln1")(x))
+        if cache is None:
+            dx, k, v = att(norm("ln1")(x))
+            new_state = {"k": k, "v": v}
+        else:
+            dx, cache = att(norm("ln1")(x), cache, lengths, n_valid, eviction)
+            new_state = {"cache": cache}
         x = x + dx
         ffn = ChannelMix(
             self.channel_mix_layer_id, self.n_layer, self.n_embd, self.dtype, self.param_dtype,
             name="ffn",
         )  # fmt: skip
-        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"))
-        return x + dx, {"ffn_x_prev": ffn_x_prev, "k": k, "v": v}
+        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"), n_valid)
+        return x + dx, {"ffn_x_prev": ffn_x_prev, **new_state}

@@ -528,3 +528,73 @@ def topk_chunk_attention(
     if return_lse:
         return out, jnp.swapaxes(lse[:, :, : plan.seq_len], 1, 2)
     return out
+
+
+def selected_chunks_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    sel: jax.Array,
+    *,
+    chunk_size: int,
+    pair_tile: int = 256,
+):
+    """Attention of each query over whole key chunks it selected (forward only, exact cost).
+
+    The building block of cached (prefill) attention: the keys may come from anywhere (a KV
+    cache followed by new tokens), and `sel` names, per query and head, which chunks of `k` it
+    attends. Uses the same sorted (query, chunk) pair tiles as the "pairs" method.
+
+    Args:
+      q: [B, Tq, H, D] queries.
+      k, v: [B, Tk, H, D] keys and values, Tk a multiple of chunk_size.
+      sel: int32 [B, Tq, H, n] chunk indices into k (chunk j is rows [j*chunk, (j+1)*chunk)),
+        -1 for none. A query must not name one chunk twice.
+      chunk_size: chunk length.
+      pair_tile: (query, chunk) pairs per tile.
+
+    Returns:
+      (out [B, Tq, H, D] fp32, lse [B, Tq, H] fp32): the softmax-normalised output over the
+      union of the selected chunks and its log-sum-exp; rows that selected nothing get out = 0
+      and lse = -inf.
+    """
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
+        raise ValueError(
+            f"k, v must be [B, Tk, H, D] matching q {q.shape}; got {k.shape}, {v.shape}"
+        )
+    if tk % chunk_size:
+        raise ValueError(f"key length {tk} is not a multiple of chunk_size {chunk_size}")
+    if sel.shape[:3] != (b, tq, h):
+        raise ValueError(f"sel must be [B, Tq, H, n] = [{b}, {tq}, {h}, n], got {sel.shape}")
+    n_pick = sel.shape[-1]
+    n_candidates = tk // chunk_size
+    plan = _Plan(
+        seq_len=tq,
+        padded_len=tq,
+        block=1,
+        segment_blocks=1,
+        chunk_size=chunk_size,
+        n_pick=n_pick,
+        cross="pairs",
+        n_candidates=n_candidates,
+        pair_tile=pair_tile,
+        n_tiles=-(-tq * n_pick // pair_tile) + n_candidates,
+        scale=1.0 / math.sqrt(d),
+    )
+    groups = lambda x: _groups(jnp.swapaxes(x, 1, 2))  # [B, T, H, ...] -> [B*H, T, ...]
+    q_g, k_g, v_g = (groups(x.astype(jnp.float32)) for x in (q, k, v))
+    sel_g = groups(sel.astype(jnp.int32))
+    tiles = jax.vmap(functools.partial(_build_tiles, plan=plan))(sel_g)
+    state = (
+        jnp.full((b * h, tq), _MASKED, jnp.float32),
+        jnp.zeros((b * h, tq), jnp.float32),
+        jnp.zeros((b * h, tq, d), jnp.float32),
+    )
+    m, l, acc = _pairs_forward(q_g, k_g, v_g, tiles, state, plan)
+    some = l > 0
+    out = jnp.where(some[..., None], acc / jnp.where(some, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
+    ungroup = lambda x: jnp.swapaxes(x.reshape(b, h, *x.shape[1:]), 1, 2)
+    return ungroup(out), ungroup(lse)

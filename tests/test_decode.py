@@ -1,0 +1,140 @@
+"""Decoding: prefill + steps reproduce the parallel forward (SPEC §6), padding, caps, state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rwkvx_jax.config import ConfigError, preset
+from rwkvx_jax.convert import params_from_state_dict
+from rwkvx_jax.decode import DecodeConfig, Decoder
+from rwkvx_jax.model import RWKVX
+from rwkvx_jax.random_checkpoint import random_state_dict
+
+TINY = preset("tiny")  # chunk 16, top-k 3, two sparse blocks
+TOL = 1e-4  # whole-model fp32 parity, relative to the largest logit
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return params_from_state_dict(random_state_dict(TINY, seed=7), TINY)
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_params):
+    return Decoder(TINY, tiny_params, DecodeConfig(cache_size=64 * 16, prefill_chunk=48))
+
+
+def _forward(params, tokens):
+    return np.asarray(RWKVX(TINY).apply({"params": params}, jnp.asarray(tokens)))
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def _tokens(seed, batch, length):
+    return np.random.default_rng(seed).integers(0, TINY.vocab_size, (batch, length))
+
+
+@pytest.mark.parametrize("prompt_len", [1, 16, 49, 130, 300])
+def test_prefill_then_steps_equals_forward(decoder, tiny_params, prompt_len):
+    """Sparse regime: T + n spans up to 21 chunks of 16, far beyond chunk * top_k = 48."""
+    n_steps = 24
+    tokens = _tokens(prompt_len, 2, prompt_len + n_steps)
+    expected = _forward(tiny_params, tokens)
+    logits, state = decoder.prefill(tokens[:, :prompt_len])
+    got = [np.asarray(logits)]
+    for t in range(prompt_len, prompt_len + n_steps - 1):
+        logits, state = decoder.step(tokens[:, t], state)
+        got.append(np.asarray(logits))
+    got = np.stack(got, axis=1)
+    assert _rel(got, expected[:, prompt_len - 1 : -1]) < TOL
+    assert np.asarray(state.lengths).tolist() == [prompt_len + n_steps - 1] * 2
+
+
+def test_padding_never_changes_outputs(decoder, tiny_params):
+    """Three prompts of different lengths in one batch equal each run alone, then stepping on."""
+    prompts = [list(_tokens(1, 1, n)[0]) for n in (70, 5, 33)]
+    cont = _tokens(2, 3, 12)
+    logits, state = decoder.prefill(prompts)
+    batch_logits = [np.asarray(logits)]
+    for t in range(12):
+        logits, state = decoder.step(cont[:, t], state)
+        batch_logits.append(np.asarray(logits))
+    for i, prompt in enumerate(prompts):
+        full = np.concatenate([prompt, cont[i]])[None]
+        expected = _forward(tiny_params, full)[0, len(prompt) - 1 :]
+        got = np.stack([b[i] for b in batch_logits])
+        assert _rel(got, expected) < TOL, f"row {i}"
+
+
+def test_second_prefill_continues_unaligned_rows(decoder, tiny_params):
+    """A prefill on a state whose rows have different, chunk-unaligned lengths."""
+    tokens = _tokens(3, 2, 140)
+    _, state = decoder.prefill([list(tokens[0, :37]), list(tokens[1, :90])])
+    logits, state = decoder.prefill([list(tokens[0, 37:140]), list(tokens[1, 90:140])], state)
+    expected = _forward(tiny_params, tokens)[:, -1]
+    assert _rel(logits, expected) < TOL
+
+
+def test_inactive_rows_keep_their_state(decoder, tiny_params):
+    tokens = _tokens(4, 2, 40)
+    _, state = decoder.prefill(tokens[:, :30])
+    for t in range(30, 40):
+        _, state = decoder.step(tokens[:, t], state, valid=np.array([True, False]))
+    assert np.asarray(state.lengths).tolist() == [40, 30]
+    logits, _ = decoder.step(tokens[:, 30], state, valid=np.array([True, True]))
+    expected = _forward(tiny_params, tokens[1:, :31])[0, -1]
+    assert _rel(np.asarray(logits)[1], expected) < TOL
+
+
+def test_past_the_cap_memory_is_fixed_and_early_outputs_exact(tiny_params):
+    """cache_size 64: exact up to 64 tokens; beyond, state shapes never change."""
+    decoder = Decoder(TINY, tiny_params, DecodeConfig(cache_size=64, prefill_chunk=32))
+    tokens = _tokens(5, 1, 160)
+    logits, state = decoder.prefill(tokens[:, :60])
+    shapes = [x.shape for x in jax.tree.leaves(state)]
+    expected = _forward(tiny_params, tokens)
+    assert _rel(logits, expected[:, 59]) < TOL
+    for t in range(60, 160):
+        logits, state = decoder.step(tokens[:, t], state)
+        if t < 63:
+            assert _rel(logits, expected[:, t]) < TOL
+    assert [x.shape for x in jax.tree.leaves(state)] == shapes
+    cache = state.blocks["moba_0"].cache
+    assert int(cache.n_filled[0]) == 3  # 64 tokens = 3 slots + the open chunk
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_rwkv7_only_model_decodes():
+    config = preset("tiny-rwkv7")
+    params = params_from_state_dict(random_state_dict(config, seed=1), config)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 40))
+    decoder = Decoder(config, params)
+    logits, state = decoder.prefill(tokens[:, :30])
+    for t in range(30, 39):
+        logits, state = decoder.step(tokens[:, t], state)
+    expected = np.asarray(RWKVX(config).apply({"params": params}, jnp.asarray(tokens)))
+    assert _rel(logits, expected[:, 38]) < TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"cache_size": 40}, "multiple of chunk_size"),
+        ({"cache_size": 32}, "needs at least 2"),
+        ({"eviction": "lru"}, "eviction must be one of"),
+        ({"prefill_chunk": 0}, "positive int"),
+    ],
+)
+def test_bad_decode_config_is_rejected(tiny_params, kwargs, match):
+    with pytest.raises(ConfigError if "cache_size" not in kwargs else ValueError, match=match):
+        Decoder(TINY, tiny_params, DecodeConfig(**kwargs))
+
+
+def test_bad_prompts_are_rejected(decoder):
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
+        decoder.prefill([[1, 2, 300]])
+    with pytest.raises(ValueError, match="lengths must be"):
+        decoder.prefill(np.zeros((2, 4), np.int32), lengths=[5, 1])

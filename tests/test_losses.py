@@ -1,0 +1,207 @@
+"""Tests for rwkvx_jax.losses: cross-entropy, L2Wrap and LongCE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rwkvx_jax import losses
+
+B, T, V = 2, 5, 11
+
+
+def _logits_and_targets(seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(scale * rng.standard_normal((B, T, V)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    return logits, targets
+
+
+def _naive_token_ce(logits, targets):
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(log_probs * jax.nn.one_hot(targets, logits.shape[-1]), axis=-1)
+
+
+def test_token_cross_entropy_matches_naive_log_softmax_and_its_gradient():
+    logits, targets = _logits_and_targets()
+    got = losses.token_cross_entropy(logits, targets)
+    assert got.shape == (B, T) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _naive_token_ce(logits, targets), rtol=1e-6, atol=1e-6)
+
+    grad = jax.jit(jax.grad(lambda x: losses.mean_cross_entropy(x, targets)))(logits)
+    naive_grad = jax.jit(jax.grad(lambda x: jnp.mean(_naive_token_ce(x, targets))))(logits)
+    np.testing.assert_allclose(grad, naive_grad, rtol=1e-6, atol=1e-8)
+
+
+def test_token_cross_entropy_is_stable_for_huge_logits_and_upcasts_bf16():
+    logits, targets = _logits_and_targets()
+    shifted = losses.token_cross_entropy(logits + 1e4, targets)
+    assert np.all(np.isfinite(shifted))
+    np.testing.assert_allclose(shifted, losses.token_cross_entropy(logits, targets), atol=2e-3)
+    bf16 = losses.token_cross_entropy(logits.astype(jnp.bfloat16), targets)
+    assert bf16.dtype == jnp.float32
+
+
+def test_token_cross_entropy_rejects_mismatched_shapes():
+    logits, targets = _logits_and_targets()
+    with pytest.raises(ValueError, match="targets"):
+        losses.token_cross_entropy(logits, targets[:, :-1])
+
+
+def test_mean_cross_entropy_with_mask():
+    logits, targets = _logits_and_targets()
+    per_token = np.asarray(losses.token_cross_entropy(logits, targets))
+    mask = np.zeros((B, T), bool)
+    mask[0, 1:4] = True
+    mask[1, 0] = True
+    got = losses.mean_cross_entropy(logits, targets, jnp.asarray(mask))
+    np.testing.assert_allclose(got, per_token[mask].mean(), rtol=1e-6)
+    np.testing.assert_allclose(losses.mean_cross_entropy(logits, targets), per_token.mean(), 1e-6)
+    assert losses.mean_cross_entropy(logits, targets, jnp.zeros((B, T))) == 0.0
+
+
+def _l2wrap_term(logits):
+    """The added logits gradient, written out: 1e-4 / (B*T) * max at the first arg-max."""
+    logits = np.asarray(logits, np.float64)
+    term = np.zeros_like(logits)
+    factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            i = int(np.argmax(logits[b, t]))
+            term[b, t, i] = factor * logits[b, t, i]
+    return term
+
+
+def test_l2wrap_keeps_the_value_and_adds_the_direct_formula_to_the_gradient():
+    logits, targets = _logits_and_targets(seed=1, scale=50.0)
+
+    def wrapped(x):
+        return losses.l2wrap(losses.mean_cross_entropy(x, targets), x)
+
+    def plain(x):
+        return losses.mean_cross_entropy(x, targets)
+
+    assert wrapped(logits) == plain(logits)
+    added = jax.grad(wrapped)(logits) - jax.grad(plain)(logits)
+    # atol: fp32 rounding of the ~0.1-sized CE gradient in the subtraction; the term is ~1e-4.
+    np.testing.assert_allclose(added, _l2wrap_term(logits), rtol=1e-5, atol=1e-7)
+    assert np.count_nonzero(np.asarray(added)) == B * T
+
+
+def test_l2wrap_term_ignores_the_loss_cotangent_like_the_official_code():
+    logits, targets = _logits_and_targets(seed=2, scale=50.0)
+    grad = jax.grad(lambda x: 3.0 * losses.l2wrap(losses.mean_cross_entropy(x, targets), x))
+    plain = jax.grad(lambda x: 3.0 * losses.mean_cross_entropy(x, targets))
+    np.testing.assert_allclose(
+        grad(logits) - plain(logits), _l2wrap_term(logits), rtol=1e-5, atol=1e-7
+    )
+    # The loss's own cotangent passes through: d l2wrap(loss, x) / d loss = 1.
+    assert jax.grad(losses.l2wrap)(jnp.float32(2.0), logits) == 1.0
+
+
+def test_l2wrap_puts_ties_on_the_first_maximum_and_keeps_the_logits_dtype():
+    logits = jnp.zeros((1, 2, 4), jnp.bfloat16).at[:, :, 1].set(8.0).at[:, :, 3].set(8.0)
+    grad = jax.grad(lambda x: losses.l2wrap(jnp.float32(0.0), x))(logits)
+    assert grad.dtype == jnp.bfloat16
+    expected = np.zeros((1, 2, 4), np.float32)
+    expected[:, :, 1] = jnp.asarray(8.0 * 1e-4 / 2, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), expected)
+
+
+def test_longce_weights_cap_start_and_formula():
+    loss_full = jnp.asarray([[1.0, 1.0, 1.0, 2.0, 0.5, 0.1]])
+    loss_short = jnp.asarray([[9.0, 9.0, 9.0, 2.5, 9.0, 0.1]])
+    weights = losses.longce_weights(loss_full, loss_short, start=3, cap=10.0)
+    np.testing.assert_allclose(weights, [[1.0, 1.0, 1.0, np.exp(0.5), 10.0, 1.0]], rtol=1e-6)
+
+
+def test_longce_weights_carry_no_gradient():
+    loss_full = jnp.asarray([[1.0, 2.0, 3.0]])
+    loss_short = jnp.asarray([[1.5, 2.5, 3.1]])
+
+    def total(full, short):
+        return jnp.sum(losses.longce_weights(full, short, start=0))
+
+    grads = jax.grad(total, argnums=(0, 1))(loss_full, loss_short)
+    for grad in grads:
+        np.testing.assert_array_equal(grad, 0.0)
+
+
+def _context_length_fn(tokens, targets):
+    """Toy per-token loss: how many earlier tokens this call let each position read.
+
+    With tokens = positions, tokens - tokens[:, :1] is that count. The targets term is zero only
+    if targets arrive sliced exactly like tokens (targets = tokens + 1 in the tests).
+    """
+    context = (tokens - tokens[:, :1]).astype(jnp.float32)
+    return context + 1000.0 * (targets - tokens - 1).astype(jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "window, stride, start, length",
+    [(4, 4, 8, 23), (4, 4, 8, 24), (3, 5, 6, 20), (4, 4, 8, 8), (4, 4, 8, 5)],
+)
+def test_short_context_loss_scores_each_position_with_the_documented_context(
+    window, stride, start, length
+):
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (2, length))
+    got = losses.short_context_loss(
+        _context_length_fn, positions, positions + 1, window=window, stride=stride, start=start
+    )
+    expected = np.zeros(length)
+    for t in range(start, length):
+        expected[t] = window + (t - start) % stride
+    np.testing.assert_array_equal(got, np.broadcast_to(expected, (2, length)))
+    assert got.shape == (2, length) and got.dtype == jnp.float32
+
+
+def test_short_context_loss_with_paper_defaults_sees_4000_to_7999_tokens():
+    length = 16001
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    got = np.asarray(losses.short_context_loss(_context_length_fn, positions, positions + 1))[0]
+    assert np.all(got[:8000] == 0)
+    assert got[8000] == 4000 and got[11999] == 7999 and got[12000] == 4000
+    assert got[15999] == 7999 and got[16000] == 4000
+    assert got[8000:].min() == 4000 and got[8000:].max() == 7999
+
+
+def test_short_context_loss_rejects_a_start_before_the_window():
+    positions = jnp.arange(10)[None]
+    with pytest.raises(ValueError, match="start >= window"):
+        losses.short_context_loss(_context_length_fn, positions, positions, window=4, start=3)
+
+
+def _toy_model_loss(theta):
+    """A causal toy 'model': the running mean of the context predicts the target."""
+
+    def per_token_loss(tokens, targets):
+        x = tokens.astype(jnp.float32)
+        running_mean = jnp.cumsum(x, axis=1) / jnp.arange(1, x.shape[1] + 1)
+        return (theta * running_mean - targets.astype(jnp.float32)) ** 2 / 100.0
+
+    return per_token_loss
+
+
+def test_longce_loss_is_weighted_mean_with_gradient_only_through_the_full_loss():
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 20, (2, 19)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, 20, (2, 19)), jnp.int32)
+    geometry = dict(window=3, stride=3, start=6)
+    theta = jnp.float32(0.7)
+
+    def loss(theta):
+        return losses.longce_loss(_toy_model_loss(theta), tokens, targets, cap=2.0, **geometry)
+
+    full = _toy_model_loss(theta)(tokens, targets)
+    short = losses.short_context_loss(_toy_model_loss(theta), tokens, targets, **geometry)
+    weights = losses.longce_weights(full, short, start=6, cap=2.0)
+    assert np.any(np.asarray(weights) != 1.0)
+    np.testing.assert_allclose(loss(theta), jnp.mean(weights * full), rtol=1e-6)
+
+    def weighted_with_constant_weights(theta):
+        return jnp.mean(weights * _toy_model_loss(theta)(tokens, targets))
+
+    np.testing.assert_allclose(
+        jax.grad(loss)(theta), jax.grad(weighted_with_constant_weights)(theta), rtol=1e-5
+    )
+    np.testing.assert_allclose(jax.jit(loss)(theta), loss(theta), rtol=1e-6)
