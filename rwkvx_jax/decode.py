@@ -21,6 +21,7 @@ from rwkvx_jax.config import ConfigError, RWKVXConfig
 from rwkvx_jax.decode_state import DecodeState, cache_slots, init_decode_state
 from rwkvx_jax.kv_cache import EVICTION_POLICIES
 from rwkvx_jax.model import RWKVX
+from rwkvx_jax.official_attention import FlatKVCache, OfficialAttention
 from rwkvx_jax.sampling import SamplerState, SamplingConfig, init_sampler_state, is_stop, sample
 
 # Default cache: this many chunks per sparse block and sequence (32K tokens at chunk 2048).
@@ -39,13 +40,24 @@ class DecodeConfig:
       eviction: "distinct" (default) or "oldest"; see `rwkvx_jax.kv_cache`.
       prefill_chunk: tokens per prefill piece (bounds prefill memory). None: the largest whole
         number of attention chunks not above 512 tokens (one chunk if the chunk is larger).
+      attention_mode: "train" (default: the training semantics, SPEC §4/§6) or "official"
+        (reproduces `rwkv_x.model_old` inference, see `rwkvx_jax.official_attention`; then
+        `cache_size` is a hard capacity, each prefill is one call, and `official` holds the
+        official runtime's settings).
+      official: settings of the official mode.
     """
 
     cache_size: int | None = None
     eviction: str = "distinct"
     prefill_chunk: int | None = None
+    attention_mode: str = "train"
+    official: OfficialAttention = OfficialAttention()
 
     def __post_init__(self):
+        if self.attention_mode not in ("train", "official"):
+            raise ConfigError(
+                f"attention_mode must be 'train' or 'official', got {self.attention_mode!r}"
+            )
         if self.eviction not in EVICTION_POLICIES:
             raise ConfigError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
         for name in ("cache_size", "prefill_chunk"):
@@ -57,7 +69,7 @@ class DecodeConfig:
         """Fills the defaults for a model and checks the sizes against it."""
         chunk = config.chunk_size
         cache = self.cache_size or DEFAULT_CACHE_CHUNKS * chunk
-        if config.n_attn_layer:
+        if config.n_attn_layer and self.attention_mode == "train":
             cache_slots(config, cache)  # raises with the reason if the size is unusable
         piece = self.prefill_chunk or max(1, DEFAULT_PREFILL_TOKENS // chunk) * chunk
         return dataclasses.replace(self, cache_size=cache, prefill_chunk=piece)
@@ -114,7 +126,9 @@ class Decoder:
         self.config = config
         self.params = params
         self.decode_config = (decode_config or DecodeConfig()).resolve(config)
-        eviction = self.decode_config.eviction
+        dc = self.decode_config
+        self.official = dc.attention_mode == "official"
+        policy = dc.official if self.official else dc.eviction
         piece_model = RWKVX(config)
         # One token: the WKV scan is one step; the chunked form would pad it to a whole chunk.
         step_model = RWKVX(dataclasses.replace(config, wkv_backend="reference"))
@@ -122,13 +136,13 @@ class Decoder:
         def run_piece(params, state, tokens, n_valid):
             return piece_model.apply(
                 {"params": params}, tokens, decode_state=state, n_valid=n_valid,
-                eviction=eviction, last_logits_only=True,
+                cache_policy=policy, last_logits_only=True,
             )  # fmt: skip
 
         def run_step(params, state, tokens, valid):
             return step_model.apply(
                 {"params": params}, tokens[:, None], decode_state=state,
-                n_valid=valid.astype(jnp.int32), eviction=eviction, last_logits_only=True,
+                n_valid=valid.astype(jnp.int32), cache_policy=policy, last_logits_only=True,
             )  # fmt: skip
 
         self._run_step = run_step
@@ -138,7 +152,23 @@ class Decoder:
 
     def init_state(self, batch: int) -> DecodeState:
         """Empty state for `batch` sequences."""
-        return init_decode_state(self.config, batch, self.decode_config.cache_size)
+        return init_decode_state(
+            self.config, batch, self.decode_config.cache_size, flat_cache=self.official
+        )
+
+    def _check_capacity(self, state: DecodeState, adding: np.ndarray) -> None:
+        """Official mode only: a flat cache that would overflow is an error, never a wrap."""
+        if not self.official or not self.config.n_attn_layer:
+            return
+        cache = next(b.cache for b in state.blocks.values() if hasattr(b, "cache"))
+        assert isinstance(cache, FlatKVCache)
+        need = np.asarray(cache.size) + adding
+        capacity = cache.keys.shape[2]
+        if (need > capacity).any():
+            raise ValueError(
+                f"attention_mode='official' keeps every token (up to KV compression): "
+                f"{int(need.max())} tokens exceed cache_size {capacity}; raise cache_size"
+            )
 
     def prefill(
         self, tokens, state: DecodeState | None = None, *, lengths=None, progress: bool = False
@@ -162,6 +192,11 @@ class Decoder:
         elif state.lengths.shape != (batch,):
             raise ValueError(f"state holds {state.lengths.shape[0]} sequences, tokens {batch}")
         piece = self.decode_config.prefill_chunk
+        if self.official:
+            # The official runtime reads a prompt in one call (its chunks align to the call).
+            chunk = self.decode_config.official.chunk_size or self.config.chunk_size
+            piece = max(-(-total // chunk), 1) * chunk
+            self._check_capacity(state, lengths)
         n_pieces = -(-total // piece)
         padded = np.zeros((batch, n_pieces * piece), np.int32)
         padded[:, :total] = array
@@ -195,6 +230,7 @@ class Decoder:
         tokens = jnp.asarray(tokens, jnp.int32)
         if valid is None:
             valid = jnp.ones(tokens.shape, bool)
+        self._check_capacity(state, np.asarray(valid, np.int32))
         return self._step(self.params, state, tokens, jnp.asarray(valid, bool))
 
     def _advance(self, sampling: SamplingConfig):
@@ -241,6 +277,7 @@ class Decoder:
             raise ValueError("every prompt needs at least one token to predict from")
         logits, state = self.prefill(prompts, state)
         batch = logits.shape[0]
+        self._check_capacity(state, np.full((batch,), max_new_tokens))
         sampler: SamplerState = init_sampler_state(batch, self.config.vocab_size, sampling.seed)
         if token_weights is not None:
             token_weights = jnp.asarray(token_weights, jnp.float32)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.kv_cache import ChunkKVCache, fresh_zeros, init_cache
+from rwkvx_jax.official_attention import FlatKVCache, init_flat_cache
 
 
 class RWKVBlockState(NamedTuple):
@@ -27,9 +28,9 @@ class RWKVBlockState(NamedTuple):
 
 
 class SparseBlockState(NamedTuple):
-    """Attributes: cache (`ChunkKVCache`), ffn_x_prev [B, C]."""
+    """Attributes: cache (`ChunkKVCache`, or `FlatKVCache` in official mode), ffn_x_prev [B, C]."""
 
-    cache: ChunkKVCache
+    cache: ChunkKVCache | FlatKVCache
     ffn_x_prev: jax.Array
 
 
@@ -63,7 +64,9 @@ def cache_slots(config: RWKVXConfig, cache_size: int) -> int:
     return slots
 
 
-def init_decode_state(config: RWKVXConfig, batch: int, cache_size: int) -> DecodeState:
+def init_decode_state(
+    config: RWKVXConfig, batch: int, cache_size: int, *, flat_cache: bool = False
+) -> DecodeState:
     """The state of `batch` empty sequences.
 
     Args:
@@ -72,6 +75,8 @@ def init_decode_state(config: RWKVXConfig, batch: int, cache_size: int) -> Decod
       cache_size: tokens of keys/values each sparse block keeps per sequence (a multiple of
         the chunk size); attention is exact until a sequence reaches it, then chunks are
         evicted (see `rwkvx_jax.kv_cache`).
+      flat_cache: a `FlatKVCache` of cache_size tokens per sparse block instead, for
+        attention_mode="official" (`rwkvx_jax.official_attention`).
     """
     c, n = config.n_embd, config.head_size
     h = c // n
@@ -83,9 +88,11 @@ def init_decode_state(config: RWKVXConfig, batch: int, cache_size: int) -> Decod
             wkv = fresh_zeros((batch, h, n, n), jnp.float32)
             blocks[f"blocks_{index}"] = RWKVBlockState(shift(), wkv, shift())
         else:
-            cache = init_cache(
-                batch, cache_slots(config, cache_size), config.chunk_size, h, n, dtype
-            )
+            if flat_cache:
+                cache = init_flat_cache(batch, cache_size, h, n, dtype)
+            else:
+                slots = cache_slots(config, cache_size)
+                cache = init_cache(batch, slots, config.chunk_size, h, n, dtype)
             blocks[f"moba_{index}"] = SparseBlockState(cache, shift())
     return DecodeState(fresh_zeros((batch,), jnp.int32), blocks)
 

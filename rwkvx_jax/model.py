@@ -31,7 +31,7 @@ class RWKVX(nn.Module):
         *,
         decode_state: DecodeState | None = None,
         n_valid=None,
-        eviction: str = "distinct",
+        cache_policy="distinct",
         last_logits_only: bool = False,
     ):
         """Args:
@@ -41,7 +41,8 @@ class RWKVX(nn.Module):
             call then returns (logits, new DecodeState).
           n_valid: int32 [B] real tokens per row when decoding (right padding after); padding
             never enters the state.
-          eviction: KV-cache eviction policy when decoding (static).
+          cache_policy: static; the KV-cache eviction policy when decoding, or the
+            `OfficialAttention` settings (attention_mode="official").
           last_logits_only: return logits of each row's last real token only, [B, V].
 
         Returns:
@@ -104,7 +105,7 @@ class RWKVX(nn.Module):
                 )
                 if decoding:
                     prior = decode_state.blocks[name]._asdict()
-                    x, new = block(x, prior, decode_state.lengths, n_valid, eviction)
+                    x, new = block(x, prior, decode_state.lengths, n_valid, cache_policy)
                     states[name] = SparseBlockState(**new)
                 else:
                     x, states[name] = block(x)

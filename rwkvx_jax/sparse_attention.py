@@ -10,6 +10,7 @@ from flax import linen as nn
 from rwkvx_jax import ops
 from rwkvx_jax.cached_attention import attend_piece, attend_token
 from rwkvx_jax.layers import layer_norm, linear
+from rwkvx_jax.official_attention import FlatKVCache, official_decode, official_prefill
 from rwkvx_jax.rwkv7 import ChannelMix
 
 
@@ -28,13 +29,14 @@ class TopKChunkAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cache=None, lengths=None, n_valid=None, eviction="distinct"):
+    def __call__(self, x, cache=None, lengths=None, n_valid=None, cache_policy="distinct"):
         """Args:
           x: [B, T, C].
           cache: optional `ChunkKVCache`: attend over it too (decoding), absorbing the new keys.
           lengths: int32 [B] tokens already absorbed by the cache (with cache).
           n_valid: int32 [B] real tokens of x per row, right padding after (with cache).
-          eviction: the cache's eviction policy (static).
+          cache_policy: static; the eviction policy name of a `ChunkKVCache`, or the
+            `OfficialAttention` settings with a `FlatKVCache` (attention_mode="official").
 
         Returns:
           (out [B, T, C], k [B, T, H, N], v [B, T, H, N]); with a cache,
@@ -47,16 +49,26 @@ class TopKChunkAttention(nn.Module):
         q = dense("receptance")(x).reshape(B, T, H, N)
         k = dense("key")(x).reshape(B, T, H, N)
         v = dense("value")(x).reshape(B, T, H, N)
+        if isinstance(cache, FlatKVCache):
+            chunk = cache_policy.chunk_size or self.chunk_size
+            if T == 1:
+                o, cache = official_decode(
+                    q[:, 0], k[:, 0], v[:, 0], cache, n_valid > 0, cache_policy, chunk
+                )
+                o = o[:, None]
+            else:
+                o, cache = official_prefill(x, q, k, v, cache, n_valid, cache_policy, chunk)
+            return dense("output")(o.reshape(B, T, C).astype(self.dtype)), cache
         if cache is not None:
             if T == 1:
                 o, cache = attend_token(
                     q[:, 0], k[:, 0], v[:, 0], cache, lengths, n_valid > 0,
-                    top_k=self.top_k, eviction=eviction,
+                    top_k=self.top_k, eviction=cache_policy,
                 )  # fmt: skip
                 o = o[:, None]
             else:
                 o, cache = attend_piece(
-                    q, k, v, cache, lengths, n_valid, top_k=self.top_k, eviction=eviction
+                    q, k, v, cache, lengths, n_valid, top_k=self.top_k, eviction=cache_policy
                 )
             return dense("output")(o.reshape(B, T, C).astype(self.dtype)), cache
         o = ops.topk_chunk_attention(
@@ -79,11 +91,11 @@ class SparseBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, state=None, lengths=None, n_valid=None, eviction="distinct"):
+    def __call__(self, x, state=None, lengths=None, n_valid=None, cache_policy="distinct"):
         """Args:
           x: [B, T, C]; state: optional dict with `ffn_x_prev` [B, C] and, when decoding,
             `cache` (a `ChunkKVCache`).
-          lengths, n_valid, eviction: decoding only, see `TopKChunkAttention`.
+          lengths, n_valid, cache_policy: decoding only, see `TopKChunkAttention`.
 
         Returns:
           (x [B, T, C], state dict with `ffn_x_prev` [B, C] and either this call's `k`, `v`
@@ -100,7 +112,7 @@ class SparseBlock(nn.Module):
             dx, k, v = att(norm("ln1")(x))
             new_state = {"k": k, "v": v}
         else:
-            dx, cache = att(norm("ln1")(x), cache, lengths, n_valid, eviction)
+            dx, cache = att(norm("ln1")(x), cache, lengths, n_valid, cache_policy)
             new_state = {"cache": cache}
         x = x + dx
         ffn = ChannelMix(

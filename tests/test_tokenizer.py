@@ -139,9 +139,7 @@ def test_stdlib_sample_matches_official(world, official):
 
 
 @pytest.mark.slow
-def test_whole_stdlib_matches_official(world, official, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("whole standard library: select with -m slow")
+def test_whole_stdlib_matches_official(world, official):
     check_stdlib(world, official, step=1)
 
 
