@@ -3,17 +3,28 @@
 from rwkvx_jax.api import forward, load
 from rwkvx_jax.config import PRESETS, ConfigError, RWKVXConfig, preset
 from rwkvx_jax.convert_files import convert_pth, export_pth, export_safetensors
+from rwkvx_jax.decode import DecodeConfig, Decoder
 from rwkvx_jax.model import RWKVX
+from rwkvx_jax.official_attention import OfficialAttention
+from rwkvx_jax.sampling import SamplingConfig
+from rwkvx_jax.tokenizer import ByteTokenizer, WorldTokenizer, tokenizer_for_vocab
 
 __all__ = [
     "PRESETS",
     "RWKVX",
+    "ByteTokenizer",
     "ConfigError",
+    "DecodeConfig",
+    "Decoder",
+    "OfficialAttention",
     "RWKVXConfig",
+    "SamplingConfig",
+    "WorldTokenizer",
     "convert_pth",
     "export_pth",
     "export_safetensors",
     "forward",
     "load",
     "preset",
+    "tokenizer_for_vocab",
 ]
