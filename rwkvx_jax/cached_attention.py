@@ -133,17 +133,27 @@ def _absorb_window(cache, wk, wv, lengths, filled, eviction):
     """
     chunk = cache.open_keys.shape[2]
     n_window = wk.shape[1] // chunk
-    head_major = lambda x: jnp.swapaxes(x, 1, 2).astype(cache.keys.dtype)  # [B, H, rows, N]
+    batch, _, heads, n = wk.shape
+    # [n_window, B, H, chunk, N]: one scan step per window chunk, so the graph holds one push
+    # however long the piece is (unrolled pushes made long pieces slow to compile).
+    per_chunk = lambda x: jnp.moveaxis(
+        x.reshape(batch, n_window, chunk, heads, n).transpose(0, 1, 3, 2, 4), 1, 0
+    ).astype(cache.keys.dtype)
     first_chunk = lengths // chunk
-    for j in range(n_window):
-        cache = push_chunks(
+
+    def push(cache, xs):
+        keys, values, j = xs
+        complete = (j + 1) * chunk <= filled
+        new_cache = lax.cond(
+            complete.any(),
+            lambda c: push_chunks(c, keys, values, first_chunk + j, complete, eviction),
+            lambda c: c,
             cache,
-            head_major(wk[:, j * chunk : (j + 1) * chunk]),
-            head_major(wv[:, j * chunk : (j + 1) * chunk]),
-            first_chunk + j,
-            (j + 1) * chunk <= filled,
-            eviction,
         )
+        return new_cache, None
+
+    cache, _ = lax.scan(push, cache, (per_chunk(wk), per_chunk(wv), jnp.arange(n_window)))
+    head_major = lambda x: jnp.swapaxes(x, 1, 2).astype(cache.keys.dtype)  # [B, H, rows, N]
     open_start = (filled // chunk) * chunk
     return cache._replace(
         open_keys=head_major(_take_rows(wk, open_start, chunk)),

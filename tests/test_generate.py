@@ -1,0 +1,361 @@
+"""Decode-state files (`state_io`) and text generation (`generate_text`, the generate CLI)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rwkvx_jax
+import rwkvx_jax.generate as generate_cli
+from rwkvx_jax.checkpoint import save_params
+from rwkvx_jax.config import preset
+from rwkvx_jax.decode import DecodeConfig
+from rwkvx_jax.decode_state import init_decode_state
+from rwkvx_jax.generate import TextGenerator, demo_model, main
+from rwkvx_jax.sampling import SamplingConfig
+from rwkvx_jax.state_io import (
+    StateFileError,
+    StateMismatchError,
+    load_state,
+    read_state_metadata,
+    save_state,
+)
+
+TINY = preset("tiny")  # byte vocabulary, chunk 16, two sparse blocks
+# Greedy without penalties; bytes >= 128 banned so that every output is ASCII and re-encodes to
+# the same tokens; stop at end-of-document (0). The CLI flags below give the same config, so
+# in-process CLI runs reuse the compiled step.
+GREEDY = SamplingConfig(
+    temperature=0.0,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
+    banned_tokens=tuple(range(128, 256)),
+    stop_tokens=(0,),
+)
+CLI_FLAGS = [
+    "--temperature", "0", "--presence-penalty", "0", "--frequency-penalty", "0",
+    "--prefill-chunk", "16", "--ban", *map(str, range(128, 256)),
+]  # fmt: skip
+PROMPTS = ["The quick brown fox jumps over", "Once upon a time, in a"]
+QUESTIONS = [" the lazy dog. Then", " land far away"]
+WHOLE = [p + q for p, q in zip(PROMPTS, QUESTIONS, strict=True)]
+N_NEW = 8
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_compiles():
+    """XLA's optimisation passes are most of a CPU compile, and no result here depends on them."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    config, params = demo_model()
+    assert config == TINY
+    return params
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_params):
+    return TextGenerator(TINY, tiny_params, DecodeConfig(prefill_chunk=TINY.chunk_size))
+
+
+def _random_state(config, batch=2, cache_size=64, flat_cache=False, seed=0):
+    """A state of the right shapes filled with random bits (NaNs and infs included)."""
+    rng = np.random.default_rng(seed)
+    template = init_decode_state(config, batch, cache_size, flat_cache=flat_cache)
+
+    def fill(leaf):
+        raw = rng.integers(0, 256, size=leaf.size * leaf.dtype.itemsize, dtype=np.uint8)
+        return jnp.asarray(raw.view(leaf.dtype).reshape(leaf.shape))
+
+    return jax.tree.map(fill, template)
+
+
+def _bits(leaf):
+    host = np.asarray(leaf)
+    return host.dtype, host.shape, host.view(np.dtype(f"uint{8 * host.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize(
+    "config, flat_cache",
+    [
+        (TINY, False),
+        (TINY.replace(dtype="bfloat16"), False),
+        (TINY, True),
+        (preset("tiny-rwkv7"), False),
+    ],
+    ids=["float32", "bfloat16", "official-flat-cache", "rwkv7-no-cache"],
+)
+def test_state_round_trip_is_bit_exact(tmp_path, config, flat_cache):
+    state = _random_state(config, flat_cache=flat_cache)
+    path = tmp_path / "state.npz"
+    save_state(path, config, state, extra={"note": "hi"})
+    loaded = load_state(path, config)
+    assert jax.tree.structure(loaded) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(state), strict=True):
+        got_dtype, got_shape, got_bits = _bits(got)
+        want_dtype, want_shape, want_bits = _bits(want)
+        assert (got_dtype, got_shape) == (want_dtype, want_shape)
+        np.testing.assert_array_equal(got_bits, want_bits)
+    metadata = read_state_metadata(path)
+    assert metadata["shape_hash"] == config.shape_hash()
+    assert metadata["batch"] == 2 and metadata["extra"] == {"note": "hi"}
+    assert metadata["cache_size"] == (None if config.n_attn_layer == 0 else 64)
+    assert metadata["config"] == config.to_dict()
+    assert os.listdir(tmp_path) == ["state.npz"]  # no temporary left behind
+
+
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "state.npz"
+    save_state(path, TINY, _random_state(TINY, seed=1))
+    before = path.read_bytes()
+
+    def disk_full(file, **arrays):
+        file.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            save_state(path, TINY, _random_state(TINY, seed=2))
+    with pytest.raises(TypeError, match="JSON"):
+        save_state(path, TINY, _random_state(TINY, seed=2), extra={"bad": object()})
+    with pytest.raises(StateMismatchError, match="leaf"):
+        save_state(path, preset("tiny", n_embd=192), _random_state(TINY))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["state.npz"]
+
+
+def test_state_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "state.npz"
+    save_state(path, TINY, _random_state(TINY))
+    wider = preset("tiny", n_embd=192)
+    with pytest.raises(StateMismatchError) as err:
+        load_state(path, wider)
+    message = str(err.value)
+    assert TINY.shape_hash() in message and wider.shape_hash() in message
+    assert "n_embd: 128 (state) vs 192 (model)" in message and str(path) in message
+    with pytest.raises(StateMismatchError, match="float32.*bfloat16"):
+        load_state(path, TINY.replace(dtype="bfloat16"))
+
+
+def test_damaged_or_foreign_files_are_refused(tmp_path):
+    good = tmp_path / "state.npz"
+    save_state(good, TINY, _random_state(TINY))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, weights=np.zeros(3))
+    other_format = tmp_path / "other.npz"
+    blob = json.dumps({"format": "something-else", "version": 1}).encode()
+    np.savez(other_format, __metadata__=np.frombuffer(blob, np.uint8))
+    cases = {
+        truncated: "not a readable",
+        text: "not a decode-state file",
+        foreign: "no __metadata__",
+        other_format: "format 'something-else'",
+        tmp_path / "missing.npz": "no such state file",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(StateFileError, match=reason) as err:
+            load_state(path, TINY)
+        assert str(path) in str(err.value)
+    with pytest.raises(StateFileError, match="not a readable"):
+        read_state_metadata(truncated)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(generator):
+    """Greedy continuations of PROMPTS + QUESTIONS read in one go: (texts, result)."""
+    result = {}
+    texts = generator.generate(WHOLE, GREEDY, N_NEW, result=result)
+    return texts, result
+
+
+def test_decoding_continues_identically_after_restore(tmp_path, generator, uninterrupted):
+    _, state = generator.decoder.prefill([generator.tokenizer.encode(p) for p in PROMPTS])
+    path = tmp_path / "context.npz"
+    save_state(path, TINY, state)
+    restored = {}
+    texts = generator.generate(
+        QUESTIONS, GREEDY, N_NEW, state=load_state(path, TINY), result=restored
+    )
+    assert restored["tokens"] == uninterrupted[1]["tokens"] and texts == uninterrupted[0]
+    n_read = [len(w) + len(t) for w, t in zip(WHOLE, restored["tokens"], strict=True)]
+    assert np.asarray(restored["state"].lengths).tolist() == n_read
+
+
+def test_one_saved_sequence_is_shared_by_a_batch(tmp_path, generator):
+    context = [generator.tokenizer.encode(PROMPTS[0])] * 2
+    _, pair = generator.decoder.prefill(context)
+    path = tmp_path / "one.npz"
+    save_state(path, TINY, jax.tree.map(lambda leaf: leaf[:1], pair))
+    shared = generator.generate(QUESTIONS, GREEDY, 4, state=load_state(path, TINY))
+    assert shared == generator.generate(QUESTIONS, GREEDY, 4, state=pair)
+    with pytest.raises(ValueError, match="holds 3 sequences but 2 prompts"):
+        generator.generate(QUESTIONS, GREEDY, 4, state=_random_state(TINY, batch=3))
+
+
+def test_greedy_generation_is_argmax_of_forward(generator, tiny_params, uninterrupted):
+    prompts = [generator.tokenizer.encode(w) for w in WHOLE]
+    generated = uninterrupted[1]["tokens"]
+    assert all(generated) and uninterrupted[0] == [bytes(t).decode() for t in generated]
+    rows = [p + t for p, t in zip(prompts, generated, strict=True)]
+    width = max(map(len, rows))
+    tokens = np.array([row + [0] * (width - len(row)) for row in rows])  # right padding
+    logits = np.asarray(rwkvx_jax.forward(TINY, tiny_params, tokens))
+    for row, (prompt, new) in enumerate(zip(prompts, generated, strict=True)):
+        steps = logits[row, len(prompt) - 1 : len(prompt) + len(new) - 1]
+        assert steps[:, :128].argmax(-1).tolist() == new  # bytes >= 128 are banned
+        if len(new) < N_NEW:  # stopped early: the next token was end-of-document
+            assert logits[row, len(prompt) + len(new) - 1, :128].argmax() == 0
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Runs `python -m rwkvx_jax.generate`; its runs share one compilation cache."""
+    cache = tmp_path_factory.mktemp("jax-cache")
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+        PYTHONIOENCODING="utf-8",
+    )
+    env.pop("XLA_FLAGS", None)  # one CPU device is all generation uses
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "rwkvx_jax.generate", *map(str, args)],
+            capture_output=True,
+            cwd=REPO,
+            env=env,
+            timeout=300,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_params):
+    """The demo model (`tiny`, seed 0) saved as a checkpoint directory."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_params(path, TINY, tiny_params)
+    return path
+
+
+def _completion(proc) -> str:
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode("utf-8")
+    assert out.endswith("\n")
+    return out[:-1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(cli, tmp_path_factory):
+    """`--demo --prompt "Hello, world"` for 6 tokens, saving the final state: (text, state)."""
+    state = tmp_path_factory.mktemp("state") / "hello.npz"
+    proc = cli(
+        "--demo", "--prompt", "Hello, world", "--max-new-tokens", 6, "--state-out", state,
+        *CLI_FLAGS,
+    )  # fmt: skip
+    assert b"Traceback" not in proc.stderr
+    return _completion(proc), state
+
+
+def test_cli_demo_prints_text(demo_run):
+    text, state = demo_run
+    assert 0 < len(text) <= 6 and text.isascii()
+    metadata = read_state_metadata(state)
+    assert metadata["extra"] == {"eviction": "distinct", "model": "demo"}
+    assert metadata["shape_hash"] == TINY.shape_hash()
+
+
+def test_cli_state_out_then_in_continues(cli, checkpoint, demo_run, generator):
+    first, state = demo_run
+    later = cli(
+        "--checkpoint", checkpoint, "--state-in", state, "--prompt", " again",
+        "--max-new-tokens", 6, *CLI_FLAGS,
+    )  # fmt: skip
+    # The same flags in one longer run (in-process, beside a second row: rows never interact).
+    at_once = generator.generate(["Hello, world" + first + " again", "x"], GREEDY, 6)[0]
+    assert _completion(later) == at_once
+
+
+def test_cli_batch_file(monkeypatch, capsys, tmp_path, generator, uninterrupted):
+    """In-process: `generate_text` builds a generator equal to the shared one; reuse its code."""
+
+    def same_generator(config, params, decode_config, tokenizer=None):
+        assert config == TINY and decode_config == generator.decoder.decode_config
+        return generator
+
+    monkeypatch.setattr(generate_cli, "TextGenerator", same_generator)
+    jsonl, plain = tmp_path / "prompts.jsonl", tmp_path / "prompts.txt"
+    jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in WHOLE))
+    plain.write_text("\n".join(WHOLE) + "\n\n")
+    args = ["--demo", "--max-new-tokens", str(N_NEW), *CLI_FLAGS, "--batch-file"]
+    assert main([*args, str(jsonl)]) == 0
+    out = capsys.readouterr().out
+    labels = re.findall(r"^=== \[(\d)/2\] (.*) ===$", out, flags=re.MULTILINE)
+    assert labels == [(str(i + 1), json.dumps(p)) for i, p in enumerate(WHOLE)]
+    texts = re.split(r"^=== \[\d/2\] .* ===\n", out, flags=re.MULTILINE)[1:]
+    assert texts == [t + "\n" for t in uninterrupted[0]]
+    assert main([*args, str(plain)]) == 0
+    assert capsys.readouterr().out == out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--demo", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+        (["--demo", "--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["--demo", "--prompt", "x", "--max-new-tokens", "lots"], "--max-new-tokens"),
+        (["--demo", "--prompt", "x", "--eviction", "random"], "--eviction"),
+        (["--demo", "--checkpoint", "d", "--prompt", "x"], "not allowed with"),
+        (["--demo"], "--prompt --batch-file is required"),
+    ],
+)
+def test_cli_bad_flags(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_cli_bad_inputs(capsys, tmp_path):
+    other = tmp_path / "other.npz"
+    rwkv7 = preset("tiny-rwkv7")
+    save_state(other, rwkv7, _random_state(rwkv7))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    cases = [
+        (["--demo", "--prompt", ""], "--prompt is empty"),
+        (["--demo", "--prompt", "x", "--state-in", other], rwkv7.shape_hash()),
+        (["--demo", "--prompt", "x", "--ban", "256"], "vocabulary"),
+        (["--demo", "--prompt", "x", "--cache-size", "40"], "multiple of chunk_size"),
+        (["--demo", "--batch-file", bad_json], f"{bad_json}:2"),
+        (["--demo", "--batch-file", tmp_path / "none.txt"], "no such batch file"),
+        (["--checkpoint", tmp_path / "nowhere", "--prompt", "x"], "nowhere"),
+    ]
+    for args, message in cases:
+        assert main([str(a) for a in args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
