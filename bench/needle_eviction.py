@@ -28,7 +28,9 @@ from rwkvx_jax.convert import params_from_state_dict
 from rwkvx_jax.decode import DecodeConfig, Decoder
 from rwkvx_jax.random_checkpoint import random_state_dict
 
-HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+HAYSTACK = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
 NEEDLE = "The pass key is 71432. Remember it. 71432 is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
 
@@ -120,9 +122,7 @@ def main() -> None:
     for policy, rows in results.items():
         kept = sum(r[2] for r in rows)
         errors = [r[3] for r in rows]
-        print(
-            f"| {policy} | {kept}/{len(rows)} | {np.median(errors):.2e} | {max(errors):.2e} |"
-        )
+        print(f"| {policy} | {kept}/{len(rows)} | {np.median(errors):.2e} | {max(errors):.2e} |")
     print(f"\n({time.time() - start:.0f} s)")
 
 
