@@ -48,8 +48,8 @@ def _run_cached(q, k, v, pieces, *, chunk, top_k, n_slots):
 @pytest.mark.parametrize(
     "pieces,chunk,top_k",
     [
-        ([16] * 8, 16, 3),  # aligned pieces, sparse regime
-        ([5, 23, 1, 1, 40, 3, 1, 31], 8, 3),  # misaligned pieces and single tokens
+        ([16] * 5, 16, 3),  # aligned pieces, sparse regime
+        ([5, 23, 1, 1, 23, 5, 1, 23], 8, 3),  # misaligned pieces and single tokens
         ([1] * 24, 4, 2),  # decode only
         ([37, 1, 1, 1, 13], 4, 1),  # own chunk only
     ],
