@@ -1,0 +1,505 @@
+"""Training: configs, sharding, expansion, sharded steps, stage 1, NaN guard, kill -9 resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from rwkvx_jax import sharding as shd
+from rwkvx_jax import train_lib
+from rwkvx_jax.config import preset
+from rwkvx_jax.data import write_binidx
+from rwkvx_jax.expand import COPIED, expand_params, fresh_sparse_block, source_block
+from rwkvx_jax.model import RWKVX
+from rwkvx_jax.train_config import (
+    RECIPES,
+    TrainConfig,
+    TrainConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    recipe,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The smallest RWKV-X: one RWKV block then one sparse block; C=128 (2 heads) so tensor=2 and
+# fsdp=4 divide every matrix. ctx 32 > chunk 16, so the top-k selection is exercised.
+SMALL_MODEL = "model.n_rwkv_layer=1 model.n_attn_layer=1"
+SMALL_RUN = (
+    f"{SMALL_MODEL} data.ctx=32 data.batch_size=8 data.max_tokens=40000 "
+    "optimizer.lr=1e-2 optimizer.schedule=constant optimizer.lr_final=none "
+    "optimizer.total_steps=none optimizer.warmup_steps=2 log_every=1 sample.tokens=0 "
+    "checkpoint.export=false"
+).split()
+
+
+# Tests of the training logic (not of the kernels) use the pure-JAX reference kernels: they
+# compile in about half the time of the chunked forms on CPU.
+REFERENCE_KERNELS = ["model.wkv_backend=reference", "model.attention_backend=reference"]
+
+
+def small_config(tmp_path, *overrides: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), [*SMALL_RUN, f"workdir={tmp_path}", *overrides])
+
+
+def single_device_mesh():
+    return shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_overrides_are_typed():
+    config = apply_overrides(
+        TrainConfig(),
+        [
+            "optimizer.lr=3e-4", "data.ctx=256", "mesh=2,2,2", "checkpoint.async_save=false",
+            "init_checkpoint=none", "optimizer.grad_clip=null", "model=rwkvx-0.22b",
+            "model.dtype=bfloat16", "steps=1_000",
+        ],
+    )  # fmt: skip
+    assert config.optimizer.lr == 3e-4 and isinstance(config.optimizer.lr, float)
+    assert config.data.ctx == 256 and config.mesh == (2, 2, 2) and config.steps == 1000
+    assert config.checkpoint.async_save is False and config.optimizer.grad_clip is None
+    assert config.model.n_embd == 768 and config.model.dtype == "bfloat16"
+    assert config.init_checkpoint is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lrr=1", "did you mean 'lr'"),
+        ("dta.ctx=1", "did you mean 'data'"),
+        ("data.ctx=abc", "data.ctx expects int"),
+        ("data.ctx=1.5", "data.ctx expects int"),
+        ("checkpoint.async_save=maybe", "use true/false"),
+        ("mesh=2,2", "expects 3 values"),
+        ("data=stdlib", "data is a section"),
+        ("model=gpt2", "unknown model preset"),
+        ("model.n_embd=100", "not a multiple of head_size"),
+        ("stage=stage3", "stage must be one of"),
+        ("optimizer.lr_final=none", "needs lr_final"),
+        ("steps", "must look like key=value"),
+    ],
+)
+def test_override_errors_name_the_key(override, message):
+    with pytest.raises(TrainConfigError, match=message):
+        apply_overrides(TrainConfig(), [override])
+
+
+def test_config_files_round_trip_and_bases(tmp_path):
+    config = apply_overrides(recipe("0.22b-stage1"), ["steps=7", "data.ctx=512"])
+    path = tmp_path / "run.json"
+    path.write_text(config.to_json())
+    assert load_config(str(path)) == config
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"base": "3.6b-stage2", "optimizer": {"lr": 2e-5}}))
+    loaded = load_config(str(partial))
+    assert loaded.optimizer.lr == 2e-5 and loaded.data.ctx == 64_000 and loaded.stage == "stage2"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": {"context": 5}}))
+    with pytest.raises(TrainConfigError, match=r"bad.json: unknown config key 'data.context'"):
+        load_config(str(bad))
+    with pytest.raises(TrainConfigError, match="neither a recipe"):
+        load_config("no-such-recipe")
+    with pytest.raises(TrainConfigError, match="model.vocab_size"):
+        config_from_dict({"model": {"preset": "tiny", "vocab_size": "big"}})
+
+
+def test_recipes_follow_spec():
+    for name in RECIPES:
+        recipe(name)
+    stage1, stage2 = recipe("3.6b-stage1"), recipe("3.6b-stage2")
+    assert stage1.stage == "stage1" and stage1.model.n_attn_layer == 8
+    assert 512 <= stage1.data.ctx <= 1024
+    assert stage2.data.ctx == 64_000 and stage2.data.batch_size == 64 and stage2.steps == 5000
+    for config in (stage1, stage2):
+        opt = config.optimizer
+        assert (opt.lr, opt.warmup_steps, opt.warmup_init_fraction) == (1e-5, 10, 0.01)
+        assert (opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.grad_clip) == (
+            0.9, 0.99, 1e-18, 1e-3, 1.0,
+        )  # fmt: skip
+        assert config.model.dtype == "bfloat16" and config.loss.l2wrap
+    assert TrainConfig() == recipe("tiny")
+
+
+def test_cli_reports_config_errors(capsys):
+    import train
+
+    assert train.main(["--config", "nope"]) == 2
+    assert "neither a recipe" in capsys.readouterr().err
+    assert train.main(["optimizer.lr=fast"]) == 2
+    assert "optimizer.lr expects float" in capsys.readouterr().err
+    assert train.main(["--print-config", "--steps", "5", "--workdir", "/tmp/x"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 5 and printed["workdir"] == "/tmp/x"
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_partition_specs_follow_rules_and_divisibility():
+    mesh = shd.make_mesh((2, 2, 2))
+    spec = lambda path, shape: shd.logical_to_partition_spec(
+        shd.param_logical_axes(path, shape), shape, mesh
+    )
+    assert spec("blocks_0/ffn/key/kernel", (128, 512)) == PartitionSpec("fsdp", "tensor")
+    assert spec("moba_0/att/output/kernel", (128, 128)) == PartitionSpec("tensor", "fsdp")
+    assert spec("emb/embedding", (256, 128)) == PartitionSpec("tensor", "fsdp")
+    assert spec("blocks_1/att/w1", (128, 16)) == PartitionSpec("fsdp", None)
+    assert spec("blocks_0/att/x_r", (128,)) == PartitionSpec(None)
+    assert spec("emb/embedding", (255, 3)) == PartitionSpec(None, None)  # never uneven
+    # Optimizer state leaves end with their param's path.
+    assert spec("opt_state/1/0/mu/head/kernel", (128, 256)) == PartitionSpec("fsdp", "tensor")
+    assert spec("other/matrix", (16, 64)) == PartitionSpec("tensor", "fsdp")
+    assert shd.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"), None)
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        shd.make_mesh((3, 2, 2))
+    assert dict(shd.make_mesh((2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def _logits(config, params, tokens):
+    return np.asarray(jax.jit(RWKVX(config).apply)({"params": params}, tokens))
+
+
+def _random_rwkv7(config):
+    """RWKV-7 params at trained-like scales (fresh inits zero the output projections)."""
+    from rwkvx_jax.convert import params_from_state_dict
+    from rwkvx_jax.random_checkpoint import random_state_dict
+
+    return params_from_state_dict(random_state_dict(config, seed=0), config)
+
+
+def test_zero_expansion_keeps_rwkv7_logits_exactly():
+    rwkv7 = preset(
+        "tiny", n_rwkv_layer=2, n_attn_layer=0, wkv_backend="reference",
+        attention_backend="reference",
+    )  # fmt: skip
+    params = _random_rwkv7(rwkv7)
+    target = rwkv7.replace(n_attn_layer=2)  # b0 moba0 b1 moba1
+    expanded = expand_params(params, target, init="zero")
+    assert sorted(k for k in expanded if k.startswith("moba_")) == ["moba_0", "moba_1"]
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 256)
+    reference = _logits(rwkv7, params, tokens)
+    np.testing.assert_array_equal(_logits(target, expanded, tokens), reference)
+    copied = expand_params(params, target, init="copy")
+    assert not np.allclose(_logits(target, copied, tokens), reference, atol=1e-3)
+
+
+def test_copy_expansion_copies_the_preceding_block():
+    target = preset("tiny")  # L4 A2: order b0 b1 moba0 b2 b3 moba1
+    assert [source_block(target, j) for j in range(2)] == [1, 3]
+    assert source_block(preset("tiny", n_attn_layer=1), 0) == 3
+    params = _random_rwkv7(target.replace(n_attn_layer=0))
+    expanded = expand_params(params, target, init="copy")
+    for j, src in ((0, 1), (1, 3)):
+        block, source = expanded[f"moba_{j}"], params[f"blocks_{src}"]
+        for path in COPIED:
+            a, b = block, source
+            for key in path:
+                a, b = a[key], b[key]
+            np.testing.assert_array_equal(a, b)
+            assert a is not b
+        for ln in ("ln1", "ln2"):
+            np.testing.assert_array_equal(block[ln]["scale"], 1.0)
+            np.testing.assert_array_equal(block[ln]["bias"], 0.0)
+        # x_k from the RWKV-7 init rule of layer `src`, not copied from the trained block.
+        fresh = fresh_sparse_block(target, j)
+        np.testing.assert_array_equal(block["ffn"]["x_k"], fresh["ffn"]["x_k"])
+        assert not np.array_equal(block["ffn"]["x_k"], source["ffn"]["x_k"])
+    for key in params:
+        assert expanded[key] is params[key]
+    with pytest.raises(ValueError, match="already have sparse blocks"):
+        expand_params(expanded, target)
+
+
+# ----------------------------------------------------------------------------- train steps
+
+
+def _batches(n, batch, ctx, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (batch, ctx + 1)).astype(np.int32) for _ in range(n)]
+
+
+def _run_steps(config, mesh, params, batches):
+    program = train_lib.TrainProgram.create(config, config.model, mesh)
+    state = program.init_state(params)
+    losses = []
+    for tokens in batches:
+        state, metrics = program.step(state, program.global_batch(tokens))
+        losses.append(float(metrics["loss"]))
+    return program, state, losses
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """Three steps on one device from given params (the same init the program's random init
+    computes), on fixed batches."""
+    config = small_config(tmp_path_factory.mktemp("ref"))
+    model = RWKVX(config.model)
+    init = lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(np.asarray, jax.jit(init)(jax.random.key(config.seed)))
+    batches = _batches(3, config.data.batch_size, config.data.ctx)
+    _, _, losses = _run_steps(config, single_device_mesh(), params, batches)
+    return config, params, batches, losses
+
+
+@pytest.mark.parametrize(
+    "mesh_shape",
+    # (2, 2, 2) uses every axis; the other two shapes are in the slow set (-m slow) to keep the
+    # default run short.
+    [
+        pytest.param((8, 1, 1), marks=pytest.mark.slow),
+        pytest.param((2, 4, 1), marks=pytest.mark.slow),
+        (2, 2, 2),
+    ],
+)
+def test_sharded_steps_match_one_device(reference_run, mesh_shape):
+    config, params, batches, losses = reference_run
+    mesh = shd.make_mesh(mesh_shape)
+    program = train_lib.TrainProgram.create(config, config.model, mesh)
+    state = program.init_state()  # random init straight into the shardings
+    kernel = state["params"]["blocks_0"]["ffn"]["key"]["kernel"]  # [C, 4C] = [128, 512]
+    expected_spec = shd.logical_to_partition_spec(("embed", "mlp"), kernel.shape, mesh)
+    assert kernel.sharding.spec == expected_spec
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+    assert kernel.addressable_shards[0].data.shape == (128 // fsdp, 512 // tensor)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)  # same values as one device
+    sharded_losses = []
+    for tokens in batches:
+        state, metrics = program.step(state, program.global_batch(tokens))
+        sharded_losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(sharded_losses, losses, rtol=1e-5)
+    assert state["params"]["blocks_0"]["ffn"]["key"]["kernel"].sharding.spec == expected_spec
+
+
+def test_remat_wraps_every_block_and_keeps_paths(reference_run):
+    config, params, batches, _ = reference_run
+    tokens = jnp.asarray(batches[0])
+    for policy in ("none", "full", "dots"):
+        program = train_lib.TrainProgram.create(
+            config.replace(remat=policy), config.model, single_device_mesh()
+        )
+        grad_fn = lambda p, prog=program: jax.grad(prog.loss_fn)(p, tokens)
+        with train_lib.block_transforms(policy):
+            jaxpr = str(jax.make_jaxpr(grad_fn)(params))
+        blocks = len(config.model.block_order())
+        assert jaxpr.count("remat") == (0 if policy == "none" else blocks), policy
+        shapes = jax.eval_shape(grad_fn, params)
+        assert jax.tree.structure(shapes) == jax.tree.structure(params)
+
+
+def test_longce_step_traces(reference_run):
+    config, params, batches, _ = reference_run
+    config = apply_overrides(
+        config, ["loss.longce=true", "loss.longce_window=8", "loss.longce_stride=8",
+                 "loss.longce_start=16"]
+    )  # fmt: skip
+    program = train_lib.TrainProgram.create(config, config.model, single_device_mesh())
+    state = jax.eval_shape(program.step_fn, program.abstract_state, jnp.asarray(batches[0]))[0]
+    assert jax.tree.structure(state) == jax.tree.structure(program.abstract_state)
+
+
+def test_stage1_expands_a_pth_and_trains_only_sparse_blocks(tmp_path):
+    from rwkvx_jax.checkpoint import load_params, save_params
+    from rwkvx_jax.pth_io import write_pth
+    from rwkvx_jax.random_checkpoint import random_state_dict
+
+    rwkv7 = preset("tiny", n_rwkv_layer=1, n_attn_layer=0)
+    pth = str(tmp_path / "rwkv7.pth")
+    try:
+        write_pth(pth, random_state_dict(rwkv7, seed=0))
+    except ImportError:  # no torch: start from the converted-directory form instead
+        pth = str(tmp_path / "rwkv7")
+        save_params(pth, rwkv7, _random_rwkv7(rwkv7))
+    config = small_config(
+        tmp_path / "run", *REFERENCE_KERNELS, "stage=stage1", "steps=3", "checkpoint.every=0",
+        "checkpoint.export=true", "data.batch_size=4", f"init_checkpoint={pth}",
+    )  # fmt: skip
+    initial = expand_params(_random_rwkv7(rwkv7), config.model, init="copy")
+    result = train_lib.train(config, mesh=single_device_mesh(), progress=False, log=lambda _: None)
+    final = jax.tree.map(np.asarray, result.state["params"])
+    for key in initial:
+        changed = [not np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(final[key]), jax.tree.leaves(initial[key]), strict=True)]  # fmt: skip
+        if key.startswith("moba_"):
+            assert any(changed), key
+        else:
+            assert not any(changed), key  # bit-identical
+    # Optimizer state: Adam moments for moba_* only, nothing for the frozen params.
+    opt_paths = [
+        shd.path_string(p)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(result.state["opt_state"])[0]
+        if np.ndim(leaf) > 0
+    ]
+    n_moba = len(jax.tree.leaves({k: v for k, v in initial.items() if k.startswith("moba_")}))
+    assert all("moba_" in p for p in opt_paths) and len(opt_paths) == 2 * n_moba  # mu, nu
+    # Export: the inference format holds the final params; the .pth is written with torch.
+    exported_config, exported = load_params(os.path.join(result.export_dir, "params"))
+    assert exported_config == result.model_config and exported_config.n_attn_layer == 1
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(final), strict=True):
+        np.testing.assert_array_equal(a, b)
+    pytest.importorskip("torch")
+    assert os.path.getsize(os.path.join(result.export_dir, "model.pth")) > 0
+    records = train_lib.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    assert os.path.isfile(tmp_path / "run" / "loss.png")
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # A binidx corpus whose 4th batch (sequential order) holds an id outside the vocabulary:
+    # its embedding gathers NaN, as corrupted data would.
+    ctx, batch = 32, 4
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 256, 40 * (ctx + 1)).astype(np.uint16)
+    tokens[3 * batch * ctx + 5] = 300
+    prefix = str(tmp_path / "poisoned")
+    write_binidx(prefix, [tokens.tolist()])
+    config = small_config(
+        tmp_path / "run", *REFERENCE_KERNELS, f"data.corpus={prefix}", "data.order=sequential",
+        "data.max_tokens=none", f"data.batch_size={batch}", "steps=6", "checkpoint.every=1",
+        "checkpoint.keep=2",
+    )  # fmt: skip
+    with pytest.raises(
+        train_lib.NonFiniteError, match=r"step 4: loss nan.*Last good checkpoint: step 3"
+    ):
+        train_lib.train(config, mesh=single_device_mesh(), progress=False, log=lambda _: None)
+    store = train_lib.CheckpointStore(str(tmp_path / "run" / "checkpoints"), 1, 2, False)
+    assert store.manager.all_steps() == [2, 3]
+    program = train_lib.TrainProgram.create(config, config.model, single_device_mesh())
+    state = store.restore_state(3, program.abstract_state_with_shardings())
+    assert int(state["step"]) == 3
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    records = train_lib.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _train_cli(workdir, cache_dir, steps, every):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    args = [
+        sys.executable, os.path.join(REPO, "train.py"), "--workdir", str(workdir),
+        "--steps", str(steps), "--no-progress", *SMALL_RUN, *REFERENCE_KERNELS, "data.batch_size=4",
+        "data.prefetch=1", f"checkpoint.every={every}", "checkpoint.keep=2",
+    ]  # fmt: skip
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in train_lib.read_metrics(str(workdir / "metrics.jsonl"))]
+
+
+def test_kill_9_and_resume_matches_uninterrupted_run(tmp_path):
+    steps, every = 24, 4
+    cache = tmp_path / "jax-cache"
+    reference = _train_cli(tmp_path / "reference", cache, steps, every)
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output
+    expected = _losses(tmp_path / "reference")
+    assert [s for s, _ in expected] == list(range(1, steps + 1))
+
+    workdir = tmp_path / "killed"
+    run = _train_cli(workdir, cache, steps, every)
+    checkpoints = workdir / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and run.poll() is None:
+        done = [d for d in os.listdir(checkpoints) if d.isdigit()] if checkpoints.exists() else []
+        if done:
+            break
+        time.sleep(0.02)
+    assert run.poll() is None, "the run finished before it could be killed"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    assert killed_at < steps
+
+    resumed = _train_cli(workdir, cache, steps, every)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    assert _losses(workdir) == expected  # bit-exact, every step
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 2 CPU devices through jax.distributed (gloo) == 1 process, 1 device."""
+    common = [
+        sys.executable, os.path.join(REPO, "train.py"), "--no-progress", "--steps", "3",
+        *SMALL_RUN, *REFERENCE_KERNELS, "data.batch_size=4", "checkpoint.every=0",
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    coordinator = f"localhost:{_free_port()}"
+    multi = ["--workdir", str(tmp_path / "multi"), "--distributed", "--coordinator", coordinator]
+    workers = [
+        subprocess.Popen(
+            [*common, *multi, "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    single = subprocess.run(
+        [*common, "--workdir", str(tmp_path / "single")], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stdout + single.stderr
+    multi, one = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
+    assert [s for s, _ in multi] == [s for s, _ in one] == [1, 2, 3]
+    np.testing.assert_allclose([l for _, l in multi], [l for _, l in one], rtol=1e-5)
+
+
+@pytest.mark.aot
+def test_aot_compile_for_a_tpu_slice(tmp_path):
+    """The train step compiles for a TPU topology on a machine without TPUs.
+
+    Needs the TPU compiler: `pip install -e '.[aot]'`, then `pytest -m aot`.
+    """
+    devices = train_lib.tpu_topology_devices("v5p:2x2x1")
+    config = small_config(tmp_path, "mesh=1,2,2", "data.batch_size=4", "model.dtype=bfloat16")
+    program, compiled = train_lib.aot_compile(config, devices)
+    assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    assert "memory analysis" in train_lib.describe_memory(compiled)
