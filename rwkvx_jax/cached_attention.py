@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.topk_attention import selected_chunks_attention, topk_chunk_attention
-from rwkvx_jax.kv_cache import ChunkKVCache, chunk_mean, push_chunks
+from rwkvx_jax.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -101,17 +101,25 @@ def attend_piece(
     if top_k > 1:
         window_means = chunk_mean(jnp.swapaxes(wk.reshape(batch, n_window, chunk, heads, n), 2, 3))
         # [B, n_window, H, N] -> candidates [B, H, S + n_window, N] in chunk order.
-        means = jnp.concatenate([cache.chunk_means, jnp.swapaxes(window_means, 1, 2)], axis=2)
+        # Candidates in chunk order: the slots sorted by chunk index, then the window's chunks.
+        order = chunk_order(cache)  # [B, S]
+        slot_means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
+        means = jnp.concatenate([slot_means, jnp.swapaxes(window_means, 1, 2)], axis=2)
         scores = jnp.einsum(
             "bthn,bhjn->bthj", wq.astype(jnp.float32), means, precision=_HIGHEST
         )  # [B, width, H, S + n_window]
         query_chunk = jnp.arange(width) // chunk
-        slot_ok = jnp.arange(n_slots)[None, None, :] < cache.n_filled[:, None, None]
-        slot_ok = jnp.broadcast_to(slot_ok, (batch, width, n_slots))
+        filled = jnp.take_along_axis(cache.chunk_ids, order, axis=1) >= 0
+        slot_ok = jnp.broadcast_to(filled[:, None, :], (batch, width, n_slots))
         window_ok = jnp.arange(n_window)[None, :] < query_chunk[:, None]
         window_ok = jnp.broadcast_to(window_ok, (batch, width, n_window))
         ok = jnp.concatenate([slot_ok, window_ok], axis=-1)[:, :, None, :]
-        sel = _top_candidates(jnp.where(ok, scores, -jnp.inf), top_k - 1)
+        picked = _top_candidates(jnp.where(ok, scores, -jnp.inf), top_k - 1)
+        # Back from chunk-order positions to slot indices (window chunks follow the S slots).
+        slot_of = jnp.take_along_axis(
+            order[:, None, None, :], jnp.clip(picked, 0, n_slots - 1), axis=-1
+        )
+        sel = jnp.where((picked >= 0) & (picked < n_slots), slot_of, picked)
         slot_rows = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(batch, n_slots * chunk, heads, n)
         keys = jnp.concatenate([slot_rows(cache.keys).astype(wk.dtype), wk], axis=1)
         values = jnp.concatenate([slot_rows(cache.values).astype(wv.dtype), wv], axis=1)
@@ -144,12 +152,7 @@ def _absorb_window(cache, wk, wv, lengths, filled, eviction):
     def push(cache, xs):
         keys, values, j = xs
         complete = (j + 1) * chunk <= filled
-        new_cache = lax.cond(
-            complete.any(),
-            lambda c: push_chunks(c, keys, values, first_chunk + j, complete, eviction),
-            lambda c: c,
-            cache,
-        )
+        new_cache = push_chunks(cache, keys, values, first_chunk + j, complete, eviction)
         return new_cache, None
 
     cache, _ = lax.scan(push, cache, (per_chunk(wk), per_chunk(wv), jnp.arange(n_window)))
@@ -192,9 +195,14 @@ def attend_token(
     chunk = cache.open_keys.shape[2]
     scale = 1.0 / math.sqrt(n)
     offset = lengths % chunk
-    put = lambda rows, new: jax.vmap(
-        lambda r, x, o: lax.dynamic_update_slice_in_dim(r, x[:, None].astype(r.dtype), o, 1)
-    )(rows, new, offset)
+
+    def put(rows, new):  # one row written in place; invalid sequences rewrite the old row
+        def one(r, x, o, ok):
+            old = lax.dynamic_index_in_dim(r, o, axis=1, keepdims=False)
+            return lax.dynamic_update_index_in_dim(r, jnp.where(ok, x.astype(r.dtype), old), o, 1)
+
+        return jax.vmap(one)(rows, new, offset, valid)
+
     open_k, open_v = put(cache.open_keys, k), put(cache.open_values, v)
     q32 = q.astype(jnp.float32)
 
@@ -202,10 +210,13 @@ def attend_token(
     own = jnp.where(jnp.arange(chunk) <= offset[:, None, None], own * scale, -jnp.inf)
     logits, vals = [own], [open_v]
     if top_k > 1:
-        scores = jnp.einsum("bhn,bhsn->bhs", q32, cache.chunk_means, precision=_HIGHEST)
-        n_slots = scores.shape[-1]
-        filled = jnp.arange(n_slots) < cache.n_filled[:, None, None]
-        sel = _top_candidates(jnp.where(filled, scores, -jnp.inf), top_k - 1)  # [B, H, k-1]
+        order = chunk_order(cache)  # slots by chunk index: ties go to the lower chunk
+        means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
+        scores = jnp.einsum("bhn,bhsn->bhs", q32, means, precision=_HIGHEST)
+        filled = (jnp.take_along_axis(cache.chunk_ids, order, axis=1) >= 0)[:, None, :]
+        picked = _top_candidates(jnp.where(filled, scores, -jnp.inf), top_k - 1)  # [B, H, k-1]
+        slot_of = jnp.take_along_axis(order[:, None, :], jnp.maximum(picked, 0), axis=-1)
+        sel = jnp.where(picked >= 0, slot_of, -1)
         gather = lambda x: jnp.take_along_axis(x, jnp.maximum(sel, 0)[..., None, None], axis=2)
         far_k, far_v = gather(cache.keys), gather(cache.values)  # [B, H, k-1, chunk, N]
         far = jnp.einsum("bhn,bhpcn->bhpc", q32, far_k.astype(jnp.float32), precision=_HIGHEST)
@@ -216,15 +227,9 @@ def attend_token(
     values = jnp.concatenate(vals, axis=2).astype(jnp.float32)
     out = jnp.einsum("bhc,bhcn->bhn", probs, values, precision=_HIGHEST)
 
-    keep = lambda new, old: jnp.where(valid[:, None, None, None], new, old)
-    cache = cache._replace(
-        open_keys=keep(open_k, cache.open_keys), open_values=keep(open_v, cache.open_values)
-    )
+    cache = cache._replace(open_keys=open_k, open_values=open_v)
     completes = valid & (offset == chunk - 1)
-    cache = lax.cond(
-        completes.any(),
-        lambda c: push_chunks(c, c.open_keys, c.open_values, lengths // chunk, completes, eviction),
-        lambda c: c,
-        cache,
-    )
+    # An in-place one-slot write on every step (a no-op write for rows that do not complete
+    # a chunk): no branch holding the cache, so the cache is never copied.
+    cache = push_chunks(cache, open_k, open_v, lengths // chunk, completes, eviction)
     return out, cache

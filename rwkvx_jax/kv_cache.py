@@ -2,8 +2,9 @@
 
 The cache mirrors what top-k chunk attention (SPEC §4) reads: whole complete chunks, each with
 its fp32 mean key (the gate's chunk summary), plus the chunk being filled. Complete chunks sit in
-`n_slots` slots kept in chunk order, so "lower slot" means "lower chunk index" and the tie rule
-of the training semantics carries over unchanged.
+`n_slots` slots (filled as a prefix); each slot records its chunk index, which orders the slots
+for the gate's tie rule (lower chunk index first). A newcomer is written into one slot in
+place, so a decode step never copies the cache.
 
 Until the slots are full nothing is ever dropped, so cached attention equals the parallel
 forward exactly. When a chunk completes and the slots are full, one chunk of the n_slots + 1
@@ -42,7 +43,7 @@ class ChunkKVCache(NamedTuple):
     """One sparse block's cache (head-major so per-head chunk gathers read contiguous rows).
 
     Attributes:
-      keys, values: [B, H, S, chunk, N] complete chunks, oldest first (slots >= n_filled unused).
+      keys, values: [B, H, S, chunk, N] complete chunks (slots >= n_filled unused).
       chunk_means: [B, H, S, N] fp32 mean key of each slot's chunk.
       chunk_ids: int32 [B, S] the chunk index held by each slot, -1 when empty.
       n_filled: int32 [B] slots in use (always a prefix).
@@ -84,52 +85,65 @@ def chunk_mean(keys: jax.Array) -> jax.Array:
     return keys.astype(jnp.float32).mean(axis=-2)
 
 
-def _victim(means: jax.Array, policy: str) -> jax.Array:
+def _victim(means: jax.Array, ids: jax.Array, policy: str) -> jax.Array:
     """Index (in 0..S) of the chunk to drop among S slots + the newcomer (index S).
 
     Args:
-      means: [H, S + 1, N] fp32 chunk means of one sequence.
+      means: [H, S + 1, N] fp32 chunk means of one sequence (slots, then the newcomer).
+      ids: int32 [S + 1] their chunk indices (the newcomer's is the largest).
     """
     if policy == "oldest":
-        return jnp.int32(0)
+        return jnp.argmin(ids).astype(jnp.int32)
     flat = jnp.swapaxes(means, 0, 1).reshape(means.shape[1], -1)
     unit = flat / jnp.maximum(jnp.linalg.norm(flat, axis=-1, keepdims=True), 1e-30)
     similarity = jnp.matmul(unit, unit.T, precision=lax.Precision.HIGHEST)
     n = similarity.shape[0]
-    similarity = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, similarity)
-    return jnp.argmax(similarity.max(axis=-1)).astype(jnp.int32)  # first max: the older one
+    redundancy = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, similarity).max(axis=-1)
+    # Among the most redundant, the oldest chunk goes.
+    most = redundancy == redundancy.max()
+    return jnp.argmin(jnp.where(most, ids, jnp.iinfo(jnp.int32).max)).astype(jnp.int32)
 
 
-def _push_one(keys, values, means, ids, n_filled, new_k, new_v, new_mean, new_id, policy):
-    """Inserts one complete chunk into one sequence's slots (evicting when full)."""
-    n_slots = ids.shape[0]
-    slot = jnp.arange(n_slots)
-    if policy not in EVICTION_POLICIES:
-        raise ValueError(f"eviction policy must be one of {EVICTION_POLICIES}, got {policy!r}")
-    ext_means = jnp.concatenate([means, new_mean[:, None]], axis=1)
-    victim = _victim(ext_means, policy)
-    # Source index into [slots..., newcomer] for every slot after the insertion.
-    evicting = jnp.arange(n_slots) + (slot >= victim)
-    appending = jnp.where(slot == n_filled, n_slots, slot)
-    source = jnp.where(n_filled < n_slots, appending, evicting)
+def _target_slots(cache: ChunkKVCache, new_means, new_ids, policy: str) -> jax.Array:
+    """Slot each sequence's newcomer goes to: the next free one, else the victim's (S = drop).
 
-    def take(old, new, axis):
-        ext = jnp.concatenate([old, jnp.expand_dims(new, axis)], axis=axis)
-        return jnp.take(ext, source, axis=axis)
+    The victim search (O(S^2) similarities) runs only when some sequence is full.
+    """
+    n_slots = cache.chunk_ids.shape[1]
+    full = cache.n_filled >= n_slots
 
-    return (
-        take(keys, new_k, 1),
-        take(values, new_v, 1),
-        take(means, new_mean, 1),
-        take(ids, new_id, 0),
-        jnp.minimum(n_filled + 1, n_slots),
-    )
+    def victims(_):
+        means = jnp.concatenate([cache.chunk_means, new_means[:, :, None]], axis=2)
+        ids = jnp.concatenate([cache.chunk_ids, new_ids[:, None]], axis=1)
+        return jax.vmap(lambda m, i: _victim(m, i, policy))(means, ids)
+
+    victim = lax.cond(full.any(), victims, lambda _: cache.n_filled, None)
+    return jnp.where(full, victim, cache.n_filled)
+
+
+def _write_slot(buffer: jax.Array, rows: jax.Array, slot: jax.Array, write: jax.Array):
+    """buffer[b, :, slot[b]] = rows[b] where write[b], in place (a slot-sized update).
+
+    Args:
+      buffer: [B, H, S, ...]; rows: [B, H, ...]; slot: int32 [B] (clipped); write: bool [B].
+    """
+
+    def one(buf, row, s, w):
+        old = lax.dynamic_index_in_dim(buf, s, axis=1, keepdims=False)
+        row = jnp.where(w, row.astype(buf.dtype), old)
+        return lax.dynamic_update_index_in_dim(buf, row, s, axis=1)
+
+    return jax.vmap(one)(buffer, rows, slot, write)
 
 
 def push_chunks(
     cache: ChunkKVCache, new_keys, new_values, new_ids, do_push, policy: str
 ) -> ChunkKVCache:
     """Moves one completed chunk per sequence into the slots where `do_push` is set.
+
+    Writes one slot in place (O(chunk) memory traffic), so it can run on every decode step
+    without copying the cache. Slots are not kept in chunk order; `chunk_ids` gives the order
+    (the tie rule of the gate goes by chunk index, see `chunk_order`).
 
     Args:
       cache: the cache.
@@ -141,26 +155,28 @@ def push_chunks(
     Returns:
       The updated cache (open chunk untouched).
     """
-    pushed = jax.vmap(lambda *a: _push_one(*a, policy))(
-        cache.keys,
-        cache.values,
-        cache.chunk_means,
-        cache.chunk_ids,
-        cache.n_filled,
-        new_keys,
-        new_values,
-        chunk_mean(new_keys),
-        new_ids,
+    if policy not in EVICTION_POLICIES:
+        raise ValueError(f"eviction policy must be one of {EVICTION_POLICIES}, got {policy!r}")
+    n_slots = cache.chunk_ids.shape[1]
+    new_means = chunk_mean(new_keys)
+    target = _target_slots(cache, new_means, new_ids, policy)
+    write = do_push & (target < n_slots)
+    slot = jnp.minimum(target, n_slots - 1)
+    ids = jax.vmap(lambda i, new, s, w: i.at[s].set(jnp.where(w, new, i[s])))(
+        cache.chunk_ids, new_ids, slot, write
     )
-    old = (cache.keys, cache.values, cache.chunk_means, cache.chunk_ids, cache.n_filled)
-
-    def choose(new, prev):
-        return jnp.where(do_push.reshape((-1,) + (1,) * (new.ndim - 1)), new, prev)
-
-    keys, values, means, ids, n_filled = (choose(n, o) for n, o in zip(pushed, old, strict=True))
     return cache._replace(
-        keys=keys, values=values, chunk_means=means, chunk_ids=ids, n_filled=n_filled
+        keys=_write_slot(cache.keys, new_keys, slot, write),
+        values=_write_slot(cache.values, new_values, slot, write),
+        chunk_means=_write_slot(cache.chunk_means, new_means, slot, write),
+        chunk_ids=ids,
+        n_filled=jnp.where(do_push, jnp.minimum(cache.n_filled + 1, n_slots), cache.n_filled),
     )
+
+
+def chunk_order(cache: ChunkKVCache) -> jax.Array:
+    """int32 [B, S]: slot indices sorted by chunk index (empty slots, id -1, first)."""
+    return jnp.argsort(cache.chunk_ids, axis=1, stable=True).astype(jnp.int32)
 
 
 def cached_tokens(cache: ChunkKVCache) -> int:
