@@ -205,6 +205,14 @@ def attend_token(
 
     open_k, open_v = put(cache.open_keys, k), put(cache.open_values, v)
     q32 = q.astype(jnp.float32)
+    # A token that completes its chunk pushes it first and reads the cache after the write:
+    # the attention then depends on the write, so XLA updates the donated cache in place
+    # (reads that could run after the write made it copy the whole cache every step). The
+    # pushed chunk is the token's own, so it is excluded from the candidates below.
+    own_chunk = lengths // chunk
+    completes = valid & (offset == chunk - 1)
+    cache = cache._replace(open_keys=open_k, open_values=open_v)
+    cache = push_chunks(cache, open_k, open_v, own_chunk, completes, eviction)
 
     own = jnp.einsum("bhn,bhcn->bhc", q32, open_k.astype(jnp.float32), precision=_HIGHEST)
     own = jnp.where(jnp.arange(chunk) <= offset[:, None, None], own * scale, -jnp.inf)
@@ -213,7 +221,8 @@ def attend_token(
         order = chunk_order(cache)  # slots by chunk index: ties go to the lower chunk
         means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
         scores = jnp.einsum("bhn,bhsn->bhs", q32, means, precision=_HIGHEST)
-        filled = (jnp.take_along_axis(cache.chunk_ids, order, axis=1) >= 0)[:, None, :]
+        ids = jnp.take_along_axis(cache.chunk_ids, order, axis=1)
+        filled = ((ids >= 0) & (ids < own_chunk[:, None]))[:, None, :]
         picked = _top_candidates(jnp.where(filled, scores, -jnp.inf), top_k - 1)  # [B, H, k-1]
         slot_of = jnp.take_along_axis(order[:, None, :], jnp.maximum(picked, 0), axis=-1)
         sel = jnp.where(picked >= 0, slot_of, -1)
@@ -227,9 +236,4 @@ def attend_token(
     values = jnp.concatenate(vals, axis=2).astype(jnp.float32)
     out = jnp.einsum("bhc,bhcn->bhn", probs, values, precision=_HIGHEST)
 
-    cache = cache._replace(open_keys=open_k, open_values=open_v)
-    completes = valid & (offset == chunk - 1)
-    # An in-place one-slot write on every step (a no-op write for rows that do not complete
-    # a chunk): no branch holding the cache, so the cache is never copied.
-    cache = push_chunks(cache, open_k, open_v, lengths // chunk, completes, eviction)
     return out, cache
