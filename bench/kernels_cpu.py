@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.topk_attention import topk_chunk_attention
+from pallas_kernels.topk_attention.xla_chunked import topk_chunk_attention
 from pallas_kernels.wkv7 import wkv7_chunked, wkv7_reference
 
 

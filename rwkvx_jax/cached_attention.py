@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.topk_attention import selected_chunks_attention, topk_chunk_attention
+from pallas_kernels.topk_attention.xla_chunked import (
+    selected_chunks_attention,
+    topk_chunk_attention,
+)
 from rwkvx_jax.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
 
 _HIGHEST = lax.Precision.HIGHEST

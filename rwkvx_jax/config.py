@@ -13,9 +13,9 @@ from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE as DEFAULT_WKV_CH
 
 HEAD_SIZE = 64
 
-# The Pallas backends arrive with their kernels; until then "auto" means "xla_chunked".
-WKV_BACKENDS = ("auto", "reference", "xla_chunked")
-ATTENTION_BACKENDS = ("auto", "reference", "xla_chunked")
+# "auto" picks the Pallas kernel of a TPU or GPU and "xla_chunked" elsewhere (rwkvx_jax.ops).
+WKV_BACKENDS = ("auto", "reference", "xla_chunked", "pallas_tpu", "pallas_gpu")
+ATTENTION_BACKENDS = ("auto", "reference", "xla_chunked", "pallas_tpu", "pallas_gpu")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

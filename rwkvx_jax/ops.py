@@ -6,19 +6,29 @@ config's backend names, so kernels can change without touching the model.
 
 from __future__ import annotations
 
-from pallas_kernels.topk_attention import topk_chunk_attention as _topk_chunked
+from pallas_kernels.backends import resolve_backend as _platform_backend
+from pallas_kernels.topk_attention import topk_chunk_attention as _topk_attention
 from pallas_kernels.topk_attention import topk_chunk_attention_reference as _topk_reference
-from pallas_kernels.wkv7 import wkv7_chunked as _wkv7_chunked
+from pallas_kernels.wkv7 import wkv7 as _wkv7
 from pallas_kernels.wkv7 import wkv7_reference as _wkv7_reference
 from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE
 
+# Config backend name -> `pallas_kernels` backend name.
+_KERNEL_BACKEND = {"xla_chunked": "xla", "pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+_FROM_PLATFORM = {"xla": "xla_chunked", "tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+BACKENDS = ("auto", "reference", *_KERNEL_BACKEND)
+
 
 def resolve_backend(name: str) -> str:
-    """Maps "auto" to the implementation for the current default platform."""
+    """Maps "auto" to the implementation for the default device's platform.
+
+    TPU -> "pallas_tpu", GPU -> "pallas_gpu", anything else (CPU) -> "xla_chunked".
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
     if name != "auto":
         return name
-    # Every platform uses the chunked pure-JAX path until Pallas kernels are registered here.
-    return "xla_chunked"
+    return _FROM_PLATFORM[_platform_backend("auto", kernel="rwkvx_jax.ops")]
 
 
 def wkv7(
@@ -29,8 +39,8 @@ def wkv7(
     Args:
       r, w, k, v, a, b: [B, T, H, N]; w is the log-decay (<= 0).
       state: optional [B, H, N, N] fp32 initial state (rows: value dims, columns: key dims).
-      backend: "auto", "reference" or "xla_chunked".
-      chunk_size: chunk length of the chunked form.
+      backend: "auto", "reference", "xla_chunked", "pallas_tpu" or "pallas_gpu".
+      chunk_size: chunk length of the chunked XLA form (the Pallas kernels use their own).
 
     Returns:
       (y [B, T, H, N] fp32, final_state [B, H, N, N] fp32).
@@ -38,9 +48,9 @@ def wkv7(
     backend = resolve_backend(backend)
     if backend == "reference":
         return _wkv7_reference(r, w, k, v, a, b, state)
-    if backend == "xla_chunked":
-        return _wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size)
-    raise ValueError(f"unknown wkv backend {backend!r}; expected 'reference' or 'xla_chunked'")
+    kernel_backend = _KERNEL_BACKEND[backend]
+    chunk = chunk_size if kernel_backend == "xla" else None
+    return _wkv7(r, w, k, v, a, b, state, backend=kernel_backend, chunk_size=chunk)
 
 
 def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str = "auto"):
@@ -49,7 +59,8 @@ def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str =
     Args:
       q, k, v: [B, T, H, D].
       chunk_size: chunk length; top_k: chunks attended per query, its own included.
-      backend: "auto", "reference" (dense masked, O(T^2) memory) or "xla_chunked".
+      backend: "auto", "reference" (dense masked, O(T^2) memory), "xla_chunked",
+        "pallas_tpu" or "pallas_gpu".
 
     Returns:
       o: [B, T, H, D] in q's dtype.
@@ -57,8 +68,6 @@ def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str =
     backend = resolve_backend(backend)
     if backend == "reference":
         return _topk_reference(q, k, v, chunk_size=chunk_size, top_k=top_k)
-    if backend == "xla_chunked":
-        return _topk_chunked(q, k, v, chunk_size=chunk_size, top_k=top_k)
-    raise ValueError(
-        f"unknown attention backend {backend!r}; expected 'reference' or 'xla_chunked'"
+    return _topk_attention(
+        q, k, v, chunk_size=chunk_size, topk=top_k, backend=_KERNEL_BACKEND[backend]
     )

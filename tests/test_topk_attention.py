@@ -8,13 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.topk_attention import (
-    select_chunks,
-    topk_chunk_attention,
-    topk_chunk_attention_reference,
-)
+from pallas_kernels.topk_attention import select_chunks, topk_chunk_attention_reference
 from pallas_kernels.topk_attention.reference import attended_mask
-from pallas_kernels.topk_attention.xla_chunked import _make_plan
+from pallas_kernels.topk_attention.xla_chunked import _make_plan, topk_chunk_attention
 
 B, H, D = 2, 2, 16
 TOL = 1e-5

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One prepared accelerator session (what the device tool runs): kernel benchmarks, logs and JSON
+# under $OUT. Usage: bash bench/accelerator_session.sh [wkv7 args...]
+#   WKV_TIMEOUT / TOPK_TIMEOUT / MODEL_TIMEOUT (seconds) bound each part; SKIP_WKV / SKIP_TOPK /
+#   SKIP_MODEL=1 skip one.
+# Carried wheels in .whl/ (fla-core for the fla baseline) are installed to /tmp/site first.
+set -u
+OUT=${OUT:-/tmp/accelerator_out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# JAX would otherwise take 75% of the GPU up front, leaving fla (PyTorch) too little.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+date -u
+if [ "${SKIP_WKV:-0}" != 1 ]; then
+  timeout "${WKV_TIMEOUT:-300}" python3 bench/wkv7.py --json "$OUT/wkv7.json" "$@" 2>&1 \
+    | tee "$OUT/wkv7.log"
+fi
+if [ "${SKIP_MODEL:-0}" != 1 ]; then
+  timeout "${MODEL_TIMEOUT:-180}" python3 bench/model_accelerator.py 2>&1 | tee "$OUT/model.log"
+fi
+if [ "${SKIP_TOPK:-0}" != 1 ]; then
+  timeout "${TOPK_TIMEOUT:-240}" python3 bench/topk_attention.py --json "$OUT/topk.json" 2>&1 \
+    | tee "$OUT/topk.log"
+fi
+date -u

@@ -1,0 +1,271 @@
+"""WKV-7 on an accelerator: the Pallas kernel against the chunked XLA path and fla, same run.
+
+  python bench/wkv7.py [--seq-lens 4096,16384,65536] [--bh 8,64] [--dtypes bfloat16,float32]
+                       [--impls pallas,xla,fla] [--repeats 5] [--json FILE] [--quick]
+
+For every T x B*H (B = 1, H = B*H, N = 64) and dtype it times forward and forward+backward
+(all seven gradients, random cotangents on y and the final state) of each implementation and
+prints milliseconds and the ratios xla / pallas and fla / pallas (> 1: ours is faster). Every
+forward output is also compared with the fp32 `lax.scan` oracle run on the same (dtype-rounded)
+inputs: max|y - y_ref| / max|y_ref|, and the final state likewise. At the smallest size the
+Pallas gradients are compared with the chunked XLA path's (itself tested against the oracle).
+
+Implementations: "pallas" = `pallas_kernels.wkv7(backend="gpu")` on GPU or "tpu" on TPU;
+"xla" = `backend="xla"` (chunk 16); "fla" = fla's Triton `chunk_rwkv7` through PyTorch (GPU only;
+needs the `fla-core` package; given RWKV-7's decay bound as `lower_bound`, fla's fastest legal
+setting). Inputs follow RWKV-7's ranges: log-decay in [-0.6065, 0), a = -kk, b = kk * a_rate with
+kk unit-norm per head. Timings: median of --repeats after one warm-up call, device-synchronised.
+Results stream to stdout (a markdown table) and, with --json, to a file after every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import median_ms, rel_err  # noqa: E402
+
+import pallas_kernels  # noqa: E402
+from pallas_kernels.wkv7 import wkv7_reference  # noqa: E402
+
+N = 64
+DECAY_BOUND = -0.6065  # RWKV-7: log-decay = -exp(-softplus(-x) - 0.5) >= -e^{-1/2}
+
+
+def make_inputs(seed: int, T: int, H: int) -> dict[str, np.ndarray]:
+    """fp32 numpy inputs in RWKV-7's ranges, [1, T, H, N] each, plus cotangents."""
+    rng = np.random.default_rng(seed)
+    shape = (1, T, H, N)
+    normal = lambda scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)
+    x = normal()
+    log_decay = -np.exp(-np.logaddexp(0.0, -x) - 0.5).astype(np.float32)
+    kk = normal()
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    a_rate = 1.0 / (1.0 + np.exp(-normal()))
+    return {
+        "r": normal(0.5),
+        "w": log_decay,
+        "k": normal(0.5),
+        "v": normal(),
+        "a": -kk,
+        "b": (kk * a_rate).astype(np.float32),
+        "dy": normal(),
+        "ds": (0.1 * rng.standard_normal((1, H, N, N))).astype(np.float32),
+    }
+
+
+# ----------------------------------------------------------------------------- JAX impls
+
+
+def kernel_for(impl: str):
+    """The WKV-7 function an implementation name stands for.
+
+    "xla" is the chunked XLA path; "pallas" the accelerator's kernel with its defaults;
+    "pallas@KEY=VALUE,..." the GPU kernel with options (e.g. pallas@dot_precision=tf32x3,
+    pallas@chunk_size=32,value_tile=32).
+    """
+    if impl == "xla":
+        return functools.partial(pallas_kernels.wkv7, backend="xla")
+    if impl == "pallas":
+        return functools.partial(pallas_kernels.wkv7, backend=accelerator_backend())
+    name, _, options = impl.partition("@")
+    if name != "pallas" or accelerator_backend() != "gpu":
+        raise ValueError(f"unknown implementation {impl!r} on {jax.default_backend()}")
+    from pallas_kernels.wkv7.gpu import wkv7_gpu
+
+    kwargs = {}
+    for item in options.split(","):
+        key, _, value = item.partition("=")
+        kwargs[key] = int(value) if value.isdigit() else value
+    return functools.partial(wkv7_gpu, **kwargs)
+
+
+def jax_fns(impl: str):
+    kernel = kernel_for(impl)
+
+    def forward(r, w, k, v, a, b):
+        return kernel(r, w, k, v, a, b)
+
+    def loss(r, w, k, v, a, b, dy, ds):
+        y, s = forward(r, w, k, v, a, b)
+        return jnp.vdot(y, dy) + jnp.vdot(s, ds)
+
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+
+
+def jax_case(impl, xs, dtype, repeats):
+    forward, grads = jax_fns(impl)
+    args = [jnp.asarray(xs[n], dtype) for n in "rwkvab"]
+    cot = [jnp.asarray(xs["dy"]), jnp.asarray(xs["ds"])]
+    sync = jax.block_until_ready
+    fwd_ms = median_ms(lambda: forward(*args), repeats, sync)
+    both_ms = median_ms(lambda: grads(*args, *cot), repeats, sync)
+    y, s = forward(*args)
+    return fwd_ms, both_ms, np.asarray(y), np.asarray(s)
+
+
+# ----------------------------------------------------------------------------- fla
+
+
+def fla_case(xs, dtype, repeats):
+    import torch
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    args = [torch.tensor(xs[n], device="cuda", dtype=tdtype) for n in "rwkvab"]
+    dy = torch.tensor(xs["dy"], device="cuda", dtype=tdtype)
+    # fla keeps the state as [K, V], the transpose of ours.
+    ds = torch.tensor(np.swapaxes(xs["ds"], -1, -2).copy(), device="cuda", dtype=torch.float32)
+
+    def forward(inputs):
+        r, w, k, v, a, b = inputs
+        return chunk_rwkv7(
+            r, w, k, v, a, b, scale=1.0, output_final_state=True, lower_bound=DECAY_BOUND
+        )
+
+    def both():
+        inputs = [x.detach().requires_grad_(True) for x in args]
+        y, s = forward(inputs)
+        torch.autograd.backward((y, s), (dy, ds))
+        return inputs[0].grad
+
+    def sync(_):
+        torch.cuda.synchronize()
+
+    with torch.no_grad():
+        fwd_ms = median_ms(lambda: forward(args), repeats, sync)
+        y, s = forward(args)
+    both_ms = median_ms(both, repeats, sync)
+    return (
+        fwd_ms,
+        both_ms,
+        y.float().cpu().numpy(),
+        np.swapaxes(s.float().cpu().numpy(), -1, -2),
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def oracle(xs, dtype):
+    """fp32 scan on the inputs rounded to `dtype` (so the error measured is the compute's)."""
+    args = [jnp.asarray(jnp.asarray(xs[n], dtype), jnp.float32) for n in "rwkvab"]
+    y, s = jax.jit(wkv7_reference)(*args)
+    return np.asarray(y), np.asarray(s)
+
+
+def gradient_check(xs) -> float:
+    """Largest relative difference of the 7 Pallas gradients from the chunked XLA path's."""
+    args = [jnp.asarray(xs[n]) for n in "rwkvab"]
+
+    def grads(backend):
+        def loss(r, w, k, v, a, b, s0):
+            y, s = pallas_kernels.wkv7(r, w, k, v, a, b, s0, backend=backend)
+            return jnp.vdot(y, xs["dy"]) + jnp.vdot(s, xs["ds"])
+
+        s0 = jnp.asarray(0.1 * xs["ds"])  # a non-zero initial state, so its gradient is tested
+        return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args, s0)
+
+    got, want = grads(accelerator_backend()), grads("xla")
+    return max(rel_err(g, w) for g, w in zip(got, want, strict=True))
+
+
+def accelerator_backend() -> str:
+    platform = jax.default_backend()
+    return "tpu" if platform == "tpu" else "gpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-lens", default="4096,16384,65536")
+    parser.add_argument("--bh", default="8,64", help="B*H values (B = 1)")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument(
+        "--impls",
+        default="pallas,xla,fla",
+        help="comma-separated; pallas@KEY=VALUE;... passes options to the GPU kernel",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="write results here after every case")
+    parser.add_argument("--quick", action="store_true", help="T=1024, B*H=4, 2 repeats")
+    args = parser.parse_args()
+    if args.quick:
+        args.seq_lens, args.bh, args.repeats = "1024", "4", 2
+    # Options inside one implementation are separated by ';' (commas separate implementations).
+    impls = [impl.replace(";", ",") for impl in args.impls.split(",")]
+    if jax.default_backend() not in ("gpu", "tpu"):
+        sys.exit("bench/wkv7.py times accelerator kernels; this JAX sees no GPU or TPU")
+    if jax.default_backend() == "tpu" and "fla" in impls:
+        impls.remove("fla")
+    print(f"# WKV-7: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    results = []
+    header = (
+        "| T | B*H | dtype | impl | fwd ms | fwd+bwd ms | y err | state err | "
+        "xla/pallas fwd | xla/pallas f+b | fla/pallas fwd | fla/pallas f+b |"
+    )
+    print(header + "\n" + "|---" * 12 + "|")
+    seq_lens, bhs = [int(x) for x in args.seq_lens.split(",")], [int(x) for x in args.bh.split(",")]
+    for T in seq_lens:
+        for bh in bhs:
+            xs = make_inputs(T + bh, T, bh)
+            if (T, bh) == (min(seq_lens), min(bhs)):
+                err = gradient_check(xs)
+                print(f"gradient check T={T} B*H={bh} fp32: pallas vs xla max rel diff {err:.2e}")
+                results.append({"T": T, "bh": bh, "gradient_rel_diff_vs_xla": err})
+            for dtype in args.dtypes.split(","):
+                rows = run_size(xs, T, bh, dtype, impls, args.repeats)
+                for row in rows.values():
+                    print(table_row(row, rows), flush=True)
+                results += list(rows.values())
+                if args.json:
+                    args.json.write_text(json.dumps(results, indent=1))
+
+
+def run_size(xs, T, bh, dtype, impls, repeats) -> dict[str, dict]:
+    """Times every implementation on one input set; failures become rows with an error."""
+    y_ref, s_ref = oracle(xs, dtype)
+    rows = {}
+    for impl in impls:
+        row = {"T": T, "bh": bh, "dtype": dtype, "impl": impl}
+        try:
+            if impl == "fla":
+                fwd, both, y, s = fla_case(xs, dtype, repeats)
+            else:
+                fwd, both, y, s = jax_case(impl, xs, dtype, repeats)
+        except Exception as error:  # one failing case must not lose the others
+            row["error"] = f"{type(error).__name__}: {error}"[:2000]
+        else:
+            row.update(fwd_ms=fwd, fwd_bwd_ms=both, y_err=rel_err(y, y_ref))
+            row["state_err"] = rel_err(s, s_ref)
+        rows[impl] = row
+    return rows
+
+
+def table_row(row: dict, rows: dict) -> str:
+    """One markdown row; a Pallas row also gets the xla / fla timings over its own."""
+    head = f"| {row['T']} | {row['bh']} | {row['dtype']} | {row['impl']} |"
+    if "error" in row:
+        return f"{head} failed: {row['error'][:300]} |"
+    ratios = []
+    for other in ("xla", "fla"):
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            ok = row["impl"].startswith("pallas") and "fwd_ms" in rows.get(other, {})
+            ratios.append(f"{rows[other][key] / row[key]:.2f}x" if ok else "")
+    return (
+        f"{head} {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | {row['y_err']:.1e} | "
+        f"{row['state_err']:.1e} | " + " | ".join(ratios) + " |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""`wkv7`: the public WKV-7 entry point, choosing the TPU, GPU or chunked-XLA implementation."""
+
+from __future__ import annotations
+
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE, wkv7_chunked
+
+
+def wkv7(r, w, k, v, a, b, state=None, *, backend="auto", interpret=False, chunk_size=None):
+    """WKV-7 recurrence over a sequence, differentiable in every input and the initial state.
+
+    Per batch and head, with the state S in R^{N x N} (rows index value dims, columns key dims,
+    the official BlinkDL layout; fla's kernels use the transpose):
+        S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1} a_t) b_t^T + v_t k_t^T,   y_t = S_t r_t.
+
+    Layout: token inputs are [B, T, H, N] (batch, time, head, head size); the kernels work
+    head-major ([B*H, T, N]) internally, so each call pays one transpose in and out.
+
+    Args:
+      r, w, k, v, a, b: [B, T, H, N], float32 or bfloat16; `w` is the log-decay (<= 0; RWKV-7
+        keeps it >= -0.6065 per step). Any T: the tail is padded internally.
+      state: optional [B, H, N, N] float32 initial state (zeros when None).
+      backend: "auto" (TPU kernel on TPU, GPU kernel on GPU, "xla" elsewhere), "tpu", "gpu" or
+        "xla" (the chunked matmul form in plain JAX).
+      interpret: run a Pallas kernel in interpret mode (CPU testing). For "tpu" this may also be
+        a `jax.experimental.pallas.tpu.InterpretParams`. Ignored by "xla".
+      chunk_size: chunk length; None takes the backend's default (xla 16, gpu 16, tpu 64).
+
+    Returns:
+      (y [B, T, H, N] float32, final_state [B, H, N, N] float32).
+    """
+    backend = resolve_backend(backend, kernel="wkv7")
+    if backend == "xla":
+        return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+    options = {"interpret": interpret}
+    if chunk_size is not None:
+        options["chunk_size"] = chunk_size
+    if backend == "gpu":
+        from pallas_kernels.wkv7.gpu import wkv7_gpu
+
+        return wkv7_gpu(r, w, k, v, a, b, state, **options)
+    from pallas_kernels.wkv7.tpu import wkv7_tpu
+
+    return wkv7_tpu(r, w, k, v, a, b, state, **options)
