@@ -1,0 +1,520 @@
+"""WKV-7 as Pallas-Triton GPU kernels: chunked forward and chunk-reverse backward, one custom VJP.
+
+One program per (batch x head, value tile) walks the chunks of its sequence in an in-kernel
+`fori_loop`, carrying its rows of the fp32 state in registers (Triton lowering has neither
+scratch memory nor a sequential grid axis). The maths is that of `xla_chunked` (chunk terms
+with exponents centred mid-chunk, the stable block-recursive (I - A_ab)^{-1}, the hand-derived
+chunk backward), written as 2-D dots that Triton can lower.
+
+Value tiles: the state's rows (value dims) evolve independently,
+    S_t = S_{t-1} (diag(e^{w_t}) + a_t b_t^T) + v_t k_t^T,
+so a program holding rows [j*VT, (j+1)*VT) is exact on its own. The key-side gradients
+(dr, dw, dk, da, db) sum over all value rows: each tile writes its partial sums and XLA adds
+them up. Key-side chunk terms (the C x C matrices, the inverse) are recomputed per tile, so
+tiles smaller than N trade duplicated work for more programs on a GPU with few heads.
+
+Dot precision (`dot_precision`, see `_Dots`): every dot is either "exact" (decay sums, the
+inverse P and its products, and every dot feeding the carried state S or its cotangent dS) or
+"fast" (the intra-chunk C x C matrices and the products that only reach y or a per-token
+gradient). Rounding a fast dot's operands perturbs one chunk's contribution once; rounding the
+state path would perturb the chunk-to-chunk transition and compound over T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.wkv7.reference import check_wkv7_shapes
+
+DOT_PRECISIONS = ("highest", "tf32x3", "bf16")
+MIN_CHUNK_SIZE = 16
+MAX_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 16
+MIN_VALUE_TILE = 16
+NUM_WARPS = 4
+# No software pipelining of the chunk loop's loads: the loop body is dominated by dependent
+# dots on register-resident state, and pipelining only adds register pressure.
+NUM_STAGES = 1
+# An H100 has 132 SMs; below this many programs, value tiles are split (see _auto_value_tile).
+TARGET_PROGRAMS = 132
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dots:
+    """The two kinds of in-kernel 2-D dot (fp32 results) for one `dot_precision` mode.
+
+    "highest": both kinds IEEE fp32 (Precision.HIGHEST: Triton's FMA path, no tensor cores).
+    "tf32x3": both kinds TF32_TF32_F32_X3 (three TF32 tensor-core passes, near-fp32);
+        interpret mode maps it to HIGHEST, since the CPU cannot run that algorithm.
+    "bf16": exact dots HIGHEST; fast dots cast both operands to bf16 and accumulate in fp32
+        (tensor cores).
+    """
+
+    mode: str
+    interpret: bool
+
+    def _precision(self):
+        if self.mode == "tf32x3" and not self.interpret:
+            return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        return lax.Precision.HIGHEST
+
+    def exact(self, x, y, *, ta=False, tb=False):
+        """Dot for decay sums, the inverse and the state / state-cotangent path."""
+        return plgpu.dot(x, y, trans_a=ta, trans_b=tb, precision=self._precision())
+
+    def fast(self, x, y, *, ta=False, tb=False):
+        """Dot for intra-chunk matrices and products that reach only y or per-token grads."""
+        if self.mode != "bf16":
+            return self.exact(x, y, ta=ta, tb=tb)
+        x, y = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
+        return plgpu.dot(x, y, trans_a=ta, trans_b=tb)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel settings (hashable: a nondiff argument of the custom VJP)."""
+
+    chunk: int
+    value_tile: int
+    interpret: bool
+    dot_precision: str
+
+    @property
+    def dots(self):
+        return _Dots(self.dot_precision, self.interpret)
+
+
+# --------------------------------------------------------------------------------------------
+# In-kernel maths on [C, N] / [C, VT] / [VT, N] / [C, C] fp32 values.
+
+
+def _iota(c, dim):
+    return lax.broadcasted_iota(jnp.int32, (c, c), dim)
+
+
+def _shift(x, bits):
+    """x >> bits for non-negative int32 x (a power-of-two floor division Triton lowers)."""
+    return lax.shift_right_logical(x, jnp.int32(bits))
+
+
+def _masked(x, mask):
+    """Zeroes x outside mask with `where`: the masked-out centred products may be inf."""
+    return jnp.where(mask, x, 0.0)
+
+
+def _pick_row(x, row_ids, row):
+    """Row `row` of x [C, N] as [1, N] without a value slice (Triton cannot slice values)."""
+    return jnp.sum(jnp.where(row_ids == row, x, 0.0), axis=0, keepdims=True)
+
+
+def _unit_lower_inverse(dots, a_ab):
+    """(I - A)^{-1} for strictly lower-triangular A [C, C] by the stable block recursion.
+
+    P_2m = P_m + P_m L_m P_m, with P_m the inverse over m x m diagonal blocks and L_m the part
+    of A just below them inside each 2m x 2m diagonal block (see xla_chunked for why the
+    product form prod(I + A^{2^m}) is not used: it cancels catastrophically in fp32).
+    """
+    c = a_ab.shape[0]
+    row, col = _iota(c, 0), _iota(c, 1)
+    p = jnp.where(row == col, 1.0, 0.0) + _masked(a_ab, _shift(row, 1) == _shift(col, 1))
+    bits = 1
+    while (1 << bits) < c:
+        same_pair = _shift(row, bits + 1) == _shift(col, bits + 1)
+        below = same_pair & (_shift(row, bits) != _shift(col, bits))
+        p = p + dots.exact(p, dots.exact(_masked(a_ab, below), p))
+        bits += 1
+    return p
+
+
+class _Terms(NamedTuple):
+    """A chunk's key-side, state-free terms (fp32); see xla_chunked._ChunkTerms."""
+
+    e_in: jax.Array  # e^{gi - off} [C, N]
+    e_out: jax.Array  # e^{off - gi}
+    e_ex: jax.Array  # e^{ge - off}
+    e_gi: jax.Array  # e^{gi}
+    e_ge: jax.Array  # e^{ge}
+    e_tail: jax.Array  # e^{gC - gi}
+    e_gc: jax.Array  # e^{gC} [1, N]
+    r_c: jax.Array  # r e^{gi - off}
+    k_c: jax.Array  # k e^{off - gi}
+    b_c: jax.Array  # b e^{off - gi}
+    a_c: jax.Array  # a e^{ge - off}
+    kg: jax.Array  # k e^{gC - gi}
+    bg: jax.Array  # b e^{gC - gi}
+    a_qk: jax.Array  # tril_incl(r_c k_c^T) [C, C]
+    a_qb: jax.Array  # tril_incl(r_c b_c^T)
+    a_ak: jax.Array  # tril_strict(a_c k_c^T)
+    p: jax.Array  # (I - tril_strict(a_c b_c^T))^{-1}
+    wm: jax.Array  # P (a e^{ge}) [C, N]: U = U0 + W S^T
+    q: jax.Array  # r e^{gi} + A_qb W [C, N]: Y = Y0 + Q S^T
+
+
+def _chunk_terms(dots, r, w, k, a, b):
+    """Key-side terms of one chunk from its fp32 inputs [C, N].
+
+    A_qk, A_qb, A_ak and Q take fast dots; the decay sum, A_ab, P and W = P ag (W S^T is the
+    transition part of U, so it multiplies the carried state) take exact ones.
+    """
+    c = w.shape[0]
+    row, col = _iota(c, 0), _iota(c, 1)
+    # Inclusive cumulative log-decay as a ones-triangle dot: exact in fp32 at these sizes and
+    # the same form the backward's reverse sum uses.
+    gi = dots.exact(jnp.where(col <= row, 1.0, 0.0), w)
+    ge = gi - w
+    rows = lax.broadcasted_iota(jnp.int32, w.shape, 0)
+    gc = _pick_row(gi, rows, c - 1)
+    off = _pick_row(gi, rows, c // 2)
+    e_in, e_out, e_ex = jnp.exp(gi - off), jnp.exp(off - gi), jnp.exp(ge - off)
+    e_gi, e_ge, e_tail, e_gc = jnp.exp(gi), jnp.exp(ge), jnp.exp(gc - gi), jnp.exp(gc)
+    r_c, k_c, b_c, a_c = r * e_in, k * e_out, b * e_out, a * e_ex
+    incl, strict = col <= row, col < row
+    a_qk = _masked(dots.fast(r_c, k_c, tb=True), incl)
+    a_qb = _masked(dots.fast(r_c, b_c, tb=True), incl)
+    a_ak = _masked(dots.fast(a_c, k_c, tb=True), strict)
+    p = _unit_lower_inverse(dots, _masked(dots.exact(a_c, b_c, tb=True), strict))
+    wm = dots.exact(p, a * e_ge)
+    q = r * e_gi + dots.fast(a_qb, wm)
+    return _Terms(
+        e_in, e_out, e_ex, e_gi, e_ge, e_tail, e_gc, r_c, k_c, b_c, a_c,
+        k * e_tail, b * e_tail, a_qk, a_qb, a_ak, p, wm, q,
+    )  # fmt: skip
+
+
+def _value_terms(dots, t, v):
+    """U0 = P A_ak V and Y0 = A_qk V + A_qb U0 for a value tile v [C, VT]."""
+    u0 = dots.exact(t.p, dots.fast(t.a_ak, v))
+    y0 = dots.fast(t.a_qk, v) + dots.fast(t.a_qb, u0)
+    return u0, y0
+
+
+def _load_chunk(refs, rows):
+    return tuple(ref[rows, :].astype(jnp.float32) for ref in refs)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Every ref is one (batch x head)'s block; v / y / dv / states hold one value tile.
+
+
+def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_out_ref,
+                    *starts_ref, chunk, n_chunks, dots):  # fmt: skip
+    """Walks the chunks in order; optionally stores each chunk's start state for the backward."""
+
+    def step(i, s):
+        rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+        r, w, k, a, b = _load_chunk((r_ref, w_ref, k_ref, a_ref, b_ref), rows)
+        v = v_ref[rows, :].astype(jnp.float32)
+        if starts_ref:
+            starts_ref[0][i, :, :] = s
+        t = _chunk_terms(dots, r, w, k, a, b)
+        u0, y0 = _value_terms(dots, t, v)
+        # Q S^T reaches only y (fast); the new state's dots stay exact.
+        y_ref[rows, :] = y0 + dots.fast(t.q, s, tb=True)
+        u = u0 + dots.exact(t.wm, s, tb=True)
+        return s * t.e_gc + dots.exact(v, t.kg, ta=True) + dots.exact(u, t.bg, ta=True)
+
+    s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s0_ref[...])
+
+
+def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, starts_ref, dy_ref, ds_out_ref,
+                     dr_ref, dw_ref, dk_ref, da_ref, db_ref, dv_ref, ds0_ref,
+                     *, chunk, n_chunks, dots):  # fmt: skip
+    """Walks the chunks in reverse carrying dS; key-side gradients are this tile's partials.
+
+    Exact dots: U's state part, dU (it feeds dS), dS itself, the P^T products and the reverse
+    decay sum; every other product ends in a per-token gradient and takes a fast dot.
+    """
+    c = chunk
+    row, col = _iota(c, 0), _iota(c, 1)
+    incl, strict = col <= row, col < row
+    suffix_ones = jnp.where(col >= row, 1.0, 0.0)  # suffix_ones @ x: reverse cumsum over time
+
+    def step(j, ds_next):
+        i = n_chunks - 1 - j
+        rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+        r, w, k, a, b = _load_chunk((r_ref, w_ref, k_ref, a_ref, b_ref), rows)
+        v = v_ref[rows, :].astype(jnp.float32)
+        dy = dy_ref[rows, :]
+        s = starts_ref[i, :, :]
+        t = _chunk_terms(dots, r, w, k, a, b)
+        u0, _ = _value_terms(dots, t, v)
+        # State path: U = U0 + W S^T; S' = S e^{gC} + V^T kg + U^T bg; Y = Y0 + Q S^T.
+        u = u0 + dots.exact(t.wm, s, tb=True)
+        du = dots.exact(t.bg, ds_next, tb=True)
+        ds = ds_next * t.e_gc + dots.exact(du, t.wm, ta=True) + dots.exact(dy, t.q, ta=True)
+        dbg = dots.fast(u, ds_next)
+        dwm = dots.fast(du, s)
+        dq = dots.fast(dy, s)
+        dgc = t.e_gc * jnp.sum(ds_next * s, axis=0, keepdims=True)
+        dv = dots.fast(t.kg, ds_next, tb=True)
+        dkg = dots.fast(v, ds_next)
+        # Y0 = A_qk V + A_qb U0 and Q = rg + A_qb W.
+        da_qk = _masked(dots.fast(dy, v, tb=True), incl)
+        dv = dv + dots.fast(t.a_qk, dy, ta=True)
+        du0 = du + dots.fast(t.a_qb, dy, ta=True)
+        da_qb = _masked(dots.fast(dy, u0, tb=True) + dots.fast(dq, t.wm, tb=True), incl)
+        dwm = dwm + dots.fast(t.a_qb, dq, ta=True)
+        # [U0 | W] = P [A_ak V | ag].
+        dx0 = dots.exact(t.p, du0, ta=True)
+        dag = dots.exact(t.p, dwm, ta=True)
+        da_ab = _masked(dots.fast(dx0, u0, tb=True) + dots.fast(dag, t.wm, tb=True), strict)
+        da_ak = _masked(dots.fast(dx0, v, tb=True), strict)
+        dv = dv + dots.fast(t.a_ak, dx0, ta=True)
+        # The centred factors of A_qk = R~K~^T, A_qb = R~B~^T, A_ak = A~K~^T, A_ab = A~B~^T.
+        dr_c = dots.fast(da_qk, t.k_c) + dots.fast(da_qb, t.b_c)
+        dk_c = dots.fast(da_qk, t.r_c, ta=True) + dots.fast(da_ak, t.a_c, ta=True)
+        db_c = dots.fast(da_qb, t.r_c, ta=True) + dots.fast(da_ab, t.a_c, ta=True)
+        da_c = dots.fast(da_ak, t.k_c) + dots.fast(da_ab, t.b_c)
+        dr = dr_c * t.e_in + dq * t.e_gi
+        dk = dk_c * t.e_out + dkg * t.e_tail
+        db = db_c * t.e_out + dbg * t.e_tail
+        da = da_c * t.e_ex + dag * t.e_ge
+        # Log-decay: x * dx is the cotangent of x's exponent; r, k, b carry gi (k, b with a
+        # minus sign), a carries ge = gi - w, kg / bg / S' carry gC = gi[C-1].
+        dgc = dgc + jnp.sum(t.kg * dkg + t.bg * dbg, axis=0, keepdims=True)
+        last = lax.broadcasted_iota(jnp.int32, r.shape, 0) == c - 1
+        d_gi = r * dr - k * dk - b * db + jnp.where(last, dgc, 0.0)
+        d_ge = a * da
+        dw_ref[rows, :] = dots.exact(suffix_ones, d_gi + d_ge) - d_ge
+        dr_ref[rows, :] = dr
+        dk_ref[rows, :] = dk
+        da_ref[rows, :] = da
+        db_ref[rows, :] = db
+        dv_ref[rows, :] = dv
+        return ds
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_out_ref[...])
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
+
+
+def _compiler_params():
+    # Explicit Triton params: without them pallas_call on GPU is routed to Mosaic GPU.
+    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _specs(bh, seq, n, vt, n_chunks):
+    """BlockSpecs over the grid (BH, N // VT): key-side, value-tile, state and starts blocks."""
+    del bh
+    keys = pl.BlockSpec((None, seq, n), lambda i, j: (i, 0, 0))
+    values = pl.BlockSpec((None, seq, vt), lambda i, j: (i, 0, j))
+    state = pl.BlockSpec((None, vt, n), lambda i, j: (i, j, 0))
+    starts = pl.BlockSpec((None, n_chunks, vt, n), lambda i, j: (i, 0, j, 0))
+    partial_keys = pl.BlockSpec((None, None, seq, n), lambda i, j: (i, j, 0, 0))
+    return keys, values, state, starts, partial_keys
+
+
+def _forward_call(cfg, xs, s0, *, save_starts):
+    r, w, k, v, a, b = xs
+    bh, seq, n = r.shape
+    vt, c = cfg.value_tile, cfg.chunk
+    n_chunks = seq // c
+    keys, values, state, starts, _ = _specs(bh, seq, n, vt, n_chunks)
+    out_shape = [
+        jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
+        jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
+    ]
+    out_specs = [values, state]
+    if save_starts:
+        out_shape.append(jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32))
+        out_specs.append(starts)
+    return pl.pallas_call(
+        partial(_forward_kernel, chunk=c, n_chunks=n_chunks, dots=cfg.dots),
+        grid=(bh, n // vt),
+        in_specs=[keys, keys, keys, values, keys, keys, state],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_forward",
+    )(r, w, k, v, a, b, s0)
+
+
+def _backward_call(cfg, xs, starts, dy, ds_final):
+    r, w, k, v, a, b = xs
+    bh, seq, n = r.shape
+    vt, c = cfg.value_tile, cfg.chunk
+    n_tiles, n_chunks = n // vt, seq // c
+    keys, values, state, starts_spec, partial_keys = _specs(bh, seq, n, vt, n_chunks)
+    partial_shape = jax.ShapeDtypeStruct((bh, n_tiles, seq, n), jnp.float32)
+    outs = pl.pallas_call(
+        partial(_backward_kernel, chunk=c, n_chunks=n_chunks, dots=cfg.dots),
+        grid=(bh, n_tiles),
+        in_specs=[keys, keys, keys, values, keys, keys, starts_spec, values, state],
+        out_specs=[partial_keys] * 5 + [values, state],
+        out_shape=[partial_shape] * 5
+        + [
+            jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
+            jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
+        ],
+        compiler_params=_compiler_params(),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_backward",
+    )(r, w, k, v, a, b, starts, dy, ds_final)
+    dr, dw, dk, da, db = (x.sum(axis=1) if n_tiles > 1 else x[:, 0] for x in outs[:5])
+    return dr, dw, dk, outs[5], da, db, outs[6]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _wkv7_heads(cfg, xs, s0):
+    """(y [BH, Tp, N], final state [BH, N, N]) fp32 for head-major xs = (r, w, k, v, a, b)."""
+    y, s_final = _forward_call(cfg, xs, s0, save_starts=False)
+    return y, s_final
+
+
+def _wkv7_heads_fwd(cfg, xs, s0):
+    y, s_final, starts = _forward_call(cfg, xs, s0, save_starts=True)
+    # Residuals: the inputs (alive anyway) and one fp32 state per chunk; the chunk
+    # intermediates are recomputed in the backward kernel.
+    return (y, s_final), (xs, starts)
+
+
+def _wkv7_heads_bwd(cfg, res, cot):
+    xs, starts = res
+    dy, ds_final = cot
+    dr, dw, dk, dv, da, db, ds0 = _backward_call(
+        cfg, xs, starts, dy.astype(jnp.float32), ds_final.astype(jnp.float32)
+    )
+    grads = tuple(g.astype(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), xs, strict=True))
+    return grads, ds0
+
+
+_wkv7_heads.defvjp(_wkv7_heads_fwd, _wkv7_heads_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry.
+
+
+def _is_power_of_two(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
+
+
+def _auto_value_tile(n, programs_per_tile):
+    """Largest value tile (>= 16) that gives at least TARGET_PROGRAMS programs, else 16.
+
+    Halving the tile doubles the programs but also the (duplicated) key-side chunk work, so
+    full rows are kept whenever batch x heads alone fills the GPU.
+    """
+    vt = n
+    while vt > MIN_VALUE_TILE and programs_per_tile * (n // vt) < TARGET_PROGRAMS:
+        vt //= 2
+    return vt
+
+
+def _check_arguments(n, chunk_size, value_tile, dot_precision, dtypes):
+    if not _is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(
+            f"wkv7_gpu: chunk_size must be a power of two in [{MIN_CHUNK_SIZE}, "
+            f"{MAX_CHUNK_SIZE}], got {chunk_size!r} (Triton dots need every dim >= 16; larger "
+            "chunks exceed the register budget of one program)"
+        )
+    if not _is_power_of_two(n) or n < MIN_VALUE_TILE:
+        raise ValueError(
+            f"wkv7_gpu: head size N must be a power of two >= {MIN_VALUE_TILE} (Triton block "
+            f"shapes), got N = {n}"
+        )
+    if value_tile is not None and (
+        not _is_power_of_two(value_tile) or not MIN_VALUE_TILE <= value_tile <= n
+    ):
+        raise ValueError(
+            f"wkv7_gpu: value_tile must be None or a power of two in [{MIN_VALUE_TILE}, N = {n}] "
+            f"(it must divide N), got {value_tile!r}"
+        )
+    if dot_precision is not None and (
+        not isinstance(dot_precision, str) or dot_precision not in DOT_PRECISIONS
+    ):
+        raise ValueError(
+            f"wkv7_gpu: dot_precision must be None or one of {DOT_PRECISIONS}, got "
+            f"{dot_precision!r}"
+        )
+    for name, dtype in dtypes:
+        if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
+            raise ValueError(
+                f"wkv7_gpu: {name} has dtype {jnp.dtype(dtype)}; expected float32, bfloat16 "
+                "or float16"
+            )
+
+
+def wkv7_gpu(
+    r, w, k, v, a, b, state=None, *, chunk_size=16, value_tile=None, dot_precision=None,
+    interpret=False,
+):  # fmt: skip
+    """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
+
+    Per batch and head, with S in R^{N x N} (rows index value dims, columns key dims):
+        S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1} a_t) b_t^T + v_t k_t^T,   y_t = S_t r_t.
+    The sequence is cut into chunks; one program per (batch x head, value tile) loops over
+    them with its state rows in registers. The custom VJP stores one fp32 state per chunk
+    (N^2 * 4 / chunk_size bytes per token and head) and recomputes everything else in a
+    reverse chunk loop. T need not be a multiple of the chunk: the tail is padded with
+    r = k = v = a = b = 0, w = 0, which leaves the state untouched.
+
+    Inputs are loaded in their own dtype and computed in fp32 (decay sums, exponents, state);
+    `dot_precision` picks the dots' operand precision (always fp32 accumulation); gradients
+    come back in the input dtypes. The chunk's centred
+    exponents stay finite for |w| * chunk_size / 2 < ~40: RWKV-7's w >= -0.6065 is safe for
+    every allowed chunk.
+
+    Args:
+        r, w, k, v, a, b: [B, T, H, N] float32 / bfloat16 / float16; `w` is the log-decay
+            (w <= 0); in RWKV-7, a = -kk and b = kk * a_rate. N a power of two >= 16.
+        state: optional initial state [B, H, N, N] (zeros if None), cast to fp32.
+        chunk_size: static power of two in [16, 64].
+        value_tile: static power of two in [16, N], the state rows per program; None picks N
+            when B * H fills the GPU's SMs, smaller tiles otherwise.
+        dot_precision: static; "highest" (IEEE fp32 dots, no tensor cores: exact, slow),
+            "tf32x3" (three TF32 tensor-core passes, near-fp32; interpret mode runs it as
+            "highest"), "bf16" (bf16 operands, fp32 accumulation, for the intra-chunk C x C
+            matrices and the products that reach only y or a per-token gradient; decay sums,
+            the inverse (I - A_ab)^{-1} and its products, and every dot feeding the carried
+            state or its cotangent stay IEEE fp32), or None: "bf16" when any of r, w, k, v,
+            a, b is bfloat16 / float16, "highest" when all are float32.
+        interpret: run the kernels in Pallas interpret mode (CPU testing).
+
+    Returns:
+        y: [B, T, H, N] float32; final_state: [B, H, N, N] float32.
+
+    Raises:
+        ValueError: on mismatched shapes, a bad chunk_size / value_tile / dot_precision /
+            head size or an unsupported dtype.
+    """
+    batch, seq, heads, n = check_wkv7_shapes(r, w, k, v, a, b, state)
+    named = (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b))
+    dtypes = [(name, x.dtype) for name, x in named]
+    if state is not None:
+        dtypes.append(("state", state.dtype))
+    _check_arguments(n, chunk_size, value_tile, dot_precision, dtypes)
+    if dot_precision is None:
+        half = any(jnp.dtype(x.dtype) in _HALF_DTYPES for _, x in named)
+        dot_precision = "bf16" if half else "highest"
+    if value_tile is None:
+        value_tile = _auto_value_tile(n, batch * heads)
+    if state is None:
+        state = jnp.zeros((batch, heads, n, n), jnp.float32)
+    if seq == 0:
+        return jnp.zeros(r.shape, jnp.float32), state.astype(jnp.float32)
+    pad = -seq % chunk_size
+
+    def head_major(x):
+        x = x.transpose(0, 2, 1, 3).reshape(batch * heads, seq, n)
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+
+    cfg = _Config(chunk_size, value_tile, bool(interpret), dot_precision)
+    xs = tuple(head_major(x) for _, x in named)
+    s0 = state.astype(jnp.float32).reshape(batch * heads, n, n)
+    y, s_final = _wkv7_heads(cfg, xs, s0)
+    y = y[:, :seq].reshape(batch, heads, seq, n).transpose(0, 2, 1, 3)
+    return y, s_final.reshape(batch, heads, n, n)

@@ -1,0 +1,67 @@
+"""Public kernel entry points: `pallas_kernels.wkv7`, `pallas_kernels.topk_chunk_attention`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.topk_attention import topk_chunk_attention_reference
+from pallas_kernels.wkv7 import wkv7_chunked, wkv7_reference
+
+
+def _wkv_inputs(T=40, H=2, N=16):
+    keys = jax.random.split(jax.random.key(0), 5)
+    shape = (1, T, H, N)
+    r, k, v = (jax.random.normal(keys[i], shape) for i in range(3))
+    w = -0.6065 * jax.nn.sigmoid(jax.random.normal(keys[3], shape))
+    kk = jax.random.normal(keys[4], shape)
+    kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+    return r, w, k, v, -kk, 0.5 * kk
+
+
+def test_auto_is_xla_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert resolve_backend("auto", kernel="x") == "xla"
+    assert resolve_backend("gpu", kernel="x") == "gpu"
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="backend must be one of .*'cuda'"):
+        pallas_kernels.wkv7(*_wkv_inputs(), backend="cuda")
+    q = jnp.zeros((1, 8, 1, 16))
+    with pytest.raises(ValueError, match="topk_chunk_attention: backend"):
+        pallas_kernels.topk_chunk_attention(q, q, q, chunk_size=4, topk=2, backend="mosaic")
+
+
+def test_wkv7_package_is_callable_and_keeps_its_submodules():
+    args = _wkv_inputs()
+    y, s = pallas_kernels.wkv7(*args)
+    y_chunked, s_chunked = wkv7_chunked(*args)
+    np.testing.assert_array_equal(y, y_chunked)
+    np.testing.assert_array_equal(s, s_chunked)
+    y_ref, _ = wkv7_reference(*args)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()))
+    assert pallas_kernels.wkv7.reference.wkv7_reference is wkv7_reference
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_wkv7_kernels_through_the_entry_point(backend):
+    args = _wkv_inputs(T=40, H=1, N=16 if backend == "gpu" else 64)
+    y, s = pallas_kernels.wkv7(*args, backend=backend, interpret=True, chunk_size=16)
+    y_ref, s_ref = wkv7_reference(*args)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()))
+    np.testing.assert_allclose(s, s_ref, atol=1e-5 * float(jnp.abs(s_ref).max()))
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_topk_attention_through_the_entry_point(backend):
+    keys = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(key, (1, 64, 2, 32)) for key in keys)
+    kwargs = {} if backend == "xla" else {"interpret": True}
+    out = pallas_kernels.topk_chunk_attention(
+        q, k, v, chunk_size=16, topk=2, backend=backend, **kwargs
+    )
+    want = topk_chunk_attention_reference(q, k, v, chunk_size=16, top_k=2)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)

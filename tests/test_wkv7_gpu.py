@@ -1,0 +1,313 @@
+"""The Pallas-Triton WKV-7 kernels: interpret mode vs the scan oracle, and CUDA cross-lowering."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.extend import core as jex_core
+
+from pallas_kernels.wkv7.gpu import _auto_value_tile, wkv7_gpu
+from pallas_kernels.wkv7.reference import wkv7_reference
+
+# RWKV-7's per-token log-decay range: w = -exp(x) with w in (-0.6065, -1e-4).
+W_MIN, W_MAX = -0.6065, -1e-4
+TOL = 1e-5  # relative to max |oracle|; measured ~3e-7 for y, the state and every gradient
+# dot_precision="bf16" on fp32 inputs: measured 1e-3 .. 6e-3 for y, the state and every gradient
+# at T = 40 .. 1024 (the bf16 operand rounding, 2^-9, of the fast dots).
+BF16_TOL = 1e-2
+
+
+def _inputs(seed, batch, seq, heads, n, *, w_const=None):
+    """Realistic RWKV-7 inputs: a = -kk, b = kk * a_rate with kk unit-normalised per head."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 7)
+    shape = (batch, seq, heads, n)
+    r = jax.random.normal(keys[0], shape)
+    k = jax.random.normal(keys[1], shape)
+    v = jax.random.normal(keys[2], shape)
+    # Log-uniform |w| over the whole decay range, so both slow and fast channels appear.
+    u = jax.random.uniform(keys[3], shape)
+    w = -jnp.exp(np.log(-W_MAX) + u * (np.log(-W_MIN) - np.log(-W_MAX)))
+    if w_const is not None:
+        w = jnp.full(shape, w_const, jnp.float32)
+    kk = jax.random.normal(keys[4], shape)
+    kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+    a_rate = jax.random.uniform(keys[5], shape)
+    state = 0.3 * jax.random.normal(keys[6], (batch, heads, n, n))
+    return (r, w, k, v, -kk, kk * a_rate), state
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+    return float(np.max(np.abs(x - ref)) / np.max(np.abs(ref)))
+
+
+def _kernel(**kwargs):
+    return jax.jit(partial(wkv7_gpu, interpret=True, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "seq, n, chunk_size, with_state, w_const, dot_precision",
+    [
+        (40, 32, 16, False, None, None),  # T not a chunk multiple (padded tail)
+        # Interpret mode runs "tf32x3" as "highest" (the CPU has no TF32 algorithm).
+        (40, 32, 32, True, None, "tf32x3"),
+        (64, 16, 64, True, W_MIN, "highest"),  # the steepest decay over the longest chunk
+    ],
+)
+def test_forward_matches_reference(seq, n, chunk_size, with_state, w_const, dot_precision):
+    xs, state = _inputs(0, 1, seq, 2, n, w_const=w_const)
+    state = state if with_state else None
+    y, s = _kernel(chunk_size=chunk_size, dot_precision=dot_precision)(*xs, state)
+    y_ref, s_ref = wkv7_reference(*xs, state)
+    assert y.shape == y_ref.shape and y.dtype == jnp.float32
+    assert s.shape == s_ref.shape and s.dtype == jnp.float32
+    assert _rel(y, y_ref) < TOL
+    assert _rel(s, s_ref) < TOL
+
+
+def _weighted_loss(fn):
+    """A scalar loss using both outputs with non-uniform cotangents."""
+
+    def loss(*args):
+        y, s = fn(*args)
+        wy = jnp.sin(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        ws = jnp.cos(jnp.arange(s.size, dtype=jnp.float32)).reshape(s.shape)
+        return jnp.sum(y * wy) + jnp.sum(s * ws)
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "seq, value_tile, with_state",
+    [
+        (40, 16, True),  # two value tiles: key-side gradients summed over tiles
+        (16, 32, False),  # full rows, no initial state
+    ],
+)
+def test_gradients_match_reference(seq, value_tile, with_state):
+    xs, state = _inputs(1, 1, seq, 2, 32)
+    args = (*xs, state) if with_state else xs
+    argnums = tuple(range(len(args)))
+    kernel = partial(wkv7_gpu, interpret=True, value_tile=value_tile)
+    grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*args)
+    grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*args)
+    names = "r w k v a b state".split()[: len(args)]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        assert g.shape == g_ref.shape and g.dtype == jnp.float32, name
+        assert _rel(g, g_ref) < TOL, (name, _rel(g, g_ref))
+
+
+def test_value_tiles_match_full_rows():
+    """N = 64, two full chunks: full rows vs the oracle, and 16-row tiles vs full rows."""
+    xs, state = _inputs(3, 1, 32, 2, 64)
+    y_full, s_full = _kernel(value_tile=64)(*xs, state)
+    y_ref, s_ref = wkv7_reference(*xs, state)
+    assert _rel(y_full, y_ref) < TOL and _rel(s_full, s_ref) < TOL
+    y, s = _kernel(value_tile=16)(*xs, state)
+    assert _rel(y, y_full) < 1e-6
+    assert _rel(s, s_full) < 1e-6
+
+
+def test_bf16_inputs():
+    """bf16 inputs with "highest" dots are computed in fp32: exact w.r.t. the rounded inputs,
+    ~3e-3 w.r.t. fp32 ones; the default for bf16 inputs is "bf16" dots."""
+    xs, state = _inputs(4, 1, 40, 2, 32)
+    xs_bf16 = tuple(x.astype(jnp.bfloat16) for x in xs)
+    xs_rounded = tuple(x.astype(jnp.float32) for x in xs_bf16)
+    y, s = _kernel(dot_precision="highest")(*xs_bf16, state)
+    y_rounded, s_rounded = wkv7_reference(*xs_rounded, state)
+    y_ref, s_ref = wkv7_reference(*xs, state)
+    assert y.dtype == jnp.float32 and s.dtype == jnp.float32
+    assert _rel(y, y_rounded) < TOL and _rel(s, s_rounded) < TOL
+    # Measured 3.1e-3 / 3.5e-3: the inputs' own bf16 rounding, not the kernel.
+    assert _rel(y, y_ref) < 1e-2 and _rel(s, s_ref) < 1e-2
+    # The default for bf16 inputs: bf16 dots (interpret mode emulates their rounding);
+    # measured 3.0e-3 (y) / 0.9e-3 (state) w.r.t. the rounded inputs.
+    y_default, s_default = _kernel()(*xs_bf16, state)
+    assert TOL < _rel(y_default, y_rounded) < BF16_TOL
+    assert _rel(s_default, s_rounded) < BF16_TOL
+
+    argnums = tuple(range(7))
+    kernel = partial(wkv7_gpu, interpret=True, dot_precision="highest")
+    grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*xs_bf16, state)
+    grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*xs_rounded, state)
+    for name, g, g_ref in zip("r w k v a b state".split(), grads, grads_ref, strict=True):
+        assert g.dtype == (jnp.float32 if name == "state" else jnp.bfloat16), name
+        # bf16 gradients carry their own output rounding (2^-9 = 2e-3 relative).
+        tol = TOL if name == "state" else 1e-2
+        assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
+
+
+def test_bf16_dots_match_reference():
+    """dot_precision="bf16" on fp32 inputs: forward and every gradient within BF16_TOL."""
+    xs, state = _inputs(8, 1, 40, 2, 32)
+    kernel = partial(wkv7_gpu, interpret=True, dot_precision="bf16", value_tile=16)
+    y, s = jax.jit(kernel)(*xs, state)
+    y_ref, s_ref = wkv7_reference(*xs, state)
+    # Measured y 3.1e-3, state 1.3e-3; above TOL, so the bf16 dots are really used.
+    assert TOL < _rel(y, y_ref) < BF16_TOL
+    assert _rel(s, s_ref) < BF16_TOL
+    argnums = tuple(range(7))
+    grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*xs, state)
+    grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*xs, state)
+    for name, g, g_ref in zip("r w k v a b state".split(), grads, grads_ref, strict=True):
+        # Measured 0.8e-3 (state) .. 5.7e-3 (a).
+        assert _rel(g, g_ref) < BF16_TOL, (name, _rel(g, g_ref))
+
+
+@pytest.mark.parametrize(
+    "w_const",
+    [
+        W_MAX,  # almost no decay: the least damping, so the most room to drift
+        pytest.param(None, marks=pytest.mark.slow),
+    ],
+)
+def test_bf16_dots_do_not_drift(w_const):
+    """T = 512 (32 chunks) with "bf16" dots: the error stays at the bf16 level along the
+    sequence (the state path is fp32), in y, the final state and every gradient."""
+    seq, window = 512, 128
+    xs, state = _inputs(9, 1, seq, 1, 16, w_const=w_const)
+    kernel = partial(wkv7_gpu, interpret=True, dot_precision="bf16")
+    y, s = jax.jit(kernel)(*xs, state)
+    y_ref, s_ref = jax.jit(wkv7_reference)(*xs, state)
+    err = np.abs(np.asarray(y - y_ref))
+    first = err[:, :window].max() / np.abs(np.asarray(y_ref[:, :window])).max()
+    last = err[:, -window:].max() / np.abs(np.asarray(y_ref[:, -window:])).max()
+    # Measured first / last window: 2.5e-3 / 2.5e-3 (w random), 4.1e-3 / 3.1e-3 (w = W_MAX);
+    # at T = 2048 the last window is 3.9e-3 / 3.4e-3.
+    assert first < BF16_TOL and last < BF16_TOL and last < 2 * first, (first, last)
+    assert _rel(s, s_ref) < BF16_TOL
+    argnums = tuple(range(7))
+    grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*xs, state)
+    grads_ref = jax.jit(jax.grad(_weighted_loss(wkv7_reference), argnums=argnums))(*xs, state)
+    for name, g, g_ref in zip("r w k v a b state".split(), grads, grads_ref, strict=True):
+        # dS is carried back over all 32 chunks into the early tokens' and the state's grads.
+        assert _rel(g, g_ref) < BF16_TOL, (name, _rel(g, g_ref))
+
+
+def _kernel_dots(closed_jaxpr):
+    """(lhs dtype, rhs dtype, precision) of every dot_general inside the pallas_call kernels."""
+    found = []
+
+    def walk(jaxpr, in_kernel):
+        for eqn in jaxpr.eqns:
+            if in_kernel and eqn.primitive is lax.dot_general_p:
+                lhs, rhs = (x.aval.dtype for x in eqn.invars)
+                found.append((lhs, rhs, eqn.params["precision"]))
+            inner = in_kernel or eqn.primitive.name == "pallas_call"
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, jex_core.ClosedJaxpr):
+                        walk(sub.jaxpr, inner)
+                    elif isinstance(sub, jex_core.Jaxpr):
+                        walk(sub, inner)
+
+    walk(closed_jaxpr.jaxpr, False)
+    return found
+
+
+def _highest(precision):
+    return precision in (lax.Precision.HIGHEST, (lax.Precision.HIGHEST,) * 2)
+
+
+@pytest.mark.parametrize("dot_precision", ["highest", "tf32x3", "bf16"])
+def test_dot_precision_plan(dot_precision):
+    """Which kernel dots get which operands / precision (traced for the GPU, not interpret)."""
+    xs, state = _inputs(10, 1, 32, 1, 16)
+    kernel = partial(wkv7_gpu, dot_precision=dot_precision)
+    loss = _weighted_loss(kernel)
+    fwd = _kernel_dots(jax.make_jaxpr(kernel)(*xs, state))
+    both = _kernel_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 6)))(*xs, state))
+    assert len(both) > len(fwd) > 0  # the gradient adds the backward kernel's dots
+    f32 = jnp.dtype(jnp.float32)
+    if dot_precision == "highest":
+        assert all(lhs == rhs == f32 and _highest(p) for lhs, rhs, p in both)
+    elif dot_precision == "tf32x3":
+        preset = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        assert all(lhs == rhs == f32 and p == preset for lhs, rhs, p in both)
+    else:
+        exact = [d for d in both if d[0] == d[1] == f32 and _highest(d[2])]
+        fast = [d for d in both if d[0] == d[1] == jnp.dtype(jnp.bfloat16)]
+        assert len(exact) + len(fast) == len(both)
+        # Forward with C = 16: exact = decay sum, A_ab, 3 x 2 inverse steps, W, P X0 and the
+        # three state dots (13); fast = A_qk, A_qb, A_ak, A_qb W, A_ak V, A_qk V, A_qb U0,
+        # Q S^T (8).
+        n_fast = sum(d[0] != f32 for d in fwd)
+        assert (len(fwd) - n_fast, n_fast) == (13, 8)
+        assert len(fast) > 2 * n_fast  # the backward's gradient products are fast too
+
+
+def test_empty_sequence():
+    xs, state = _inputs(5, 1, 0, 2, 32)
+    y, s = wkv7_gpu(*xs, state, interpret=True)
+    assert y.shape == (1, 0, 2, 32)
+    np.testing.assert_array_equal(s, state)
+
+
+def test_auto_value_tile():
+    assert _auto_value_tile(64, 4) == 16  # B * H = 4: split to the smallest tile
+    assert _auto_value_tile(64, 66) == 32
+    assert _auto_value_tile(64, 132) == 64  # enough programs with full rows
+
+
+@pytest.mark.parametrize(
+    "dtype, value_tile, dot_precision",
+    [
+        (jnp.float32, None, "highest"),
+        (jnp.float32, 64, "tf32x3"),
+        (jnp.float32, None, "bf16"),
+        (jnp.bfloat16, None, None),  # the default: "bf16" dots
+        (jnp.bfloat16, 64, "tf32x3"),
+    ],
+)
+def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision):
+    """Forward and gradient lower through Pallas-Triton at production sizes on a CPU host."""
+    batch, seq, heads, n = 1, 4096, 4, 64
+    token = jax.ShapeDtypeStruct((batch, seq, heads, n), dtype)
+    args = (token,) * 6 + (jax.ShapeDtypeStruct((batch, heads, n, n), jnp.float32),)
+    kernel = partial(wkv7_gpu, value_tile=value_tile, dot_precision=dot_precision)
+
+    def loss(*args):
+        y, s = kernel(*args)
+        return jnp.sum(y) + jnp.sum(s)
+
+    for fn, n_kernels in ((kernel, 1), (jax.grad(loss, argnums=tuple(range(7))), 2)):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        # The gradient runs the forward (saving chunk starts) and the backward kernel.
+        assert lowered.as_text().count("__gpu$xla.gpu.triton") == n_kernels
+
+
+@pytest.mark.parametrize(
+    "kwargs, n, match",
+    [
+        ({"chunk_size": 8}, 32, "chunk_size"),
+        ({"chunk_size": 24}, 32, "chunk_size"),
+        ({"chunk_size": 128}, 32, "chunk_size"),
+        ({"chunk_size": 16.0}, 32, "chunk_size"),
+        ({"value_tile": 8}, 32, "value_tile"),
+        ({"value_tile": 24}, 32, "value_tile"),
+        ({"value_tile": 64}, 32, "value_tile"),
+        ({"dot_precision": "fp32"}, 32, "dot_precision"),
+        ({"dot_precision": "HIGHEST"}, 32, "dot_precision"),
+        ({"dot_precision": lax.Precision.HIGHEST}, 32, "dot_precision"),
+        ({}, 48, "head size N"),
+        ({}, 8, "head size N"),
+    ],
+)
+def test_bad_arguments(kwargs, n, match):
+    xs, _ = _inputs(6, 1, 16, 1, n)
+    with pytest.raises(ValueError, match=match):
+        wkv7_gpu(*xs, interpret=True, **kwargs)
+
+
+def test_bad_dtype_and_shapes():
+    xs, state = _inputs(7, 1, 16, 1, 32)
+    with pytest.raises(ValueError, match="v has dtype int32"):
+        wkv7_gpu(*xs[:3], xs[3].astype(jnp.int32), *xs[4:], interpret=True)
+    with pytest.raises(ValueError, match="k has shape"):
+        wkv7_gpu(*xs[:2], xs[2][:, :8], *xs[3:], interpret=True)
+    with pytest.raises(ValueError, match="state must be"):
+        wkv7_gpu(*xs, state[:, :, :16], interpret=True)
