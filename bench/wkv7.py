@@ -24,16 +24,16 @@ import argparse
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import median_ms, rel_err  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 from pallas_kernels.wkv7 import wkv7_reference  # noqa: E402
@@ -42,26 +42,37 @@ N = 64
 DECAY_BOUND = -0.6065  # RWKV-7: log-decay = -exp(-softplus(-x) - 0.5) >= -e^{-1/2}
 
 
-def make_inputs(seed: int, T: int, H: int) -> dict[str, np.ndarray]:
-    """fp32 numpy inputs in RWKV-7's ranges, [1, T, H, N] each, plus cotangents."""
-    rng = np.random.default_rng(seed)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def make_inputs(seed: int, T: int, H: int) -> dict[str, jax.Array]:
+    """fp32 inputs in RWKV-7's ranges, [1, T, H, N] each, plus cotangents, made on the device."""
+    keys = jax.random.split(jax.random.key(seed), 8)
     shape = (1, T, H, N)
-    normal = lambda scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)
-    x = normal()
-    log_decay = -np.exp(-np.logaddexp(0.0, -x) - 0.5).astype(np.float32)
-    kk = normal()
-    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
-    a_rate = 1.0 / (1.0 + np.exp(-normal()))
+    normal = lambda i, scale=1.0: scale * jax.random.normal(keys[i], shape, jnp.float32)
+    log_decay = -jnp.exp(-jax.nn.softplus(-normal(0)) - 0.5)
+    kk = normal(1)
+    kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+    a_rate = jax.nn.sigmoid(normal(2))
     return {
-        "r": normal(0.5),
+        "r": normal(3, 0.5),
         "w": log_decay,
-        "k": normal(0.5),
-        "v": normal(),
+        "k": normal(4, 0.5),
+        "v": normal(5),
         "a": -kk,
-        "b": (kk * a_rate).astype(np.float32),
-        "dy": normal(),
-        "ds": (0.1 * rng.standard_normal((1, H, N, N))).astype(np.float32),
+        "b": kk * a_rate,
+        "dy": normal(6),
+        "ds": 0.1 * jax.random.normal(keys[7], (1, H, N, N), jnp.float32),
     }
+
+
+@jax.jit
+def device_rel_err(got, want):
+    """max |got - want| / max |want|, computed on the device (fp32)."""
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30)
+
+
+def rel_err(got, want) -> float:
+    return float(device_rel_err(got, want))
 
 
 # ----------------------------------------------------------------------------- JAX impls
@@ -105,13 +116,13 @@ def jax_fns(impl: str):
 
 def jax_case(impl, xs, dtype, repeats):
     forward, grads = jax_fns(impl)
-    args = [jnp.asarray(xs[n], dtype) for n in "rwkvab"]
-    cot = [jnp.asarray(xs["dy"]), jnp.asarray(xs["ds"])]
+    args = [xs[n].astype(dtype) for n in "rwkvab"]
+    cot = [xs["dy"], xs["ds"]]
     sync = jax.block_until_ready
     fwd_ms = median_ms(lambda: forward(*args), repeats, sync)
     both_ms = median_ms(lambda: grads(*args, *cot), repeats, sync)
     y, s = forward(*args)
-    return fwd_ms, both_ms, np.asarray(y), np.asarray(s)
+    return fwd_ms, both_ms, y, s
 
 
 # ----------------------------------------------------------------------------- fla
@@ -121,11 +132,12 @@ def fla_case(xs, dtype, repeats):
     import torch
     from fla.ops.rwkv7 import chunk_rwkv7
 
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    args = [torch.tensor(xs[n], device="cuda", dtype=tdtype) for n in "rwkvab"]
-    dy = torch.tensor(xs["dy"], device="cuda", dtype=tdtype)
-    # fla keeps the state as [K, V], the transpose of ours.
-    ds = torch.tensor(np.swapaxes(xs["ds"], -1, -2).copy(), device="cuda", dtype=torch.float32)
+    # Zero-copy hand-over of the device arrays (DLPack); fla keeps the state as [K, V], the
+    # transpose of ours.
+    to_torch = lambda x: torch.from_dlpack(x)
+    args = [to_torch(xs[n].astype(dtype)) for n in "rwkvab"]
+    dy = to_torch(xs["dy"].astype(dtype))
+    ds = to_torch(jnp.swapaxes(xs["ds"], -1, -2))
 
     def forward(inputs):
         r, w, k, v, a, b = inputs
@@ -146,12 +158,8 @@ def fla_case(xs, dtype, repeats):
         fwd_ms = median_ms(lambda: forward(args), repeats, sync)
         y, s = forward(args)
     both_ms = median_ms(both, repeats, sync)
-    return (
-        fwd_ms,
-        both_ms,
-        y.float().cpu().numpy(),
-        np.swapaxes(s.float().cpu().numpy(), -1, -2),
-    )
+    to_jax = lambda x: jax.dlpack.from_dlpack(x.float().contiguous())
+    return fwd_ms, both_ms, to_jax(y), jnp.swapaxes(to_jax(s), -1, -2)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -159,21 +167,20 @@ def fla_case(xs, dtype, repeats):
 
 def oracle(xs, dtype):
     """fp32 scan on the inputs rounded to `dtype` (so the error measured is the compute's)."""
-    args = [jnp.asarray(jnp.asarray(xs[n], dtype), jnp.float32) for n in "rwkvab"]
-    y, s = jax.jit(wkv7_reference)(*args)
-    return np.asarray(y), np.asarray(s)
+    args = [xs[n].astype(dtype).astype(jnp.float32) for n in "rwkvab"]
+    return jax.jit(wkv7_reference)(*args)
 
 
 def gradient_check(xs) -> float:
     """Largest relative difference of the 7 Pallas gradients from the chunked XLA path's."""
-    args = [jnp.asarray(xs[n]) for n in "rwkvab"]
+    args = [xs[n] for n in "rwkvab"]
 
     def grads(backend):
         def loss(r, w, k, v, a, b, s0):
             y, s = pallas_kernels.wkv7(r, w, k, v, a, b, s0, backend=backend)
             return jnp.vdot(y, xs["dy"]) + jnp.vdot(s, xs["ds"])
 
-        s0 = jnp.asarray(0.1 * xs["ds"])  # a non-zero initial state, so its gradient is tested
+        s0 = 0.1 * xs["ds"]  # a non-zero initial state, so its gradient is tested
         return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args, s0)
 
     got, want = grads(accelerator_backend()), grads("xla")
@@ -195,6 +202,11 @@ def main() -> None:
         default="pallas,xla,fla",
         help="comma-separated; pallas@KEY=VALUE;... passes options to the GPU kernel",
     )
+    parser.add_argument(
+        "--impls-fp32",
+        help="implementations for float32 when it should differ from --impls (e.g. only pallas, "
+        "to get the fp32 errors without the full timing grid)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write results here after every case")
     parser.add_argument("--quick", action="store_true", help="T=1024, B*H=4, 2 repeats")
@@ -203,10 +215,12 @@ def main() -> None:
         args.seq_lens, args.bh, args.repeats = "1024", "4", 2
     # Options inside one implementation are separated by ';' (commas separate implementations).
     impls = [impl.replace(";", ",") for impl in args.impls.split(",")]
+    impls_fp32 = [x.replace(";", ",") for x in (args.impls_fp32 or args.impls).split(",")]
     if jax.default_backend() not in ("gpu", "tpu"):
         sys.exit("bench/wkv7.py times accelerator kernels; this JAX sees no GPU or TPU")
-    if jax.default_backend() == "tpu" and "fla" in impls:
-        impls.remove("fla")
+    if jax.default_backend() == "tpu":  # fla is a CUDA (Triton) library
+        impls = [impl for impl in impls if impl != "fla"]
+        impls_fp32 = [impl for impl in impls_fp32 if impl != "fla"]
     print(f"# WKV-7: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     results = []
     header = (
@@ -223,7 +237,8 @@ def main() -> None:
                 print(f"gradient check T={T} B*H={bh} fp32: pallas vs xla max rel diff {err:.2e}")
                 results.append({"T": T, "bh": bh, "gradient_rel_diff_vs_xla": err})
             for dtype in args.dtypes.split(","):
-                rows = run_size(xs, T, bh, dtype, impls, args.repeats)
+                chosen = impls_fp32 if dtype == "float32" else impls
+                rows = run_size(xs, T, bh, dtype, chosen, args.repeats)
                 for row in rows.values():
                     print(table_row(row, rows), flush=True)
                 results += list(rows.values())
@@ -237,6 +252,9 @@ def run_size(xs, T, bh, dtype, impls, repeats) -> dict[str, dict]:
     rows = {}
     for impl in impls:
         row = {"T": T, "bh": bh, "dtype": dtype, "impl": impl}
+        # A progress line per implementation, so a stalled one is named in the log.
+        print(f"  T={T} B*H={bh} {dtype} {impl}: ...", end="", flush=True)
+        start = time.perf_counter()
         try:
             if impl == "fla":
                 fwd, both, y, s = fla_case(xs, dtype, repeats)
@@ -247,6 +265,7 @@ def run_size(xs, T, bh, dtype, impls, repeats) -> dict[str, dict]:
         else:
             row.update(fwd_ms=fwd, fwd_bwd_ms=both, y_err=rel_err(y, y_ref))
             row["state_err"] = rel_err(s, s_ref)
+        print(f" {time.perf_counter() - start:.1f} s", flush=True)
         rows[impl] = row
     return rows
 
