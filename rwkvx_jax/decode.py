@@ -297,6 +297,11 @@ class Decoder:
 
 
 def greedy_tokens(decoder: Decoder, prompts: Sequence[Sequence[int]], n: int) -> np.ndarray:
-    """The greedy continuation of each prompt, [B, n] (-1 after a sequence stops)."""
-    steps = list(decoder.generate(prompts, SamplingConfig(temperature=0.0), n))
+    """The greedy (argmax) continuation of each prompt, [B, n] (-1 after a sequence stops).
+
+    Plain argmax: the repetition penalties that `SamplingConfig` applies by default (as the
+    official sampler does, also at temperature 0) are switched off.
+    """
+    argmax = SamplingConfig(temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0)
+    steps = list(decoder.generate(prompts, argmax, n))
     return np.stack(steps, axis=1) if steps else np.zeros((len(prompts), 0), np.int32)

@@ -7,7 +7,7 @@ import pytest
 
 from rwkvx_jax.config import ConfigError, preset
 from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.decode import DecodeConfig, Decoder
+from rwkvx_jax.decode import DecodeConfig, Decoder, greedy_tokens
 from rwkvx_jax.model import RWKVX
 from rwkvx_jax.random_checkpoint import random_state_dict
 
@@ -149,3 +149,17 @@ def test_bad_prompts_are_rejected(decoder):
         decoder.prefill([[1, 2, 300]])
     with pytest.raises(ValueError, match="lengths must be"):
         decoder.prefill(np.zeros((2, 4), np.int32), lengths=[5, 1])
+
+
+def test_greedy_tokens_are_the_argmax_chain(decoder, tiny_params):
+    """Plain argmax of the full forward at every step: no repetition penalty sneaks in."""
+    prompt = [int(t) for t in _tokens(5, 1, 20)[0]]
+    got = greedy_tokens(decoder, [prompt], 12)[0]
+    tokens = list(prompt)
+    for _ in range(12):  # one padded shape: the model is causal, so the padding is never read
+        padded = np.zeros((1, 32), np.int32)
+        padded[0, : len(tokens)] = tokens
+        tokens.append(int(np.argmax(_forward(tiny_params, padded)[0, len(tokens) - 1])))
+    assert got.tolist() == tokens[len(prompt) :]
+    # The chain repeats tokens, so a default (penalised) sampler would have diverged from it.
+    assert len(set(tokens[len(prompt) :])) < 12
