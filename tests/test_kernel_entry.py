@@ -65,3 +65,46 @@ def test_topk_attention_through_the_entry_point(backend):
     )
     want = topk_chunk_attention_reference(q, k, v, chunk_size=16, top_k=2)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_model_dispatch_reaches_the_pallas_kernels(backend, monkeypatch):
+    """rwkvx_jax.ops maps the config's backend names onto the kernels (run here in interpret
+    mode, which the model never asks for: the call is patched to add it)."""
+    import functools
+
+    import pallas_kernels.topk_attention.gpu as topk_gpu
+    import pallas_kernels.topk_attention.tpu as topk_tpu
+    import pallas_kernels.wkv7.gpu as wkv_gpu
+    import pallas_kernels.wkv7.tpu as wkv_tpu
+    from rwkvx_jax import ops
+    from rwkvx_jax.config import preset
+
+    calls = []
+
+    def interpreted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **{**kwargs, "interpret": True})
+
+        monkeypatch.setattr(module, name, functools.wraps(real)(wrapper))
+
+    interpreted(wkv_gpu, "wkv7_gpu")
+    interpreted(wkv_tpu, "wkv7_tpu")
+    interpreted(topk_gpu, "topk_chunk_attention_gpu")
+    interpreted(topk_tpu, "topk_chunk_attention_tpu")
+    assert ops.resolve_backend("auto") == "xla_chunked"  # CPU
+    preset("tiny", wkv_backend=backend, attention_backend=backend)  # accepted by the config
+
+    args = _wkv_inputs(T=20, H=1, N=64)
+    y, _ = ops.wkv7(*args, backend=backend)
+    y_ref, _ = wkv7_reference(*args)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()))
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 48, 1, 32)) for i in range(3))
+    out = ops.topk_chunk_attention(q, k, v, chunk_size=16, top_k=2, backend=backend)
+    want = topk_chunk_attention_reference(q, k, v, chunk_size=16, top_k=2)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+    kernel = backend.removeprefix("pallas_")
+    assert calls == [f"wkv7_{kernel}", f"topk_chunk_attention_{kernel}"]
