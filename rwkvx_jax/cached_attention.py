@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.topk_attention.xla_chunked import (
-    selected_chunks_attention,
+    selected_chunks_attention_sources,
     topk_chunk_attention,
 )
 from rwkvx_jax.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
@@ -123,11 +123,22 @@ def attend_piece(
             order[:, None, None, :], jnp.clip(picked, 0, n_slots - 1), axis=-1
         )
         sel = jnp.where((picked >= 0) & (picked < n_slots), slot_of, picked)
-        slot_rows = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(batch, n_slots * chunk, heads, n)
-        keys = jnp.concatenate([slot_rows(cache.keys).astype(wk.dtype), wk], axis=1)
-        values = jnp.concatenate([slot_rows(cache.values).astype(wv.dtype), wv], axis=1)
-        far_out, far_lse = selected_chunks_attention(wq, keys, values, sel, chunk_size=chunk)
+        # The slots are read in place (head-major [B, H, S * chunk, N], a free reshape) and the
+        # window after them: no per-piece copy of the cache, whatever its size. The slots come
+        # back through the read loop and the pushes below update those, in place.
+        slot_rows = lambda x: x.reshape(batch, heads, n_slots * chunk, n)
+        far_out, far_lse, (key_back, value_back) = selected_chunks_attention_sources(
+            wq,
+            [slot_rows(cache.keys), jnp.swapaxes(wk, 1, 2)],
+            [slot_rows(cache.values), jnp.swapaxes(wv, 1, 2)],
+            sel,
+            chunk_size=chunk,
+        )
         out = _merge(out, lse, far_out, far_lse)
+        cache = cache._replace(
+            keys=key_back[0].reshape(cache.keys.shape),
+            values=value_back[0].reshape(cache.values.shape),
+        )
 
     out = _take_rows(out, offset, piece)
     return out, _absorb_window(cache, wk, wv, lengths, offset + n_valid, eviction)

@@ -163,3 +163,19 @@ def test_greedy_tokens_are_the_argmax_chain(decoder, tiny_params):
     assert got.tolist() == tokens[len(prompt) :]
     # The chain repeats tokens, so a default (penalised) sampler would have diverged from it.
     assert len(set(tokens[len(prompt) :])) < 12
+
+
+def test_compiled_piece_and_step_never_copy_the_kv_cache(tiny_params):
+    """Both jitted functions update the donated cache in place: a full-cache copy per call made
+    prefill and decode cost grow with cache_size (found in both, and fixed)."""
+    dec = Decoder(TINY, tiny_params, DecodeConfig(cache_size=40 * 16, prefill_chunk=48))
+    state = dec.init_state(2)
+    cache = next(b.cache for b in state.blocks.values() if hasattr(b, "cache"))
+    cache_shape = "f32[" + ",".join(map(str, cache.keys.shape)) + "]"
+    tokens = jnp.zeros((2, 48), jnp.int32)
+    piece_hlo = dec._piece.lower(dec.params, state, tokens, np.array([48, 30], np.int32))
+    step_hlo = dec._step.lower(dec.params, state, tokens[:, 0], jnp.ones(2, bool))
+    for name, lowered in (("prefill piece", piece_hlo), ("step", step_hlo)):
+        text = lowered.compile().as_text()
+        copies = [line for line in text.splitlines() if cache_shape in line and " copy(" in line]
+        assert not copies, f"{name} copies the KV cache:\n" + "\n".join(copies[:4])

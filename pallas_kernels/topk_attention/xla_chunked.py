@@ -339,26 +339,56 @@ def _tile_operands(rows, chunk, xs_rows, xs_chunk, chunk_size: int):
     return [take(x, rows) for x in xs_rows], [cut(x, chunk) for x in xs_chunk]
 
 
-def _pairs_forward(q, k, v, tiles, state, plan: _Plan):
+def _chunk_reader(k, v, chunk_size: int):
+    """read(chunk [G]) -> (k_c, v_c) [G, chunk_size, D]: chunk c of every group's keys/values."""
+    cut = jax.vmap(lambda x, c: lax.dynamic_slice_in_dim(x, c * chunk_size, chunk_size, 0))
+    return lambda chunk: (cut(k, chunk), cut(v, chunk))
+
+
+def _used_tiles(rows, tp: int):
+    """How many leading tiles hold pairs in some group (the rest only hold the dummy row Tp).
+
+    A chunk's pairs fill its tiles from their first slot and chunks with no pairs get no tile,
+    so the used tiles of a group are a prefix and a used tile's first slot is a real row.
+    """
+    return jnp.max(jnp.sum(rows[:, :, 0] < tp, axis=1))
+
+
+def _pairs_forward(q, k, v, tiles, state, plan: _Plan, read_chunks=None, sources=None):
     """Folds the selected-chunk pairs into the softmax state.
 
+    Only the tiles that hold pairs are visited (a dynamic trip count), so the cost follows the
+    pairs actually selected, not the static tile bound (which grows with the candidates).
+
     Args:
-      q, k, v: [G, Tp, D] fp32. tiles: (rows [G, M, P], chunk [G, M]).
+      q: [G, Tp, D] fp32. k, v: [G, Tk, D] fp32, or None when `read_chunks` is given.
+      tiles: (rows [G, M, P], chunk [G, M]).
       state: (m [G,Tp], l [G,Tp], acc [G,Tp,D]) from the flash part.
+      read_chunks, sources: for keys that are not one array (a KV cache's slots followed by
+        new tokens): read_chunks(sources, chunk [G]) -> (k_c, v_c) [G, chunk_size, D]. The
+        sources travel through the loop and come back unchanged, so that a caller who then
+        updates them in place (the KV cache) gets the buffers without XLA copying them for
+        the loop.
 
     Returns:
-      Updated state, same shapes.
+      Updated state, same shapes; (state, sources) when `sources` is given.
     """
     g, tp, d = q.shape
+    given_sources = sources is not None
+    if read_chunks is None:
+        read_chunks = lambda kv, chunk: _chunk_reader(*kv, plan.chunk_size)(chunk)
+        sources = (k, v)
     q_ext = jnp.pad(q, ((0, 0), (0, 1), (0, 0)))  # dummy row Tp absorbs empty tile slots
     state = tuple(jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2)) for x in state)
+    take = jax.vmap(lambda x, r: x[r])
     scatter = jax.vmap(lambda x, r, val: x.at[r].set(val))
+    all_rows, all_chunks = tiles
 
-    def tile_step(state, tile):
-        rows, chunk = tile
-        (q_t, m_old, l_old, a_old), (k_c, v_c) = _tile_operands(
-            rows, chunk, (q_ext, *state), (k, v), plan.chunk_size
-        )
+    def tile_step(i, carry):
+        state, sources = carry
+        rows, chunk = all_rows[:, i], all_chunks[:, i]
+        q_t, m_old, l_old, a_old = (take(x, rows) for x in (q_ext, *state))
+        k_c, v_c = read_chunks(sources, chunk)
         s = jnp.einsum("gpd,gcd->gpc", q_t, k_c, precision=_HIGHEST) * plan.scale
         m_new = jnp.maximum(m_old, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])  # candidate chunks are complete: nothing to mask
@@ -369,11 +399,16 @@ def _pairs_forward(q, k, v, tiles, state, plan: _Plan):
         new_state = tuple(
             scatter(x, rows, val) for x, val in zip(state, (m_new, l_new, a_new), strict=True)
         )
-        return new_state, None
+        if given_sources:
+            # Opaque to XLA's while-loop simplifier, which would otherwise see the sources as
+            # loop-invariant and hand the caller the loop's input again: that input is then
+            # still live after the loop, and XLA copies it (the whole cache) for the loop.
+            sources = lax.optimization_barrier(sources)
+        return new_state, sources
 
-    rows, chunk = tiles
-    state, _ = lax.scan(tile_step, state, (jnp.moveaxis(rows, 1, 0), jnp.moveaxis(chunk, 1, 0)))
-    return tuple(x[:, :tp] for x in state)
+    state, sources = lax.fori_loop(0, _used_tiles(all_rows, tp), tile_step, (state, sources))
+    state = tuple(x[:, :tp] for x in state)
+    return (state, sources) if given_sources else state
 
 
 def _pairs_backward(q, k, v, do, lse, delta, tiles, grads, plan: _Plan):
@@ -558,18 +593,64 @@ def selected_chunks_attention(
       union of the selected chunks and its log-sum-exp; rows that selected nothing get out = 0
       and lse = -inf.
     """
-    b, tq, h, d = q.shape
-    tk = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
+    if k.shape != v.shape or k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise ValueError(
             f"k, v must be [B, Tk, H, D] matching q {q.shape}; got {k.shape}, {v.shape}"
         )
-    if tk % chunk_size:
-        raise ValueError(f"key length {tk} is not a multiple of chunk_size {chunk_size}")
+    head_major = lambda x: jnp.swapaxes(x, 1, 2)
+    out, lse, _ = selected_chunks_attention_sources(
+        q, [head_major(k)], [head_major(v)], sel, chunk_size=chunk_size, pair_tile=pair_tile
+    )
+    return out, lse
+
+
+def selected_chunks_attention_sources(
+    q: jax.Array,
+    key_sources,
+    value_sources,
+    sel: jax.Array,
+    *,
+    chunk_size: int,
+    pair_tile: int = 256,
+):
+    """`selected_chunks_attention` over keys held in several arrays, never concatenated.
+
+    The keys are the concatenation along time of the sources, in order (chunk j of the whole
+    is a chunk of one source); each tile reads its chunk straight from its source, so a large
+    KV cache is neither copied nor converted, and only the tiles that hold pairs are computed:
+    the cost follows the pairs, not the number of candidate chunks.
+
+    Args:
+      q: [B, Tq, H, D] queries.
+      key_sources, value_sources: sequences of head-major [B, H, Tk_i, D] arrays (the KV
+        cache's native layout), any float dtype, each Tk_i a multiple of chunk_size; key and
+        value sources pair up and match in shape.
+      sel: int32 [B, Tq, H, n] chunk indices into the concatenated keys, -1 for none.
+      chunk_size, pair_tile: as in `selected_chunks_attention`.
+
+    Returns:
+      (out [B, Tq, H, D] fp32, lse [B, Tq, H] fp32) as `selected_chunks_attention`, and
+      (key_sources, value_sources) passed through unchanged: update these, not the inputs, so
+      that XLA can do it in place (the inputs' buffers went through the read loop).
+    """
+    b, tq, h, d = q.shape
+    if len(key_sources) != len(value_sources) or not key_sources:
+        raise ValueError("key_sources and value_sources must be non-empty and pair up")
+    for i, (ks, vs) in enumerate(zip(key_sources, value_sources, strict=True)):
+        if ks.shape != vs.shape or ks.ndim != 4 or ks.shape[:2] != (b, h) or ks.shape[3] != d:
+            raise ValueError(
+                f"source {i}: keys and values must be head-major [B, H, Tk, D] = [{b}, {h}, Tk, "
+                f"{d}]; got {ks.shape} and {vs.shape}"
+            )
+        if ks.shape[2] % chunk_size:
+            raise ValueError(
+                f"source {i}: key length {ks.shape[2]} is not a multiple of chunk_size {chunk_size}"
+            )
     if sel.shape[:3] != (b, tq, h):
         raise ValueError(f"sel must be [B, Tq, H, n] = [{b}, {tq}, {h}, n], got {sel.shape}")
     n_pick = sel.shape[-1]
-    n_candidates = tk // chunk_size
+    n_chunks = [ks.shape[2] // chunk_size for ks in key_sources]
+    n_candidates = sum(n_chunks)
     plan = _Plan(
         seq_len=tq,
         padded_len=tq,
@@ -584,7 +665,7 @@ def selected_chunks_attention(
         scale=1.0 / math.sqrt(d),
     )
     groups = lambda x: _groups(jnp.swapaxes(x, 1, 2))  # [B, T, H, ...] -> [B*H, T, ...]
-    q_g, k_g, v_g = (groups(x.astype(jnp.float32)) for x in (q, k, v))
+    q_g = groups(q.astype(jnp.float32))
     sel_g = groups(sel.astype(jnp.int32))
     tiles = jax.vmap(functools.partial(_build_tiles, plan=plan))(sel_g)
     state = (
@@ -592,9 +673,43 @@ def selected_chunks_attention(
         jnp.zeros((b * h, tq), jnp.float32),
         jnp.zeros((b * h, tq, d), jnp.float32),
     )
-    m, l, acc = _pairs_forward(q_g, k_g, v_g, tiles, state, plan)
+    grouped = ([_groups(x) for x in key_sources], [_groups(x) for x in value_sources])
+    read = _sources_reader(n_chunks, chunk_size)
+    (m, l, acc), grouped = _pairs_forward(
+        q_g, None, None, tiles, state, plan, read_chunks=read, sources=grouped
+    )
     some = l > 0
     out = jnp.where(some[..., None], acc / jnp.where(some, l, 1.0)[..., None], 0.0)
     lse = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
     ungroup = lambda x: jnp.swapaxes(x.reshape(b, h, *x.shape[1:]), 1, 2)
-    return ungroup(out), ungroup(lse)
+    sources_back = tuple(
+        [g.reshape(x.shape) for g, x in zip(group, original, strict=True)]
+        for group, original in zip(grouped, (key_sources, value_sources), strict=True)
+    )
+    return ungroup(out), ungroup(lse), sources_back
+
+
+def _sources_reader(n_chunks, chunk_size: int):
+    """read((key_sources, value_sources), chunk [G]) -> fp32 (k_c, v_c) [G, chunk_size, D].
+
+    The sources are lists of [G, Tk_i, D] arrays holding n_chunks[i] chunks each, in order.
+
+    Each source is sliced at the chunk's clamped local index and the one that owns the chunk
+    is kept: one chunk read per source per tile instead of a concatenated copy of them all.
+    """
+    starts = [sum(n_chunks[:i]) for i in range(len(n_chunks))]
+
+    def read(sources, chunk):
+        key_sources, value_sources = sources
+        k_c = v_c = None
+        for ks, vs, start, count in zip(key_sources, value_sources, starts, n_chunks, strict=True):
+            local = jnp.clip(chunk - start, 0, count - 1)
+            k_i, v_i = (c.astype(jnp.float32) for c in _chunk_reader(ks, vs, chunk_size)(local))
+            if k_c is None:
+                k_c, v_c = k_i, v_i
+                continue
+            mine = ((chunk >= start) & (chunk < start + count))[:, None, None]
+            k_c, v_c = jnp.where(mine, k_i, k_c), jnp.where(mine, v_i, v_c)
+        return k_c, v_c
+
+    return read
