@@ -240,14 +240,25 @@ def attend_token(
         picked = _top_candidates(jnp.where(filled, scores, -jnp.inf), top_k - 1)  # [B, H, k-1]
         slot_of = jnp.take_along_axis(order[:, None, :], jnp.maximum(picked, 0), axis=-1)
         sel = jnp.where(picked >= 0, slot_of, -1)
-        gather = lambda x: jnp.take_along_axis(x, jnp.maximum(sel, 0)[..., None, None], axis=2)
+        # mode="clip" (the indices are valid): the default fill mode masks the whole cache
+        # with a select on every step, a cache-sized read and write per token.
+        gather = lambda x: jnp.take_along_axis(
+            x, jnp.maximum(sel, 0)[..., None, None], axis=2, mode="clip"
+        )
         far_k, far_v = gather(cache.keys), gather(cache.values)  # [B, H, k-1, chunk, N]
         far = jnp.einsum("bhn,bhpcn->bhpc", q32, far_k.astype(jnp.float32), precision=_HIGHEST)
         far = jnp.where((sel >= 0)[..., None], far * scale, -jnp.inf)
         logits.append(far.reshape(batch, heads, -1))
         vals.append(far_v.reshape(batch, heads, -1, n))
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-    values = jnp.concatenate(vals, axis=2).astype(jnp.float32)
-    out = jnp.einsum("bhc,bhcn->bhn", probs, values, precision=_HIGHEST)
+    # Weighted sums part by part: concatenating the values would copy every attended key row.
+    out, start = 0.0, 0
+    for part in vals:
+        width = part.shape[2]
+        weights = lax.slice_in_dim(probs, start, start + width, axis=2)
+        out = out + jnp.einsum(
+            "bhc,bhcn->bhn", weights, part.astype(jnp.float32), precision=_HIGHEST
+        )
+        start += width
 
     return out, cache
