@@ -156,10 +156,12 @@ def test_greedy_tokens_are_the_argmax_chain(decoder, tiny_params):
     prompt = [int(t) for t in _tokens(5, 1, 20)[0]]
     got = greedy_tokens(decoder, [prompt], 12)[0]
     tokens = list(prompt)
+    forward = jax.jit(lambda p, t: RWKVX(TINY).apply({"params": p}, t))
     for _ in range(12):  # one padded shape: the model is causal, so the padding is never read
         padded = np.zeros((1, 32), np.int32)
         padded[0, : len(tokens)] = tokens
-        tokens.append(int(np.argmax(_forward(tiny_params, padded)[0, len(tokens) - 1])))
+        logits = np.asarray(forward(tiny_params, jnp.asarray(padded)))
+        tokens.append(int(np.argmax(logits[0, len(tokens) - 1])))
     assert got.tolist() == tokens[len(prompt) :]
     # The chain repeats tokens, so a default (penalised) sampler would have diverged from it.
     assert len(set(tokens[len(prompt) :])) < 12
