@@ -335,8 +335,7 @@ def _tile_operands(rows, chunk, xs_rows, xs_chunk, chunk_size: int):
       xs_rows: arrays [G, Tp+1, ...] indexed by rows; xs_chunk: arrays [G, Tp, D] sliced by chunk.
     """
     take = jax.vmap(lambda x, r: x[r])
-    cut = jax.vmap(lambda x, c: lax.dynamic_slice_in_dim(x, c * chunk_size, chunk_size, 0))
-    return [take(x, rows) for x in xs_rows], [cut(x, chunk) for x in xs_chunk]
+    return [take(x, rows) for x in xs_rows], list(_chunk_reader(*xs_chunk, chunk_size)(chunk))
 
 
 def _chunk_reader(k, v, chunk_size: int):
