@@ -205,60 +205,112 @@ def attend_token(
     Returns:
       (out [B, H, N] fp32, updated cache).
     """
-    batch, heads, n = q.shape
     chunk = cache.open_keys.shape[2]
-    scale = 1.0 / math.sqrt(n)
+    scale = 1.0 / math.sqrt(q.shape[-1])
     offset = lengths % chunk
+    as_cached = lambda x: x.astype(cache.open_keys.dtype).astype(jnp.float32)
+    q32, k32, v32 = q.astype(jnp.float32), as_cached(k), as_cached(v)
 
-    def put(rows, new):  # one row written in place; invalid sequences rewrite the old row
-        def one(r, x, o, ok):
-            old = lax.dynamic_index_in_dim(r, o, axis=1, keepdims=False)
-            return lax.dynamic_update_index_in_dim(r, jnp.where(ok, x.astype(r.dtype), old), o, 1)
-
-        return jax.vmap(one)(rows, new, offset, valid)
-
-    open_k, open_v = put(cache.open_keys, k), put(cache.open_values, v)
-    q32 = q.astype(jnp.float32)
-    # A token that completes its chunk pushes it first and reads the cache after the write:
-    # the attention then depends on the write, so XLA updates the donated cache in place
-    # (reads that could run after the write made it copy the whole cache every step). The
-    # pushed chunk is the token's own, so it is excluded from the candidates below.
-    own_chunk = lengths // chunk
-    completes = valid & (offset == chunk - 1)
-    cache = cache._replace(open_keys=open_k, open_values=open_v)
-    cache = push_chunks(cache, open_k, open_v, own_chunk, completes, eviction)
-
-    own = jnp.einsum("bhn,bhcn->bhc", q32, open_k.astype(jnp.float32), precision=_HIGHEST)
-    own = jnp.where(jnp.arange(chunk) <= offset[:, None, None], own * scale, -jnp.inf)
-    logits, vals = [own], [open_v]
+    # The own chunk: the open chunk's earlier rows, read where they lie, and the token itself.
+    # Its row is written only after every read (below).
+    earlier = jnp.einsum(
+        "bhn,bhcn->bhc", q32, cache.open_keys.astype(jnp.float32), precision=_HIGHEST
+    )
+    earlier = jnp.where(jnp.arange(chunk) < offset[:, None, None], earlier * scale, -jnp.inf)
+    itself = jnp.sum(q32 * k32, axis=-1) * scale  # [B, H]
+    m = jnp.maximum(earlier.max(axis=-1), itself)
+    p, p_self = jnp.exp(earlier - m[..., None]), jnp.exp(itself - m)
+    acc = _weigh(p, cache.open_values) + p_self[..., None] * v32
+    softmax = (m, p.sum(axis=-1) + p_self, acc)
+    keys, values = cache.keys, cache.values
     if top_k > 1:
-        order = chunk_order(cache)  # slots by chunk index: ties go to the lower chunk
-        means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
-        scores = jnp.einsum("bhn,bhsn->bhs", q32, means, precision=_HIGHEST)
-        ids = jnp.take_along_axis(cache.chunk_ids, order, axis=1)
-        filled = ((ids >= 0) & (ids < own_chunk[:, None]))[:, None, :]
-        picked = _top_candidates(jnp.where(filled, scores, -jnp.inf), top_k - 1)  # [B, H, k-1]
-        slot_of = jnp.take_along_axis(order[:, None, :], jnp.maximum(picked, 0), axis=-1)
-        sel = jnp.where(picked >= 0, slot_of, -1)
-        # mode="clip" (the indices are valid): the default fill mode masks the whole cache
-        # with a select on every step, a cache-sized read and write per token.
-        gather = lambda x: jnp.take_along_axis(
-            x, jnp.maximum(sel, 0)[..., None, None], axis=2, mode="clip"
-        )
-        far_k, far_v = gather(cache.keys), gather(cache.values)  # [B, H, k-1, chunk, N]
-        far = jnp.einsum("bhn,bhpcn->bhpc", q32, far_k.astype(jnp.float32), precision=_HIGHEST)
-        far = jnp.where((sel >= 0)[..., None], far * scale, -jnp.inf)
-        logits.append(far.reshape(batch, heads, -1))
-        vals.append(far_v.reshape(batch, heads, -1, n))
-    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-    # Weighted sums part by part: concatenating the values would copy every attended key row.
-    out, start = 0.0, 0
-    for part in vals:
-        width = part.shape[2]
-        weights = lax.slice_in_dim(probs, start, start + width, axis=2)
-        out = out + jnp.einsum(
-            "bhc,bhcn->bhn", weights, part.astype(jnp.float32), precision=_HIGHEST
-        )
-        start += width
+        sel = _token_selection(q32, cache, lengths // chunk, top_k - 1)  # [B, H, k-1]
+        softmax, (keys, values) = _attend_slots(q32, sel, softmax, (keys, values), scale)
+    m, l, acc = softmax
+    out = acc / l[..., None]
 
+    # The write depends on the reads' result (l >= 1 always: the largest term is exp(0)), so
+    # XLA orders it after them and writes the donated buffers in place; an independent write
+    # made XLA copy the open chunk several times per token.
+    write = valid & jnp.all(l > 0, axis=-1)
+
+    def put(rows, new):  # [B, H, chunk, N] <- [B, H, N] at row offset[b] where write[b]
+        def one(b, rows):
+            start = (b, 0, offset[b], 0)
+            old = lax.dynamic_slice(rows, start, (1, rows.shape[1], 1, rows.shape[3]))
+            row = jnp.where(write[b], new[b].astype(rows.dtype)[None, :, None], old)
+            return lax.dynamic_update_slice(rows, row, start)
+
+        return lax.fori_loop(0, rows.shape[0], one, rows)
+
+    cache = cache._replace(
+        keys=keys,
+        values=values,
+        open_keys=put(cache.open_keys, k),
+        open_values=put(cache.open_values, v),
+    )
+    # The token completes its chunk: move the chunk into the slots (once per chunk, so under
+    # a cond). The slots come back from the read loop, which orders this write after it.
+    completes = write & (offset == chunk - 1)
+    push = lambda c: push_chunks(
+        c, c.open_keys, c.open_values, lengths // chunk, completes, eviction
+    )
+    cache = lax.cond(completes.any(), push, lambda c: c, cache)
     return out, cache
+
+
+def _weigh(p: jax.Array, rows: jax.Array) -> jax.Array:
+    """sum_c p[b, h, c] * rows[b, h, c, :] in fp32: [B, H, C], [B, H, C, N] -> [B, H, N]."""
+    return jnp.einsum("bhc,bhcn->bhn", p, rows.astype(jnp.float32), precision=_HIGHEST)
+
+
+def _token_selection(q32, cache: ChunkKVCache, own_chunk, n_pick: int) -> jax.Array:
+    """int32 [B, H, n_pick]: the slots of each head's best complete chunks, best first, -1
+    where there are fewer candidates (the -1s come last)."""
+    order = chunk_order(cache)  # slots by chunk index: ties go to the lower chunk
+    means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
+    scores = jnp.einsum("bhn,bhsn->bhs", q32, means, precision=_HIGHEST)
+    ids = jnp.take_along_axis(cache.chunk_ids, order, axis=1)
+    filled = ((ids >= 0) & (ids < own_chunk[:, None]))[:, None, :]
+    picked = _top_candidates(jnp.where(filled, scores, -jnp.inf), n_pick)
+    slot_of = jnp.take_along_axis(order[:, None, :], jnp.maximum(picked, 0), axis=-1)
+    return jnp.where(picked >= 0, slot_of, -1)
+
+
+def _attend_slots(q32, sel, softmax, slots, scale):
+    """Adds the selected slots to a running softmax, one pick (all heads) at a time.
+
+    Each step gathers one chunk per head ([B, H, chunk, N], a few MB that stay in cache) for
+    the keys and for the values, so no per-token buffer grows with top_k (large temporaries
+    cost a fresh, page-faulted allocation on every XLA:CPU call). Picks past the last one any
+    head uses are skipped: early in a sequence the step reads the open chunk only.
+
+    Args:
+      q32: [B, H, N] fp32 queries; sel: int32 [B, H, n] slots, -1 for none (trailing).
+      softmax: (max [B, H], sum [B, H], weighted values [B, H, N]) so far.
+      slots: (keys, values) [B, H, S, chunk, N], passed through the loop and returned (update
+        those, not the inputs, so XLA can write them in place).
+    """
+
+    def step(i, carry):
+        (m, l, acc), (keys, values) = carry
+        pick = lax.dynamic_index_in_dim(sel, i, axis=2, keepdims=False)  # [B, H]
+        take = lambda x: jnp.take_along_axis(
+            x, jnp.maximum(pick, 0)[..., None, None, None], axis=2, mode="clip"
+        )[:, :, 0]
+        s = jnp.einsum("bhn,bhcn->bhc", q32, take(keys).astype(jnp.float32), precision=_HIGHEST)
+        s = jnp.where((pick >= 0)[..., None], s * scale, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        state = (
+            m_new,
+            l * rescale + p.sum(axis=-1),
+            acc * rescale[..., None] + _weigh(p, take(values)),
+        )
+        # Opaque to the while-loop simplifier, which would hand back the loop's input (still
+        # live after the loop, so XLA would copy the whole cache for the loop).
+        return state, lax.optimization_barrier((keys, values))
+
+    n_used = jnp.max(jnp.sum(sel >= 0, axis=-1))
+    return lax.fori_loop(0, n_used, step, (softmax, slots))
