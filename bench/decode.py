@@ -452,10 +452,15 @@ def weight_bytes_per_token(params) -> int:
     return total - table.nbytes + table.nbytes // table.shape[0]
 
 
-def attended_kv_bytes(config: RWKVXConfig) -> int:
-    """Keys and values one decode step reads per sequence: top_k chunks per sparse block."""
+def attended_kv_bytes(config: RWKVXConfig, context: int | None = None) -> int:
+    """Keys and values one decode step reads per sequence at `context` tokens: per sparse block
+    the whole open chunk (read in full, rows past the token masked) plus up to top_k - 1
+    complete chunks (as many as exist). None: the most, top_k chunks."""
     itemsize = jnp.dtype(config.dtype).itemsize
-    per_block = 2 * config.top_k * config.chunk_size * config.n_embd * itemsize
+    chunks = config.top_k
+    if context is not None:
+        chunks = 1 + min(config.top_k - 1, context // config.chunk_size)
+    per_block = 2 * chunks * config.chunk_size * config.n_embd * itemsize
     return config.n_attn_layer * per_block
 
 
@@ -566,13 +571,14 @@ def run_vs_official(args) -> None:
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
     state_dict = random_state_dict(config, seed=0)
-    floors, timings = {}, {}
+    floors, timings, weight_bytes, configs = {}, {}, {}, {}
     for dtype in ("float32", "bfloat16"):
         cfg = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(jnp.asarray, params_from_state_dict(state_dict, cfg))
         weights = weight_bytes_per_token(params)
         kv = attended_kv_bytes(cfg)
         floors[dtype] = weights / bandwidth
+        weight_bytes[dtype], configs[dtype] = weights, cfg
         print(
             f"{dtype}: weights read per token {weights / 1e6:.0f} MB -> floor "
             f"{1e3 * floors[dtype]:.1f} ms/token (with the attended KV, {kv / 1e6:.0f} MB more: "
@@ -609,16 +615,28 @@ def run_vs_official(args) -> None:
         f"\nfloor = weights read per token / {bandwidth / 1e9:.1f} GB/s: "
         f"fp32 {1e3 * floors['float32']:.1f} ms, bf16 {1e3 * floors['bfloat16']:.1f} ms"
     )
-    print("\n| implementation | context | ms/token | vs official | vs own-dtype floor |")
-    print("|---|---|---|---|---|")
+    print(
+        "(+ KV: the keys and values the step must read besides: per sparse block the open chunk "
+        "and the complete chunks it picks, up to top_k - 1)"
+    )
+    print(
+        "\n| implementation | context | ms/token | vs official | vs own-dtype floor "
+        "| vs floor + KV |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, by_ctx in timings.items():
-        floor = floors["bfloat16" if "bf16" in name else "float32"]
+        dtype = "bfloat16" if "bf16" in name else "float32"
         for ctx, t in by_ctx.items():
             ms = 1e3 * float(np.median(t))
             vs_official = (
                 f"{ms / (1e3 * float(np.median(official[ctx]))):.2f}x" if official else "n/a"
             )
-            print(f"| {name} | {short(ctx)} | {ms:.1f} | {vs_official} | {ms / 1e3 / floor:.2f}x |")
+            kv = attended_kv_bytes(configs[dtype], ctx - boundary)
+            with_kv = 1e3 * (weight_bytes[dtype] + kv) / bandwidth
+            print(
+                f"| {name} | {short(ctx)} | {ms:.1f} | {vs_official} "
+                f"| {ms / 1e3 / floors[dtype]:.2f}x | {ms / with_kv:.2f}x |"
+            )
 
     single = batches[1]["tok_s"]
     print(

@@ -4,6 +4,7 @@ from rwkvx_jax.api import forward, load
 from rwkvx_jax.config import PRESETS, ConfigError, RWKVXConfig, preset
 from rwkvx_jax.convert_files import convert_pth, export_pth, export_safetensors
 from rwkvx_jax.decode import DecodeConfig, Decoder
+from rwkvx_jax.decode_weights import DecodeWeights, prepare_decode_weights
 from rwkvx_jax.model import RWKVX
 from rwkvx_jax.official_attention import OfficialAttention
 from rwkvx_jax.sampling import SamplingConfig
@@ -15,6 +16,7 @@ __all__ = [
     "ByteTokenizer",
     "ConfigError",
     "DecodeConfig",
+    "DecodeWeights",
     "Decoder",
     "OfficialAttention",
     "RWKVXConfig",
@@ -25,6 +27,7 @@ __all__ = [
     "export_safetensors",
     "forward",
     "load",
+    "prepare_decode_weights",
     "preset",
     "tokenizer_for_vocab",
 ]

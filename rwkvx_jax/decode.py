@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,12 @@ import numpy as np
 
 from rwkvx_jax.config import ConfigError, RWKVXConfig
 from rwkvx_jax.decode_state import DecodeState, cache_slots, init_decode_state
+from rwkvx_jax.decode_weights import (
+    KERNEL_LAYOUTS,
+    DecodeWeights,
+    dense_layout,
+    prepare_decode_weights,
+)
 from rwkvx_jax.kv_cache import EVICTION_POLICIES
 from rwkvx_jax.model import RWKVX
 from rwkvx_jax.official_attention import FlatKVCache, OfficialAttention
@@ -45,6 +52,10 @@ class DecodeConfig:
         `cache_size` is a hard capacity, each prefill is one call, and `official` holds the
         official runtime's settings).
       official: settings of the official mode.
+      kernel_layout: how the decoder stores the dense kernels it reads every token:
+        "auto" (default: "out_in" on CPU, "in_out" elsewhere), "in_out" (as trained) or
+        "out_in" (a transposed copy, faster matrix-vector products on CPU; see
+        `rwkvx_jax.decode_weights`).
     """
 
     cache_size: int | None = None
@@ -52,6 +63,7 @@ class DecodeConfig:
     prefill_chunk: int | None = None
     attention_mode: str = "train"
     official: OfficialAttention = OfficialAttention()
+    kernel_layout: str = "auto"
 
     def __post_init__(self):
         if self.attention_mode not in ("train", "official"):
@@ -60,6 +72,10 @@ class DecodeConfig:
             )
         if self.eviction not in EVICTION_POLICIES:
             raise ConfigError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
+        if self.kernel_layout not in KERNEL_LAYOUTS:
+            raise ConfigError(
+                f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}"
+            )
         for name in ("cache_size", "prefill_chunk"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -120,30 +136,44 @@ class Decoder:
       logits, state = decoder.step(jnp.array([6, 7]), state)
     """
 
-    def __init__(self, config: RWKVXConfig, params, decode_config: DecodeConfig | None = None):
-        if "params" in params and len(params) == 1:
-            params = params["params"]
+    def __init__(
+        self,
+        config: RWKVXConfig,
+        params: Any | DecodeWeights,
+        decode_config: DecodeConfig | None = None,
+    ):
+        """Args:
+        config: the model.
+        params: its Flax parameters ({"params": tree} or the tree), or `DecodeWeights` from
+          `prepare_decode_weights` (share one between decoders of one model: with
+          kernel_layout "out_in" each decoder built from plain params holds its own
+          transposed copy of the kernels).
+        decode_config: decoding settings (defaults: `DecodeConfig()`).
+        """
         self.config = config
-        self.params = params
         self.decode_config = (decode_config or DecodeConfig()).resolve(config)
         dc = self.decode_config
+        # The weights the compiled functions take: see `rwkvx_jax.decode_weights`.
+        self.weights = prepare_decode_weights(params, dc.kernel_layout)
         self.official = dc.attention_mode == "official"
         policy = dc.official if self.official else dc.eviction
         piece_model = RWKVX(config)
         # One token: the WKV scan is one step; the chunked form would pad it to a whole chunk.
         step_model = RWKVX(dataclasses.replace(config, wkv_backend="reference"))
 
-        def run_piece(params, state, tokens, n_valid):
-            return piece_model.apply(
-                {"params": params}, tokens, decode_state=state, n_valid=n_valid,
-                cache_policy=policy, last_logits_only=True,
-            )  # fmt: skip
+        def run_piece(weights, state, tokens, n_valid):
+            with dense_layout(weights.transposed):
+                return piece_model.apply(
+                    {"params": weights.rest}, tokens, decode_state=state, n_valid=n_valid,
+                    cache_policy=policy, last_logits_only=True,
+                )  # fmt: skip
 
-        def run_step(params, state, tokens, valid):
-            return step_model.apply(
-                {"params": params}, tokens[:, None], decode_state=state,
-                n_valid=valid.astype(jnp.int32), cache_policy=policy, last_logits_only=True,
-            )  # fmt: skip
+        def run_step(weights, state, tokens, valid):
+            with dense_layout(weights.transposed):
+                return step_model.apply(
+                    {"params": weights.rest}, tokens[:, None], decode_state=state,
+                    n_valid=valid.astype(jnp.int32), cache_policy=policy, last_logits_only=True,
+                )  # fmt: skip
 
         self._run_step = run_step
         self._piece = jax.jit(run_piece, donate_argnums=(1,))
@@ -209,7 +239,7 @@ class Decoder:
         for start in starts:
             n_valid = np.clip(lengths - start, 0, piece).astype(np.int32)
             piece_logits, state = self._piece(
-                self.params, state, jnp.asarray(padded[:, start : start + piece]), n_valid
+                self.weights, state, jnp.asarray(padded[:, start : start + piece]), n_valid
             )
             # A row's last token lies in the last piece where it still had tokens.
             has = jnp.asarray(n_valid > 0)[:, None]
@@ -231,16 +261,16 @@ class Decoder:
         if valid is None:
             valid = jnp.ones(tokens.shape, bool)
         self._check_capacity(state, np.asarray(valid, np.int32))
-        return self._step(self.params, state, tokens, jnp.asarray(valid, bool))
+        return self._step(self.weights, state, tokens, jnp.asarray(valid, bool))
 
     def _advance(self, sampling: SamplingConfig):
         """Jitted sample-then-step for one sampling config: one dispatch per generated token."""
         if sampling not in self._advance_fns:
 
-            def advance(params, state, sampler, logits, active, token_weights):
+            def advance(weights, state, sampler, logits, active, token_weights):
                 tokens, sampler = sample(logits, sampler, sampling, token_weights)
                 active = active & ~is_stop(tokens, sampling)
-                logits, state = self._run_step(params, state, tokens, active)
+                logits, state = self._run_step(weights, state, tokens, active)
                 return tokens, active, logits, state, sampler
 
             self._advance_fns[sampling] = jax.jit(advance, donate_argnums=(1, 2))
@@ -285,7 +315,7 @@ class Decoder:
         advance = self._advance(sampling)
         for _ in range(max_new_tokens):
             tokens, now_active, logits, state, sampler = advance(
-                self.params, state, sampler, logits, active, token_weights
+                self.weights, state, sampler, logits, active, token_weights
             )
             out = np.where(np.asarray(active) & np.asarray(now_active), np.asarray(tokens), -1)
             active = now_active

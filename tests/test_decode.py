@@ -137,6 +137,7 @@ def test_rwkv7_only_model_decodes():
         ({"cache_size": 32}, "needs at least 2"),
         ({"eviction": "lru"}, "eviction must be one of"),
         ({"prefill_chunk": 0}, "positive int"),
+        ({"kernel_layout": "column"}, "kernel_layout must be one of"),
     ],
 )
 def test_bad_decode_config_is_rejected(tiny_params, kwargs, match):
@@ -180,8 +181,8 @@ def test_compiled_piece_and_step_never_copy_the_kv_cache(tiny_params):
         cache = next(b.cache for b in state.blocks.values() if hasattr(b, "cache"))
         shape = lambda x: "f32[" + ",".join(map(str, x.shape)) + "]"
         tokens = jnp.zeros((batch, 48), jnp.int32)
-        piece = dec._piece.lower(dec.params, state, tokens, np.array([48, 30][:batch], np.int32))
-        step = dec._step.lower(dec.params, state, tokens[:, 0], jnp.ones(batch, bool)).compile()
+        piece = dec._piece.lower(dec.weights, state, tokens, np.array([48, 30][:batch], np.int32))
+        step = dec._step.lower(dec.weights, state, tokens[:, 0], jnp.ones(batch, bool)).compile()
         checks = (
             ("prefill piece", piece.compile(), [shape(cache.keys)]),
             ("step", step, [shape(cache.keys), shape(cache.open_keys)]),
@@ -195,3 +196,54 @@ def test_compiled_piece_and_step_never_copy_the_kv_cache(tiny_params):
             cache_bytes.append(2 * cache.keys.nbytes)
     growth = (temps[1] - temps[0]) / (cache_bytes[1] - cache_bytes[0])
     assert growth < 0.1, f"step temporaries {temps} grow with the cache {cache_bytes}"
+
+
+def test_kernel_layouts_decode_alike(tiny_params):
+    """Layout "out_in" (the CPU default: every Dense kernel but the head's kept transposed, read
+    through an interceptor) decodes like the as-trained "in_out", and the compiled step reads
+    the transposed kernels as they lie: computing x @ kernel.T instead makes XLA transpose every
+    kernel inside the batch-1 step (this check then fails), slower than no layout change."""
+    prompt, steps = _tokens(3, 2, 40), _tokens(4, 2, 6)
+    outputs, compiled = {}, {}
+    for layout in ("in_out", "out_in"):
+        dc = DecodeConfig(cache_size=8 * 16, prefill_chunk=32, kernel_layout=layout)
+        dec = Decoder(TINY, tiny_params, dc)
+        logits, state = dec.prefill(prompt)
+        got = [np.asarray(logits)]
+        # Batch 1: the matrix-vector form, where XLA materialised the transposes.
+        one = dec.init_state(1)
+        compiled[layout] = dec._step.lower(dec.weights, one, steps[:1, 0], jnp.ones(1, bool))
+        for t in range(steps.shape[1]):
+            logits, state = dec.step(steps[:, t], state)
+            got.append(np.asarray(logits))
+        outputs[layout] = np.stack(got)
+        weights = dec.weights
+    assert _rel(outputs["out_in"], outputs["in_out"]) < 1e-5
+    moved = weights.transposed
+    assert set(moved) == {
+        "/".join(path[:-1])
+        for path, x in _flat(tiny_params).items()
+        if path[-1] == "kernel" and path[0] != "head"
+    }
+    for name, kernel in moved.items():
+        (*path,) = name.split("/")
+        original = _flat(tiny_params)[(*path, "kernel")]
+        np.testing.assert_array_equal(np.asarray(kernel), np.asarray(original).T)
+    assert "key" not in weights.rest["blocks_0"]["att"]  # its only parameter moved
+    text = compiled["out_in"].compile().as_text()
+    shapes = {f"f32[{a},{b}]" for x in moved.values() for a, b in (x.shape, x.shape[::-1])}
+    transposing = [
+        line
+        for line in text.splitlines()
+        if (" transpose(" in line or " copy(" in line)
+        and any(s in line.split("=")[1] for s in shapes)
+    ]
+    assert not transposing, "\n".join(transposing[:3])
+    # Prepared weights are shared, not copied again.
+    assert Decoder(TINY, weights, DecodeConfig(cache_size=8 * 16)).weights is weights
+
+
+def _flat(params):
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(params)

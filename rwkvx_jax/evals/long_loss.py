@@ -31,6 +31,7 @@ import numpy as np
 
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decode import DecodeConfig, Decoder
+from rwkvx_jax.decode_weights import prepare_decode_weights
 from rwkvx_jax.evals._common import (
     Parser,
     UsageError,
@@ -104,6 +105,7 @@ class PositionLoss:
 
         self._piece = jax.jit(piece_losses, donate_argnums=(1,))
         self._decoders: dict[int | None, Decoder] = {}
+        self._decode_weights = None
 
     def decoder(self, longest: int) -> Decoder:
         """The resolved decode settings and state factory for sequences up to `longest`."""
@@ -113,7 +115,9 @@ class PositionLoss:
             cache = max(-(-longest // chunk) + 1, max(self.config.top_k - 1, 1) + 1) * chunk
         if cache not in self._decoders:
             dc = dataclasses.replace(self.decode_config, cache_size=cache)
-            self._decoders[cache] = Decoder(self.config, self.params, dc)
+            if self._decode_weights is None:  # one copy for every cache size's decoder
+                self._decode_weights = prepare_decode_weights(self.params, dc.kernel_layout)
+            self._decoders[cache] = Decoder(self.config, self._decode_weights, dc)
         return self._decoders[cache]
 
     def losses(

@@ -36,6 +36,7 @@ import numpy as np
 
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decode import DecodeConfig, Decoder
+from rwkvx_jax.decode_weights import prepare_decode_weights
 from rwkvx_jax.evals._common import (
     Parser,
     UsageError,
@@ -574,6 +575,7 @@ class PasskeyEvaluator:
         self.batch_size = batch_size
         self.reuse_prefix = reuse_prefix and self.decode_config.attention_mode == "train"
         self._decoders: dict[int | None, Decoder] = {}
+        self._decode_weights = None
 
     def settings(self, model_name: str) -> dict:
         """What the results depend on; a results directory holds one such setting."""
@@ -616,7 +618,9 @@ class PasskeyEvaluator:
             cache = max(-(-need // chunk) + 1, max(self.config.top_k - 1, 1) + 1) * chunk
         if cache not in self._decoders:
             dc = dataclasses.replace(self.decode_config, cache_size=cache)
-            self._decoders[cache] = Decoder(self.config, self.params, dc)
+            if self._decode_weights is None:  # one copy for every cache size's decoder
+                self._decode_weights = prepare_decode_weights(self.params, dc.kernel_layout)
+            self._decoders[cache] = Decoder(self.config, self._decode_weights, dc)
         return self._decoders[cache]
 
     def run(
