@@ -25,9 +25,10 @@
     `forward(token, state)`) after contexts of 2K and 8K tokens (the same random tokens; each
     side builds its context with its own prefill, the 8K context continuing the 2K one). The
     memory-bandwidth floor is measured in the same run: bytes of weights read per token (every
-    parameter except the embedding table, of which one row) / the read bandwidth of a jitted
-    `jnp.sum` over a 1 GiB fp32 array (best of several). Then tokens/s at batch 8 and 32 (fp32,
-    2K context: one sequence's prefilled state replicated to every row).
+    parameter except the embedding table, of which one row) / the best read bandwidth of
+    jitted reads of a 1 GiB fp32 array (a sum, row sums, a matrix-vector product). Then
+    tokens/s at batch 8 and 32 (fp32, 2K context: one sequence's prefilled state replicated to
+    every row).
 
 Prints progress bars, the measurements, and Markdown tables with the ratios. CPU timings on a
 shared machine are noisy: compare ratios measured in one run, not numbers across runs.
@@ -421,18 +422,21 @@ def time_prefill_pieces(decoder: Decoder, state, rng, repeats: int) -> float:
 
 
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Best-of-`repeats` bytes/s of jitted fp32 reductions over a `gib` GiB array.
+    """Best-of-`repeats` bytes/s of jitted fp32 reads of a `gib` GiB array.
 
-    Two layouts of the same reduction (a flat sum, and per-row sums of [64, n/64] that XLA
-    can split across cores); the faster counts. The best, not the mean: a slow repeat (another
-    job on the cores) must not lower the floor, which would flatter the ratios against it.
+    Three reads of the same array: a flat sum, per-row sums of [64, n/64] (XLA can split them
+    across cores), and a matrix-vector product of [n/1024, 1024] (the op a decode step is made
+    of); the fastest counts. The best, not the mean: a slow repeat (another job on the cores)
+    must not lower the floor, which would flatter the ratios against it.
     """
     n = int(gib * 2**30) // 4
-    n -= n % 64
+    n -= n % (64 * 1024)
     x = jnp.ones((n,), jnp.float32) + 0  # materialised, not a broadcast constant
+    vector = jnp.ones((1024,), jnp.float32)
     variants = {
         "sum": jax.jit(jnp.sum),
         "row sums": jax.jit(lambda a: jnp.sum(a.reshape(64, -1), axis=1)),
+        "matrix-vector": jax.jit(lambda a: a.reshape(-1, 1024) @ vector),
     }
     best = float("inf")
     for fn in variants.values():
@@ -566,7 +570,7 @@ def run_vs_official(args) -> None:
         f"context - {boundary}, {warmup} warm-up + {steps} timed steps (median)"
     )
 
-    tqdm.write("measuring read bandwidth (jitted fp32 sum over 1 GiB, best of 7)...")
+    tqdm.write("measuring read bandwidth (jitted fp32 reads of 1 GiB, best of 7)...")
     bandwidth = measure_read_bandwidth(args.bandwidth_gib)
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
 

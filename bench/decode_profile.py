@@ -7,7 +7,7 @@ Builds the context with a real `prefill`, then traces `--steps` compiled steps w
 profiler (XLA:CPU records every executed op) and adds the ops' times up by the part of the model
 their HLO metadata names: the RWKV-7 blocks, the sparse blocks' projections and channel mix, the
 sparse blocks' attention over the KV cache, the head, and the rest. Each part's weight bytes
-give its achieved read bandwidth, next to the bandwidth of a jitted `jnp.sum` over 1 GiB
+give its achieved read bandwidth, next to the best bandwidth of jitted reads of a 1 GiB array
 measured in the same run (the floor `bench/decode.py --vs-official` uses). The op times are
 summed as recorded (ops of one step hardly ever overlap on XLA:CPU); the step's wall time is
 printed beside them.
@@ -156,7 +156,7 @@ def main() -> None:
         or max(4, -(-(args.context + args.warmup + 2 * args.steps) // config.chunk_size) + 1)
         * config.chunk_size
     )
-    tqdm.write("measuring read bandwidth (jitted fp32 sum over 1 GiB, best of 7)...")
+    tqdm.write("measuring read bandwidth (jitted fp32 reads of 1 GiB, best of 7)...")
     bandwidth = measure_read_bandwidth()
     params = jax.tree.map(jnp.asarray, params_from_state_dict(random_state_dict(config), config))
     decoder = Decoder(config, params, DecodeConfig(cache_size=cache))
@@ -183,12 +183,14 @@ def main() -> None:
     times = trace_op_times(lambda: run_steps(args.steps, True), args.steps)
     ms = [0.0] * len(PARTS)
     dot_ms = [0.0] * len(PARTS)
+    largest = [collections.Counter() for _ in PARTS]
     for name, us in times.items():
         if name in parts:
             index, opcode = parts[name]
             if opcode in ("while", "conditional", "call"):
                 continue  # containers: their ops are recorded themselves
             ms[index] += us / 1e3
+            largest[index][f"{re.sub(r'[.][0-9]+$', '', name)} ({opcode})"] += us / 1e3
             if opcode == "dot" or name.startswith(("dot", "ynn")):
                 dot_ms[index] += us / 1e3
     weights = weight_bytes(params)
@@ -212,6 +214,10 @@ def main() -> None:
             f"| {part} | {ms[i]:.2f} | {ms[i] / sum(ms):.0%} | {dot_ms[i]:.2f} "
             f"| {weights[i] / 1e6:.1f} | {rate} |"
         )
+    print("\nlargest op kinds per part (ms/step):")
+    for i, part in enumerate(PARTS):
+        top = ", ".join(f"{k} {v:.2f}" for k, v in largest[i].most_common(4))
+        print(f"- {part}: {top}")
 
 
 if __name__ == "__main__":
