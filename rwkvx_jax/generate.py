@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from rwkvx_jax.cli import run_cli
 from rwkvx_jax.config import RWKVXConfig, preset
 from rwkvx_jax.decode import DecodeConfig, Decoder
 from rwkvx_jax.decode_state import DecodeState
@@ -484,20 +485,7 @@ def run(args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (errors: one line on stderr)."""
     args = _parser().parse_args(argv)
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="replace")
-    try:
-        run(args)
-    except (ValueError, OSError) as err:
-        # Every user-facing error of this package is a ValueError subclass with the reason in
-        # its message (ConfigError, CheckpointError, StateFileError, StateMismatchError, ...).
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import uuid
 from collections.abc import Callable
 
@@ -140,23 +139,6 @@ def prepare_out_dir(out_dir: str) -> str:
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
     return out_dir
-
-
-def run_cli(prog: str, run: Callable[[], None]) -> int:
-    """Runs a CLI body; user errors become one line on stderr and exit status 1."""
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="replace")
-    try:
-        run()
-    except (ValueError, OSError) as err:
-        # The package's user-facing errors are ValueError subclasses with the reason inside.
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
 
 
 def finite_or_nan(value: float) -> str:

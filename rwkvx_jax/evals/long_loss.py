@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from rwkvx_jax.cli import run_cli
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decode import DecodeConfig, Decoder
 from rwkvx_jax.decode_weights import prepare_decode_weights
@@ -42,7 +43,6 @@ from rwkvx_jax.evals._common import (
     load_model,
     parse_token_count,
     prepare_out_dir,
-    run_cli,
     write_atomically,
 )
 from rwkvx_jax.kv_cache import EVICTION_POLICIES

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwkvx_jax.cli import run_cli
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decode import DecodeConfig, Decoder
 from rwkvx_jax.decode_weights import prepare_decode_weights
@@ -46,7 +47,6 @@ from rwkvx_jax.evals._common import (
     load_model,
     parse_lengths,
     prepare_out_dir,
-    run_cli,
     write_atomically,
 )
 from rwkvx_jax.kv_cache import EVICTION_POLICIES
