@@ -145,9 +145,9 @@ class Decoder:
         """Args:
         config: the model.
         params: its Flax parameters ({"params": tree} or the tree), or `DecodeWeights` from
-          `prepare_decode_weights` (share one between decoders of one model: with
-          kernel_layout "out_in" each decoder built from plain params holds its own
-          transposed copy of the kernels).
+          `prepare_decode_weights`, used as prepared (`decode_config.kernel_layout` does not
+          apply to them): share one between decoders of one model, since with kernel_layout
+          "out_in" each decoder built from plain params holds its own transposed copy.
         decode_config: decoding settings (defaults: `DecodeConfig()`).
         """
         self.config = config
