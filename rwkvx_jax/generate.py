@@ -384,8 +384,13 @@ def read_batch_file(path: str) -> list[str]:
     return prompts
 
 
-def _decode_config(args, config: RWKVXConfig, saved: dict | None) -> DecodeConfig:
-    """The decode settings from the flags, reconciled with a saved state's (if any)."""
+def _decode_config(args, config: RWKVXConfig, saved: dict | None, batch: int) -> DecodeConfig:
+    """The decode settings from the flags, reconciled with a saved state's (if any).
+
+    One prompt keeps the kernel layout that reads fastest at batch 1 ("auto"); a batch of
+    prompts keeps the kernels as trained, which XLA:CPU multiplies faster at batch 2-32 (see
+    `rwkvx_jax.decode_weights`).
+    """
     cache_size, mode = args.cache_size, args.attention_mode
     eviction = args.eviction
     if saved is not None:
@@ -411,6 +416,7 @@ def _decode_config(args, config: RWKVXConfig, saved: dict | None) -> DecodeConfi
         eviction=eviction or "distinct",
         prefill_chunk=prefill_chunk,
         attention_mode=mode or "train",
+        kernel_layout="auto" if batch == 1 else "in_out",
     )
     return decode_config.resolve(config)
 
@@ -454,7 +460,7 @@ def run(args) -> None:
     if args.state_in is not None:
         saved = read_state_metadata(args.state_in)
         state = load_state(args.state_in, config)
-    decode_config = _decode_config(args, config, saved)
+    decode_config = _decode_config(args, config, saved, len(prompts))
     stream = len(prompts) == 1
     result: dict = {}
     texts = generate_text(

@@ -1,5 +1,6 @@
 """Decode-state files (`state_io`) and text generation (`generate_text`, the generate CLI)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -303,7 +304,9 @@ def test_cli_batch_file(monkeypatch, capsys, tmp_path, generator, uninterrupted)
     """In-process: `generate_text` builds a generator equal to the shared one; reuse its code."""
 
     def same_generator(config, params, decode_config, tokenizer=None):
-        assert config == TINY and decode_config == generator.decoder.decode_config
+        # A batch keeps the kernels as trained (same outputs: test_kernel_layouts_decode_alike).
+        expected = dataclasses.replace(generator.decoder.decode_config, kernel_layout="in_out")
+        assert config == TINY and decode_config == expected
         return generator
 
     monkeypatch.setattr(generate_cli, "TextGenerator", same_generator)
@@ -359,3 +362,12 @@ def test_cli_bad_inputs(capsys, tmp_path):
         assert main([str(a) for a in args]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_cli_kernel_layout_follows_the_batch():
+    """One prompt: the layout fastest at batch 1 ("auto"); a batch file: kernels as trained,
+    which XLA:CPU multiplies faster at batch 2-32 (measured in docs/BENCHMARKS.md)."""
+    config = preset("tiny")
+    args = generate_cli._parser().parse_args(["--demo", "--prompt", "hi"])
+    layouts = [generate_cli._decode_config(args, config, None, n).kernel_layout for n in (1, 3)]
+    assert layouts == ["auto", "in_out"]
