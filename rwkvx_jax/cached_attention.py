@@ -6,11 +6,12 @@ to every key of its top (k - 1) complete earlier chunks ranked by `q . mean(k)` 
 the lower chunk index). The earlier chunks come from the cache's slots and, for a piece, from
 chunks completed inside the piece.
 
-A piece is laid out in a chunk-aligned *window*: the cache's open chunk followed by the piece,
-with the piece's first token at row `length % chunk`. The window's chunk j is the sequence's
-chunk `length // chunk + j`, so the own-chunk part is plain chunk-local causal attention over
-the window and the candidates are [cache slots..., earlier window chunks], already in chunk
-order. Sequences of one batch may have different lengths: every step is per row.
+A piece's keys are laid out in a chunk-aligned *window*: the cache's open chunk followed by the
+piece, with the piece's first token at row `length % chunk`. The window's chunk j is the
+sequence's chunk `length // chunk + j`, so the own-chunk part is causal attention of the
+piece's rows inside their window chunk (the open chunk's rows are keys only) and the
+candidates are [cache slots..., earlier window chunks], already in chunk order. Sequences of
+one batch may have different lengths: every step is per row.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from jax import lax
 
 from pallas_kernels.topk_attention.xla_chunked import (
     selected_chunks_attention_sources,
-    topk_chunk_attention,
 )
 from rwkvx_jax.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
 
@@ -97,9 +97,9 @@ def attend_piece(
             base = base.at[:, :chunk].set(jnp.swapaxes(open_rows, 1, 2).astype(rows.dtype))
         return _place_rows(base, rows, offset)
 
-    wq, wk, wv = window(None, q), window(cache.open_keys, k), window(cache.open_values, v)
-    out, lse = topk_chunk_attention(wq, wk, wv, chunk_size=chunk, top_k=1, return_lse=True)
-    out = out.astype(jnp.float32)
+    wk, wv = window(cache.open_keys, k), window(cache.open_values, v)
+    # Only the piece's rows are queries (the window's other rows are keys only).
+    out, lse = _own_chunk_attention(q, wk, wv, offset, chunk)
 
     if top_k > 1:
         window_means = chunk_mean(jnp.swapaxes(wk.reshape(batch, n_window, chunk, heads, n), 2, 3))
@@ -109,13 +109,12 @@ def attend_piece(
         slot_means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
         means = jnp.concatenate([slot_means, jnp.swapaxes(window_means, 1, 2)], axis=2)
         scores = jnp.einsum(
-            "bthn,bhjn->bthj", wq.astype(jnp.float32), means, precision=_HIGHEST
-        )  # [B, width, H, S + n_window]
-        query_chunk = jnp.arange(width) // chunk
+            "bthn,bhjn->bthj", q.astype(jnp.float32), means, precision=_HIGHEST
+        )  # [B, P, H, S + n_window]
+        query_chunk = (offset[:, None] + jnp.arange(piece)) // chunk  # window chunk of each row
         filled = jnp.take_along_axis(cache.chunk_ids, order, axis=1) >= 0
-        slot_ok = jnp.broadcast_to(filled[:, None, :], (batch, width, n_slots))
-        window_ok = jnp.arange(n_window)[None, :] < query_chunk[:, None]
-        window_ok = jnp.broadcast_to(window_ok, (batch, width, n_window))
+        slot_ok = jnp.broadcast_to(filled[:, None, :], (batch, piece, n_slots))
+        window_ok = jnp.arange(n_window)[None, None, :] < query_chunk[:, :, None]
         ok = jnp.concatenate([slot_ok, window_ok], axis=-1)[:, :, None, :]
         picked = _top_candidates(jnp.where(ok, scores, -jnp.inf), top_k - 1)
         # Back from chunk-order positions to slot indices (window chunks follow the S slots).
@@ -128,7 +127,7 @@ def attend_piece(
         # back through the read loop and the pushes below update those, in place.
         slot_rows = lambda x: x.reshape(batch, heads, n_slots * chunk, n)
         far_out, far_lse, (key_back, value_back) = selected_chunks_attention_sources(
-            wq,
+            q,
             [slot_rows(cache.keys), jnp.swapaxes(wk, 1, 2)],
             [slot_rows(cache.values), jnp.swapaxes(wv, 1, 2)],
             sel,
@@ -140,8 +139,57 @@ def attend_piece(
             values=value_back[0].reshape(cache.values.shape),
         )
 
-    out = _take_rows(out, offset, piece)
     return out, _absorb_window(cache, wk, wv, lengths, offset + n_valid, eviction)
+
+
+def _own_chunk_attention(q, wk, wv, offset, chunk: int, block: int = 128):
+    """Causal attention of the piece's rows inside their own chunk of the window.
+
+    Args:
+      q: [B, P, H, N] the piece; row i sits at window row offset[b] + i.
+      wk, wv: [B, width, H, N] the window (open chunk + piece, chunk-aligned).
+      offset: int32 [B]; chunk: the chunk size; block: query rows per step.
+
+    Returns:
+      (out [B, P, H, N] fp32, lse [B, P, H] fp32). Each block of queries reads the keys from
+      the start of its first row's chunk on (chunk + block rows), so the cost follows the
+      piece, not the window (whose open-chunk rows are keys only).
+    """
+    batch, piece, heads, n = q.shape
+    block = min(block, piece)
+    n_blocks = -(-piece // block)
+    span = chunk + block
+    scale = 1.0 / math.sqrt(n)
+    # Zero rows after the window, so every block's key slice lies inside (never clamped).
+    pad = max(0, 2 * chunk + n_blocks * block - wk.shape[1])
+    grow = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    wk, wv = grow(wk), grow(wv)
+    q = jnp.pad(q, ((0, 0), (0, n_blocks * block - piece), (0, 0), (0, 0)))
+    take = jax.vmap(lambda x, s: lax.dynamic_slice_in_dim(x, s, span, axis=0))
+
+    def one_block(i):
+        rows = offset[:, None] + i * block + jnp.arange(block)  # [B, block] window rows
+        start = (rows[:, 0] // chunk) * chunk  # [B]
+        keys_at = start[:, None] + jnp.arange(span)  # [B, span]
+        ok = (keys_at[:, None, :] // chunk == rows[:, :, None] // chunk) & (
+            keys_at[:, None, :] <= rows[:, :, None]
+        )  # [B, block, span]: same chunk, causal (a row always sees itself)
+        q_i = lax.dynamic_slice_in_dim(q, i * block, block, axis=1).astype(jnp.float32)
+        k_i = take(wk, start).astype(jnp.float32)
+        s = jnp.einsum("bqhn,bkhn->bhqk", q_i, k_i, precision=_HIGHEST) * scale
+        s = jnp.where(ok[:, None], s, -jnp.inf)
+        m = s.max(axis=-1)
+        p = jnp.exp(s - m[..., None])
+        l = p.sum(axis=-1)
+        o = jnp.einsum(
+            "bhqk,bkhn->bqhn", p, take(wv, start).astype(jnp.float32), precision=_HIGHEST
+        )
+        o = o / jnp.swapaxes(l, 1, 2)[..., None]
+        return o, jnp.swapaxes(m + jnp.log(l), 1, 2)  # [B, block, H, N], [B, block, H]
+
+    out, lse = lax.map(one_block, jnp.arange(n_blocks))  # [n_blocks, B, block, ...]
+    join = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, n_blocks * block, *x.shape[3:])[:, :piece]
+    return join(out), join(lse)
 
 
 def _absorb_window(cache, wk, wv, lengths, filled, eviction):
