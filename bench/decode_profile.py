@@ -48,6 +48,8 @@ PARTS = (
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\((.*)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _OPERAND = re.compile(r"%([\w.-]+)")
+_COMPUTATION = re.compile(r"(?:ENTRY )?%([\w.-]+) \(")
+_CALLS = re.compile(r"calls=%([\w.-]+)")
 _PROJECTION = re.compile(r"/moba_\d+/(att/(receptance|key|value|output)|ffn|ln\d)/")
 
 
@@ -92,10 +94,20 @@ def instruction_parts(hlo_text: str) -> dict[str, tuple[int, str]]:
     no metadata on dots: a weight matmul is placed by the parameter it reads, an attention dot
     by the cache gather that feeds it)."""
     ops = {}
+    has_dot, computation = set(), None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+        elif " dot(" in line and computation:
+            has_dot.add(computation)
     for line in hlo_text.splitlines():
         match = _INSTRUCTION.match(line)
         if match:
             name, opcode, rest = match.groups()
+            called = _CALLS.search(rest)
+            if opcode == "fusion" and called and called.group(1) in has_dot:
+                opcode = "dot"  # a fusion around a matrix product (e.g. a YNN library call)
             op_name = _OP_NAME.search(line)
             own = part_of(_as_path(op_name.group(1))) if op_name else None
             ops[name] = (own, opcode, [o for o in _OPERAND.findall(rest) if o != name])
@@ -191,7 +203,7 @@ def main() -> None:
                 continue  # containers: their ops are recorded themselves
             ms[index] += us / 1e3
             largest[index][f"{re.sub(r'[.][0-9]+$', '', name)} ({opcode})"] += us / 1e3
-            if opcode == "dot" or name.startswith(("dot", "ynn")):
+            if opcode == "dot":
                 dot_ms[index] += us / 1e3
     weights = weight_bytes(params)
     wall = 1e3 * float(np.median(walls))
