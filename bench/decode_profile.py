@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark; skips probing 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from decode import machine_line, measure_read_bandwidth
+from decode import machine_line, measure_read_bandwidth, weight_bytes_per_token
 from tqdm.auto import tqdm
 
 from rwkvx_jax import preset
@@ -73,17 +73,14 @@ def _as_path(op_name: str) -> str:
 
 
 def weight_bytes(params) -> list[int]:
-    """Bytes of weights each part reads per token (the embedding: one row)."""
+    """Bytes of weights each part reads per token; the rest (embedding, one row of it) is what
+    `weight_bytes_per_token` counts beyond the named parts."""
     out = [0] * len(PARTS)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        names = "/" + "/".join(str(getattr(p, "key", p)) for p in path) + "/"
-        part = part_of(names)
-        if part is None:
-            part = len(PARTS) - 1
-            if "/emb/" in names:
-                out[part] += leaf.nbytes // leaf.shape[0]
-                continue
-        out[part] += leaf.nbytes
+        part = part_of("/" + "/".join(str(getattr(p, "key", p)) for p in path) + "/")
+        if part is not None:
+            out[part] += leaf.nbytes
+    out[-1] = weight_bytes_per_token(params) - sum(out)
     return out
 
 

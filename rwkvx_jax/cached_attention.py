@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.topk_attention.xla_chunked import (
+    online_softmax_update,
     selected_chunks_attention_sources,
 )
 from rwkvx_jax.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
@@ -93,8 +94,7 @@ def attend_piece(
 
     def window(open_rows, rows):  # [B, H, chunk, N], [B, P, H, N] -> [B, width, H, N]
         base = jnp.zeros((batch, width, heads, n), rows.dtype)
-        if open_rows is not None:
-            base = base.at[:, :chunk].set(jnp.swapaxes(open_rows, 1, 2).astype(rows.dtype))
+        base = base.at[:, :chunk].set(jnp.swapaxes(open_rows, 1, 2).astype(rows.dtype))
         return _place_rows(base, rows, offset)
 
     wk, wv = window(cache.open_keys, k), window(cache.open_values, v)
@@ -175,17 +175,16 @@ def _own_chunk_attention(q, wk, wv, offset, chunk: int, block: int = 128):
             keys_at[:, None, :] <= rows[:, :, None]
         )  # [B, block, span]: same chunk, causal (a row always sees itself)
         q_i = lax.dynamic_slice_in_dim(q, i * block, block, axis=1).astype(jnp.float32)
-        k_i = take(wk, start).astype(jnp.float32)
-        s = jnp.einsum("bqhn,bkhn->bhqk", q_i, k_i, precision=_HIGHEST) * scale
-        s = jnp.where(ok[:, None], s, -jnp.inf)
-        m = s.max(axis=-1)
-        p = jnp.exp(s - m[..., None])
-        l = p.sum(axis=-1)
-        o = jnp.einsum(
-            "bhqk,bkhn->bqhn", p, take(wv, start).astype(jnp.float32), precision=_HIGHEST
+        head_major = lambda x: jnp.swapaxes(take(x, start), 1, 2).astype(jnp.float32)
+        s = jnp.einsum("bqhn,bhkn->bhqk", q_i, head_major(wk), precision=_HIGHEST) * scale
+        empty = (
+            jnp.full((batch, heads, block), -jnp.inf),
+            jnp.zeros((batch, heads, block)),
+            jnp.zeros((batch, heads, block, n)),
         )
-        o = o / jnp.swapaxes(l, 1, 2)[..., None]
-        return o, jnp.swapaxes(m + jnp.log(l), 1, 2)  # [B, block, H, N], [B, block, H]
+        m, l, acc = online_softmax_update(empty, s, ok[:, None], head_major(wv))
+        lse = m + jnp.log(l)  # l >= 1: a row always sees itself
+        return jnp.swapaxes(acc / l[..., None], 1, 2), jnp.swapaxes(lse, 1, 2)
 
     out, lse = lax.map(one_block, jnp.arange(n_blocks))  # [n_blocks, B, block, ...]
     join = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, n_blocks * block, *x.shape[3:])[:, :piece]
@@ -259,17 +258,15 @@ def attend_token(
     as_cached = lambda x: x.astype(cache.open_keys.dtype).astype(jnp.float32)
     q32, k32, v32 = q.astype(jnp.float32), as_cached(k), as_cached(v)
 
-    # The own chunk: the open chunk's earlier rows, read where they lie, and the token itself.
+    # The own chunk: the token itself, then the open chunk's earlier rows, read where they lie.
     # Its row is written only after every read (below).
+    itself = jnp.sum(q32 * k32, axis=-1) * scale  # [B, H]
+    softmax = (itself, jnp.ones_like(itself), v32)  # one key so far: weight exp(0) = 1
     earlier = jnp.einsum(
         "bhn,bhcn->bhc", q32, cache.open_keys.astype(jnp.float32), precision=_HIGHEST
     )
-    earlier = jnp.where(jnp.arange(chunk) < offset[:, None, None], earlier * scale, -jnp.inf)
-    itself = jnp.sum(q32 * k32, axis=-1) * scale  # [B, H]
-    m = jnp.maximum(earlier.max(axis=-1), itself)
-    p, p_self = jnp.exp(earlier - m[..., None]), jnp.exp(itself - m)
-    acc = _weigh(p, cache.open_values) + p_self[..., None] * v32
-    softmax = (m, p.sum(axis=-1) + p_self, acc)
+    before = jnp.arange(chunk) < offset[:, None, None]
+    softmax = _fold(softmax, earlier * scale, before, cache.open_values)
     keys, values = cache.keys, cache.values
     if top_k > 1:
         sel = _token_selection(q32, cache, lengths // chunk, top_k - 1)  # [B, H, k-1]
@@ -307,9 +304,15 @@ def attend_token(
     return out, cache
 
 
-def _weigh(p: jax.Array, rows: jax.Array) -> jax.Array:
-    """sum_c p[b, h, c] * rows[b, h, c, :] in fp32: [B, H, C], [B, H, C, N] -> [B, H, N]."""
-    return jnp.einsum("bhc,bhcn->bhn", p, rows.astype(jnp.float32), precision=_HIGHEST)
+def _fold(softmax, s, mask, rows):
+    """`online_softmax_update` for one query per head: (m, l [B, H], acc [B, H, N]) with
+    logits s [B, H, C] (mask broadcastable) over rows [B, H, C, N]."""
+    m, l, acc = softmax
+    one = lambda x: x[:, :, None]
+    m, l, acc = online_softmax_update(
+        (one(m), one(l), one(acc)), one(s), one(mask), rows.astype(jnp.float32)
+    )
+    return m[:, :, 0], l[:, :, 0], acc[:, :, 0]
 
 
 def _token_selection(q32, cache: ChunkKVCache, own_chunk, n_pick: int) -> jax.Array:
@@ -341,21 +344,13 @@ def _attend_slots(q32, sel, softmax, slots, scale):
     """
 
     def step(i, carry):
-        (m, l, acc), (keys, values) = carry
+        state, (keys, values) = carry
         pick = lax.dynamic_index_in_dim(sel, i, axis=2, keepdims=False)  # [B, H]
         take = lambda x: jnp.take_along_axis(
             x, jnp.maximum(pick, 0)[..., None, None, None], axis=2, mode="clip"
         )[:, :, 0]
         s = jnp.einsum("bhn,bhcn->bhc", q32, take(keys).astype(jnp.float32), precision=_HIGHEST)
-        s = jnp.where((pick >= 0)[..., None], s * scale, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        rescale = jnp.exp(m - m_new)
-        state = (
-            m_new,
-            l * rescale + p.sum(axis=-1),
-            acc * rescale[..., None] + _weigh(p, take(values)),
-        )
+        state = _fold(state, s * scale, (pick >= 0)[..., None], take(values))
         # Opaque to the while-loop simplifier, which would hand back the loop's input (still
         # live after the loop, so XLA would copy the whole cache for the loop).
         return state, lax.optimization_barrier((keys, values))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from rwkvx_jax.config import ConfigError, preset
 from rwkvx_jax.convert import params_from_state_dict
@@ -219,15 +220,12 @@ def test_kernel_layouts_decode_alike(tiny_params):
         outputs[layout] = np.stack(got)
         weights = dec.weights
     assert _rel(outputs["out_in"], outputs["in_out"]) < 1e-5
-    moved = weights.transposed
+    moved, flat = weights.transposed, traverse_util.flatten_dict(tiny_params)
     assert set(moved) == {
-        "/".join(path[:-1])
-        for path, x in _flat(tiny_params).items()
-        if path[-1] == "kernel" and path[0] != "head"
+        "/".join(path[:-1]) for path in flat if path[-1] == "kernel" and path[0] != "head"
     }
     for name, kernel in moved.items():
-        (*path,) = name.split("/")
-        original = _flat(tiny_params)[(*path, "kernel")]
+        original = flat[(*name.split("/"), "kernel")]
         np.testing.assert_array_equal(np.asarray(kernel), np.asarray(original).T)
     assert "key" not in weights.rest["blocks_0"]["att"]  # its only parameter moved
     text = compiled["out_in"].compile().as_text()
@@ -241,9 +239,3 @@ def test_kernel_layouts_decode_alike(tiny_params):
     assert not transposing, "\n".join(transposing[:3])
     # Prepared weights are shared, not copied again.
     assert Decoder(TINY, weights, DecodeConfig(cache_size=8 * 16)).weights is weights
-
-
-def _flat(params):
-    from flax import traverse_util
-
-    return traverse_util.flatten_dict(params)

@@ -152,8 +152,10 @@ def _causal_mask(block: int) -> jax.Array:
     return pos[None, :] <= pos[:, None]
 
 
-def _online_update(state, s, mask, v_blk):
+def online_softmax_update(state, s, mask, v_blk):
     """Folds one block of logits into the running (max, sum, weighted-value) softmax state.
+
+    Shared with the decoder's cached attention (`rwkvx_jax.cached_attention`).
 
     Args:
       state: (m [B,H,bq], l [B,H,bq], acc [B,H,bq,D]) fp32.
@@ -213,7 +215,7 @@ def _flash_forward(q, k, v, sel, plan: _Plan):
 
         def full_block(j, state, mask=None):
             s = _logits(q_i, _rows(k, j * bs, bs), plan.scale)
-            return _online_update(state, s, mask, _rows(v, j * bs, bs))
+            return online_softmax_update(state, s, mask, _rows(v, j * bs, bs))
 
         if plan.cross == "blocks":
             sel_i = _rows(sel, i * bs, bs)
