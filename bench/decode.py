@@ -26,7 +26,12 @@
     side builds its context with its own prefill, the 8K context continuing the 2K one). The
     memory-bandwidth floor is measured in the same run: bytes of weights read per token (every
     parameter except the embedding table, of which one row) / the best read bandwidth of
-    jitted reads of a 1 GiB fp32 array (a sum, row sums, a matrix-vector product). Then
+    jitted reads of a 1 GiB fp32 array (a sum, row sums, a matrix-vector product). Because
+    the machine's bandwidth swings with other VMs' load, the fp32 steps are also measured
+    paired: right before each timed step the 1 GiB reads run again, and so does a chain of
+    XLA matrix-vector products over the decoder's own matrices and nothing else
+    (`MatrixVectorChain`, what XLA:CPU's products alone cost); the medians of the per-step
+    ratios step / floor, chain / floor and step / chain are printed in their own table. Then
     tokens/s at batch 8 and 32 (fp32, 2K context: one sequence's prefilled state replicated to
     every row).
 
@@ -61,6 +66,7 @@ from rwkvx_jax import preset
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.convert import params_from_state_dict
 from rwkvx_jax.decode import DecodeConfig, Decoder
+from rwkvx_jax.decode_weights import DecodeWeights
 from rwkvx_jax.pth_io import write_pth
 from rwkvx_jax.random_checkpoint import random_state_dict
 
@@ -116,14 +122,19 @@ def machine_line() -> str:
     )
 
 
-def time_steps(decoder: Decoder, state, tokens: np.ndarray, warmup: int, desc: str):
+def time_steps(
+    decoder: Decoder, state, tokens: np.ndarray, warmup: int, desc: str, before_each=None
+):
     """Runs one `step` per column of tokens [B, n]; returns (seconds of the timed steps, state).
 
-    The first `warmup` steps are not timed. Every step blocks on its logits.
+    The first `warmup` steps are not timed. Every step blocks on its logits. `before_each`, if
+    given, is called right before every step (a paired measurement: `PairedFloor.sample`).
     """
     times = []
     for i in tqdm(range(tokens.shape[1]), desc=desc, unit="step", leave=False):
         column = jnp.asarray(tokens[:, i], jnp.int32)
+        if before_each is not None and i >= warmup:
+            before_each()
         start = time.perf_counter()
         logits, state = decoder.step(column, state)
         logits.block_until_ready()
@@ -421,16 +432,10 @@ def time_prefill_pieces(decoder: Decoder, state, rng, repeats: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def measure_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Best-of-`repeats` bytes/s of jitted fp32 reads of a `gib` GiB array.
-
-    Three reads of the same array: a flat sum, per-row sums of [64, n/64] (XLA can split them
-    across cores), and a matrix-vector product of [n/1024, 1024] (the op a decode step is made
-    of); the fastest counts. The best, not the mean: a slow repeat (another job on the cores)
-    must not lower the floor, which would flatter the ratios against it.
-    """
-    n = int(gib * 2**30) // 4
-    n -= n % (64 * 1024)
+def _read_probes(n: int) -> tuple[jax.Array, dict]:
+    """A materialised fp32 array of n elements and the jitted reads of it the floor is taken
+    from: a flat sum, per-row sums of [64, n/64] (XLA can split them across cores), and a
+    matrix-vector product of [n/1024, 1024] (the op a decode step is made of)."""
     x = jnp.ones((n,), jnp.float32) + 0  # materialised, not a broadcast constant
     vector = jnp.ones((1024,), jnp.float32)
     variants = {
@@ -438,15 +443,118 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
         "row sums": jax.jit(lambda a: jnp.sum(a.reshape(64, -1), axis=1)),
         "matrix-vector": jax.jit(lambda a: a.reshape(-1, 1024) @ vector),
     }
-    best = float("inf")
     for fn in variants.values():
         fn(x).block_until_ready()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x).block_until_ready()
-            best = min(best, time.perf_counter() - start)
+    return x, variants
+
+
+def _elements(gib: float) -> int:
+    n = int(gib * 2**30) // 4
+    return n - n % (64 * 1024)
+
+
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Best-of-`repeats` bytes/s of jitted fp32 reads of a `gib` GiB array (`_read_probes`; the
+    fastest read counts). The best, not the mean: a slow repeat (another job on the cores)
+    must not lower the floor, which would flatter the ratios against it.
+    """
+    n = _elements(gib)
+    x, variants = _read_probes(n)
+    best = min(_seconds(fn, x) for fn in variants.values() for _ in range(repeats))
     del x
     return 4 * n / best
+
+
+# Low-rank (LoRA) factors of the RWKV-7 time mix: plain parameters multiplied as x @ factor.
+_LORA_FACTORS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+
+
+class MatrixVectorChain:
+    """One jitted chain of one matrix-vector product per matrix a decode step multiplies by
+    (the decoder's own arrays, in their layout: [out, in] kernels contract their minor axis),
+    each product's input depending on the previous result, and nothing else.
+
+    What XLA:CPU's matrix-vector products alone cost for these weights: no step built from
+    them can be faster, so step / chain is the overhead of everything else in the step.
+    """
+
+    def __init__(self, weights: DecodeWeights):
+        mats = [(x, 1) for x in weights.transposed.values()]
+        for path, x in jax.tree_util.tree_leaves_with_path(weights.rest):
+            keys = [str(getattr(p, "key", p)) for p in path]
+            if x.ndim == 2 and "emb" not in keys and keys[-1] in ("kernel", *_LORA_FACTORS):
+                mats.append((x, 0))
+        self.arrays = [x for x, _ in mats]
+        self.axes = tuple(axis for _, axis in mats)
+        self.nbytes = sum(x.nbytes for x in self.arrays)
+        self.seed = jnp.zeros((), self.arrays[0].dtype)
+        axes = self.axes
+
+        @jax.jit
+        def chain(arrays, seed):
+            s = seed
+            for a, axis in zip(arrays, axes, strict=True):
+                # The input depends on the previous product, so the products run one after
+                # another as in the model; the sum reads the whole output (a slice might let
+                # XLA shrink the product).
+                x = jnp.tanh(jnp.linspace(-1.0, 1.0, a.shape[axis], dtype=a.dtype) + s)[None]
+                s = jnp.sum(jax.lax.dot_general(x, a, (((1,), (axis,)), ((), ())))) * 1e-6
+            return s
+
+        self.chain = chain
+        self.seconds()  # compiles
+
+    def seconds(self) -> float:
+        return _seconds(self.chain, self.arrays, self.seed)
+
+    def compiled_text(self) -> str:
+        return self.chain.lower(self.arrays, self.seed).compile().as_text()
+
+
+class PairedFloor:
+    """The floor and the matrix-vector chain measured right before each timed step.
+
+    The machines these benchmarks run on share their memory bandwidth with other VMs, and it
+    swings (measured: 23-47 GB/s within a minute in one process). A floor taken once, at its
+    best moment, and set against steps timed later measures the neighbours as much as the
+    step; each `sample()` here reads the 1 GiB array once per read variant (the fastest counts)
+    and runs the `MatrixVectorChain` once, so every step has a floor and a chain from the same
+    moment, and the ratios are taken step by step.
+    """
+
+    def __init__(self, weights: DecodeWeights, gib: float = 1.0):
+        self.n = _elements(gib)
+        self.array, self.variants = _read_probes(self.n)
+        self.chain = MatrixVectorChain(weights)
+        self.bandwidths: list[float] = []
+        self.chain_seconds: list[float] = []
+
+    def sample(self) -> None:
+        best = min(_seconds(fn, self.array) for fn in self.variants.values())
+        self.bandwidths.append(4 * self.n / best)
+        self.chain_seconds.append(self.chain.seconds())
+
+    def ratios(self, step_seconds: np.ndarray, weight_bytes: int) -> dict[str, float]:
+        """Medians over the steps of: step / floor, chain / floor, step / chain."""
+        bandwidth = np.array(self.bandwidths[-len(step_seconds) :])
+        chain = np.array(self.chain_seconds[-len(step_seconds) :])
+        floor = weight_bytes / bandwidth
+        return {
+            "bandwidth_gb_s": float(np.median(bandwidth)) / 1e9,
+            "chain_ms": 1e3 * float(np.median(chain)),
+            "step_vs_floor": float(np.median(step_seconds / floor)),
+            "chain_vs_floor": float(np.median(chain / floor)),
+            "step_vs_chain": float(np.median(step_seconds / chain)),
+        }
+
+    def close(self) -> None:
+        del self.array, self.chain
 
 
 def weight_bytes_per_token(params) -> int:
@@ -493,22 +601,32 @@ def official_decode(path: str, tokens: np.ndarray, plan, warmup: int) -> dict[in
     return out
 
 
-def ours_decode(config, params, cache_size, tokens, plan, warmup, name) -> dict[int, np.ndarray]:
-    """Ours: the same plan as `official_decode`, prefill via `Decoder.prefill`."""
+def ours_decode(
+    config, params, cache_size, tokens, plan, warmup, name, paired_gib: float | None = None
+) -> tuple[dict[int, np.ndarray], dict[int, dict]]:
+    """Ours: the same plan as `official_decode`, prefill via `Decoder.prefill`. With
+    `paired_gib`, a `PairedFloor` (of that many GiB) samples before every timed step; returns
+    (step seconds by context, `PairedFloor.ratios` by context, empty without it)."""
     decoder = Decoder(config, params, DecodeConfig(cache_size=cache_size))
+    paired = None if paired_gib is None else PairedFloor(decoder.weights, paired_gib)
     state = None
-    out = {}
+    out, ratios = {}, {}
     for ctx, begin, end, n_steps in plan:
         _, state = decoder.prefill(tokens[None, begin:end], state, progress=True)
         times, state = time_steps(
-            decoder, state, tokens[None, end : end + n_steps], warmup, f"{name} @{short(ctx)}"
-        )
+            decoder, state, tokens[None, end : end + n_steps], warmup, f"{name} @{short(ctx)}",
+            before_each=None if paired is None else paired.sample,
+        )  # fmt: skip
         out[ctx] = times
+        if paired is not None:
+            ratios[ctx] = paired.ratios(times, weight_bytes_per_token(params))
     compiles = (jit_cache_size(decoder._step), jit_cache_size(decoder._piece))
     tqdm.write(f"{name}: compiled step x{compiles[0]}, prefill piece x{compiles[1]}")
-    del decoder, state
+    if paired is not None:
+        paired.close()
+    del decoder, state, paired
     gc.collect()
-    return out
+    return out, ratios
 
 
 def batch_decode(config, params, ctx, batch_sizes, boundary, warmup, steps) -> dict:
@@ -575,7 +693,7 @@ def run_vs_official(args) -> None:
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
     state_dict = random_state_dict(config, seed=0)
-    floors, timings, weight_bytes, configs = {}, {}, {}, {}
+    floors, timings, weight_bytes, configs, paired = {}, {}, {}, {}, {}
     for dtype in ("float32", "bfloat16"):
         cfg = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(jnp.asarray, params_from_state_dict(state_dict, cfg))
@@ -589,7 +707,12 @@ def run_vs_official(args) -> None:
             f"{1e3 * (weights + kv) / bandwidth:.1f} ms)"
         )
         name = f"rwkvx-jax {'fp32' if dtype == 'float32' else 'bf16'}"
-        timings[name] = ours_decode(cfg, params, cache_size, tokens, plan, warmup, name)
+        timings[name], ratios = ours_decode(
+            cfg, params, cache_size, tokens, plan, warmup, name,
+            paired_gib=args.bandwidth_gib if dtype == "float32" else None,
+        )  # fmt: skip
+        if ratios:
+            paired = ratios
         for ctx, t in timings[name].items():
             tqdm.write(f"{name} @{short(ctx)}: {1e3 * np.median(t):.1f} ms/token")
         if dtype == "float32":
@@ -641,6 +764,23 @@ def run_vs_official(args) -> None:
                 f"| {name} | {short(ctx)} | {ms:.1f} | {vs_official} "
                 f"| {ms / 1e3 / floors[dtype]:.2f}x | {ms / with_kv:.2f}x |"
             )
+
+    print(
+        "\npaired (fp32): before each timed step, the floor's 1 GiB reads and a chain of XLA "
+        "matrix-vector products over the decoder's own matrices, nothing else "
+        "(`MatrixVectorChain`); medians of the per-step ratios:"
+    )
+    print(
+        "\n| context | ms/token | GB/s | step vs paired floor | matrix-vector chain ms "
+        "| chain vs paired floor | step vs chain |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for ctx, r in paired.items():
+        ms = 1e3 * float(np.median(timings["rwkvx-jax fp32"][ctx]))
+        print(
+            f"| {short(ctx)} | {ms:.1f} | {r['bandwidth_gb_s']:.1f} | {r['step_vs_floor']:.2f}x "
+            f"| {r['chain_ms']:.1f} | {r['chain_vs_floor']:.2f}x | {r['step_vs_chain']:.2f}x |"
+        )
 
     single = batches[1]["tok_s"]
     print(
