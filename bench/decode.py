@@ -521,11 +521,11 @@ class PairedFloor:
     """The floor and the matrix-vector chain measured right before each timed step.
 
     The machines these benchmarks run on share their memory bandwidth with other VMs, and it
-    swings (measured: 23-47 GB/s within a minute in one process). A floor taken once, at its
-    best moment, and set against steps timed later measures the neighbours as much as the
-    step; each `sample()` here reads the 1 GiB array once per read variant (the fastest counts)
-    and runs the `MatrixVectorChain` once, so every step has a floor and a chain from the same
-    moment, and the ratios are taken step by step.
+    swings (measured: a 256 MiB read at 23-42 GB/s within 40 s in one process). A floor taken
+    once, at its best moment, and set against steps timed later measures the neighbours as
+    much as the step; each `sample()` here reads the 1 GiB array once per read variant (the
+    fastest counts) and runs the `MatrixVectorChain` once, so every step has a floor and a
+    chain from the same moment, and the ratios are taken step by step.
     """
 
     def __init__(self, weights: DecodeWeights, gib: float = 1.0):
@@ -541,7 +541,10 @@ class PairedFloor:
         self.chain_seconds.append(self.chain.seconds())
 
     def ratios(self, step_seconds: np.ndarray, weight_bytes: int) -> dict[str, float]:
-        """Medians over the steps of: step / floor, chain / floor, step / chain."""
+        """Medians over the steps of: step / floor, chain / floor, step / chain (the last
+        len(step_seconds) samples are those steps')."""
+        if len(self.bandwidths) < len(step_seconds):
+            raise ValueError(f"{len(step_seconds)} steps but {len(self.bandwidths)} samples")
         bandwidth = np.array(self.bandwidths[-len(step_seconds) :])
         chain = np.array(self.chain_seconds[-len(step_seconds) :])
         floor = weight_bytes / bandwidth
@@ -693,7 +696,7 @@ def run_vs_official(args) -> None:
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
     state_dict = random_state_dict(config, seed=0)
-    floors, timings, weight_bytes, configs, paired = {}, {}, {}, {}, {}
+    floors, timings, weight_bytes, configs, paired_ratios = {}, {}, {}, {}, {}
     for dtype in ("float32", "bfloat16"):
         cfg = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(jnp.asarray, params_from_state_dict(state_dict, cfg))
@@ -712,7 +715,7 @@ def run_vs_official(args) -> None:
             paired_gib=args.bandwidth_gib if dtype == "float32" else None,
         )  # fmt: skip
         if ratios:
-            paired = ratios
+            paired_ratios = ratios
         for ctx, t in timings[name].items():
             tqdm.write(f"{name} @{short(ctx)}: {1e3 * np.median(t):.1f} ms/token")
         if dtype == "float32":
@@ -775,7 +778,7 @@ def run_vs_official(args) -> None:
         "| chain vs paired floor | step vs chain |"
     )
     print("|---|---|---|---|---|---|---|")
-    for ctx, r in paired.items():
+    for ctx, r in paired_ratios.items():
         ms = 1e3 * float(np.median(timings["rwkvx-jax fp32"][ctx]))
         print(
             f"| {short(ctx)} | {ms:.1f} | {r['bandwidth_gb_s']:.1f} | {r['step_vs_floor']:.2f}x "

@@ -71,4 +71,6 @@ def test_paired_floor_ratios_come_from_its_own_samples(params):
     assert ratios["chain_vs_floor"] == pytest.approx(1.0)
     assert ratios["step_vs_chain"] == pytest.approx(2.5)
     assert ratios["bandwidth_gb_s"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="4 steps but 3 samples"):
+        paired.ratios(np.ones(4), weight_bytes=1)
     paired.close()
