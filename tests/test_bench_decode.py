@@ -1,7 +1,7 @@
 """bench/decode.py's measuring tools: the matrix-vector chain covers exactly the step's matrices,
 and the paired floor reports per-step ratios from its own samples."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -15,8 +15,18 @@ from rwkvx_jax.convert import params_from_state_dict
 from rwkvx_jax.decode_weights import prepare_decode_weights
 from rwkvx_jax.random_checkpoint import random_state_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import decode as bench_decode  # noqa: E402
+
+def _load_bench_decode():
+    """bench/decode.py as a module, loaded by path: putting bench/ on sys.path would shadow
+    top-level modules (bench/train.py vs train.py) for the tests that run after this one."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_decode = _load_bench_decode()
 
 TINY = preset("tiny")
 
