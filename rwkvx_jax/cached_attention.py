@@ -105,14 +105,12 @@ def attend_piece(
         window_means = chunk_mean(jnp.swapaxes(wk.reshape(batch, n_window, chunk, heads, n), 2, 3))
         # [B, n_window, H, N] -> candidates [B, H, S + n_window, N] in chunk order.
         # Candidates in chunk order: the slots sorted by chunk index, then the window's chunks.
-        order = chunk_order(cache)  # [B, S]
-        slot_means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
+        order, slot_means, filled = _slots_in_chunk_order(cache)
         means = jnp.concatenate([slot_means, jnp.swapaxes(window_means, 1, 2)], axis=2)
         scores = jnp.einsum(
             "bthn,bhjn->bthj", q.astype(jnp.float32), means, precision=_HIGHEST
         )  # [B, P, H, S + n_window]
         query_chunk = (offset[:, None] + jnp.arange(piece)) // chunk  # window chunk of each row
-        filled = jnp.take_along_axis(cache.chunk_ids, order, axis=1) >= 0
         slot_ok = jnp.broadcast_to(filled[:, None, :], (batch, piece, n_slots))
         window_ok = jnp.arange(n_window)[None, None, :] < query_chunk[:, :, None]
         ok = jnp.concatenate([slot_ok, window_ok], axis=-1)[:, :, None, :]
@@ -269,7 +267,7 @@ def attend_token(
     softmax = _fold(softmax, earlier * scale, before, cache.open_values)
     keys, values = cache.keys, cache.values
     if top_k > 1:
-        sel = _token_selection(q32, cache, lengths // chunk, top_k - 1)  # [B, H, k-1]
+        sel = _token_selection(q32, cache, top_k - 1)  # [B, H, k-1]
         softmax, (keys, values) = _attend_slots(q32, sel, softmax, (keys, values), scale)
     m, l, acc = softmax
     out = acc / l[..., None]
@@ -315,15 +313,23 @@ def _fold(softmax, s, mask, rows):
     return m[:, :, 0], l[:, :, 0], acc[:, :, 0]
 
 
-def _token_selection(q32, cache: ChunkKVCache, own_chunk, n_pick: int) -> jax.Array:
+def _slots_in_chunk_order(cache: ChunkKVCache):
+    """(order int32 [B, S], means [B, H, S, N], filled bool [B, S]): the slots sorted by chunk
+    index (empty slots first), their mean keys, and which hold a chunk.
+    Every filled slot holds a complete chunk before the current one: chunks are pushed only
+    after the token or piece that completes them has read the cache."""
+    order = chunk_order(cache)
+    means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
+    filled = jnp.take_along_axis(cache.chunk_ids, order, axis=1) >= 0
+    return order, means, filled
+
+
+def _token_selection(q32, cache: ChunkKVCache, n_pick: int) -> jax.Array:
     """int32 [B, H, n_pick]: the slots of each head's best complete chunks, best first, -1
     where there are fewer candidates (the -1s come last)."""
-    order = chunk_order(cache)  # slots by chunk index: ties go to the lower chunk
-    means = jnp.take_along_axis(cache.chunk_means, order[:, None, :, None], axis=2)
+    order, means, filled = _slots_in_chunk_order(cache)
     scores = jnp.einsum("bhn,bhsn->bhs", q32, means, precision=_HIGHEST)
-    ids = jnp.take_along_axis(cache.chunk_ids, order, axis=1)
-    filled = ((ids >= 0) & (ids < own_chunk[:, None]))[:, None, :]
-    picked = _top_candidates(jnp.where(filled, scores, -jnp.inf), n_pick)
+    picked = _top_candidates(jnp.where(filled[:, None, :], scores, -jnp.inf), n_pick)
     slot_of = jnp.take_along_axis(order[:, None, :], jnp.maximum(picked, 0), axis=-1)
     return jnp.where(picked >= 0, slot_of, -1)
 

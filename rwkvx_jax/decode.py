@@ -21,8 +21,8 @@ import numpy as np
 from rwkvx_jax.config import ConfigError, RWKVXConfig
 from rwkvx_jax.decode_state import DecodeState, cache_slots, init_decode_state
 from rwkvx_jax.decode_weights import (
-    KERNEL_LAYOUTS,
     DecodeWeights,
+    check_kernel_layout,
     dense_layout,
     prepare_decode_weights,
 )
@@ -72,10 +72,7 @@ class DecodeConfig:
             )
         if self.eviction not in EVICTION_POLICIES:
             raise ConfigError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
-        if self.kernel_layout not in KERNEL_LAYOUTS:
-            raise ConfigError(
-                f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}"
-            )
+        check_kernel_layout(self.kernel_layout)
         for name in ("cache_size", "prefill_chunk"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

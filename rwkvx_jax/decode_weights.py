@@ -43,10 +43,14 @@ class DecodeWeights(NamedTuple):
     transposed: dict[str, jax.Array]
 
 
-def resolve_layout(layout: str, params) -> str:
-    """ "auto" -> "out_in" when the weights live on CPU, else "in_out"."""
+def check_kernel_layout(layout: str) -> None:
     if layout not in KERNEL_LAYOUTS:
         raise ConfigError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {layout!r}")
+
+
+def resolve_layout(layout: str, params) -> str:
+    """ "auto" -> "out_in" when the weights live on CPU, else "in_out"."""
+    check_kernel_layout(layout)
     if layout != "auto":
         return layout
     leaves = jax.tree.leaves(params)

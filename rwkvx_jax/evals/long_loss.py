@@ -32,7 +32,6 @@ import numpy as np
 from rwkvx_jax.cli import run_cli
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decode import DecodeConfig, Decoder
-from rwkvx_jax.decode_weights import prepare_decode_weights
 from rwkvx_jax.evals._common import (
     Parser,
     UsageError,
@@ -105,19 +104,18 @@ class PositionLoss:
 
         self._piece = jax.jit(piece_losses, donate_argnums=(1,))
         self._decoders: dict[int | None, Decoder] = {}
-        self._decode_weights = None
 
     def decoder(self, longest: int) -> Decoder:
-        """The resolved decode settings and state factory for sequences up to `longest`."""
+        """The resolved decode settings and state factory for sequences up to `longest` (its
+        weights are not used: the pieces run `self.params`, so it keeps them as trained rather
+        than a transposed copy)."""
         cache = self.decode_config.cache_size
         if cache is None and self.config.n_attn_layer:
             chunk = self.config.chunk_size
             cache = max(-(-longest // chunk) + 1, max(self.config.top_k - 1, 1) + 1) * chunk
         if cache not in self._decoders:
-            dc = dataclasses.replace(self.decode_config, cache_size=cache)
-            if self._decode_weights is None:  # one copy for every cache size's decoder
-                self._decode_weights = prepare_decode_weights(self.params, dc.kernel_layout)
-            self._decoders[cache] = Decoder(self.config, self._decode_weights, dc)
+            dc = dataclasses.replace(self.decode_config, cache_size=cache, kernel_layout="in_out")
+            self._decoders[cache] = Decoder(self.config, self.params, dc)
         return self._decoders[cache]
 
     def losses(
