@@ -2,7 +2,8 @@
 # One prepared accelerator session (what the device tool runs): kernel benchmarks, logs and JSON
 # under $OUT. Usage: bash bench/accelerator_session.sh [wkv7 args...]
 #   WKV_TIMEOUT / TOPK_TIMEOUT / MODEL_TIMEOUT (seconds) bound each part; SKIP_WKV / SKIP_TOPK /
-#   SKIP_MODEL=1 skip one.
+#   SKIP_MODEL=1 skip one; WKV_NAME names the WKV part's log and JSON (default wkv7), so two
+#   WKV runs in one session (e.g. fla, whose first call autotunes, in a run of its own) keep both.
 # Carried wheels in .whl/ (fla-core for the fla baseline) are installed to /tmp/site first.
 set -u
 OUT=${OUT:-/tmp/accelerator_out}
@@ -18,8 +19,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 date -u
 if [ "${SKIP_WKV:-0}" != 1 ]; then
-  timeout "${WKV_TIMEOUT:-300}" python3 bench/wkv7.py --json "$OUT/wkv7.json" "$@" 2>&1 \
-    | tee "$OUT/wkv7.log"
+  timeout "${WKV_TIMEOUT:-300}" python3 bench/wkv7.py --json "$OUT/${WKV_NAME:-wkv7}.json" "$@" \
+    2>&1 | tee "$OUT/${WKV_NAME:-wkv7}.log"
 fi
 if [ "${SKIP_MODEL:-0}" != 1 ]; then
   timeout "${MODEL_TIMEOUT:-180}" python3 bench/model_accelerator.py 2>&1 | tee "$OUT/model.log"

@@ -210,13 +210,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write results here after every case")
     parser.add_argument("--quick", action="store_true", help="T=1024, B*H=4, 2 repeats")
+    parser.add_argument(
+        "--skip-gradient-check",
+        action="store_true",
+        help="leave out the Pallas-vs-XLA gradient check (when another run of the session did it)",
+    )
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run on CPU too (only to check this driver: xla and the oracle, no timings to keep)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seq_lens, args.bh, args.repeats = "1024", "4", 2
     # Options inside one implementation are separated by ';' (commas separate implementations).
     impls = [impl.replace(";", ",") for impl in args.impls.split(",")]
     impls_fp32 = [x.replace(";", ",") for x in (args.impls_fp32 or args.impls).split(",")]
-    if jax.default_backend() not in ("gpu", "tpu"):
+    if jax.default_backend() not in ("gpu", "tpu") and not args.allow_cpu:
         sys.exit("bench/wkv7.py times accelerator kernels; this JAX sees no GPU or TPU")
     if jax.default_backend() == "tpu":  # fla is a CUDA (Triton) library
         impls = [impl for impl in impls if impl != "fla"]
@@ -228,26 +238,43 @@ def main() -> None:
         "xla/pallas fwd | xla/pallas f+b | fla/pallas fwd | fla/pallas f+b |"
     )
     print(header + "\n" + "|---" * 12 + "|")
+
+    def save(rows_so_far: dict) -> None:
+        # Each finished implementation is saved at once, so a run cut short by its timeout
+        # keeps everything measured before the cut.
+        if args.json:
+            write_json(args.json, results + list(rows_so_far.values()))
+
     seq_lens, bhs = [int(x) for x in args.seq_lens.split(",")], [int(x) for x in args.bh.split(",")]
     for T in seq_lens:
         for bh in bhs:
             xs = make_inputs(T + bh, T, bh)
-            if (T, bh) == (min(seq_lens), min(bhs)):
+            if (T, bh) == (min(seq_lens), min(bhs)) and not args.skip_gradient_check:
                 err = gradient_check(xs)
                 print(f"gradient check T={T} B*H={bh} fp32: pallas vs xla max rel diff {err:.2e}")
                 results.append({"T": T, "bh": bh, "gradient_rel_diff_vs_xla": err})
             for dtype in args.dtypes.split(","):
                 chosen = impls_fp32 if dtype == "float32" else impls
-                rows = run_size(xs, T, bh, dtype, chosen, args.repeats)
+                rows = run_size(xs, T, bh, dtype, chosen, args.repeats, save)
                 for row in rows.values():
                     print(table_row(row, rows), flush=True)
-                results += list(rows.values())
+                results.extend(rows.values())
                 if args.json:
-                    args.json.write_text(json.dumps(results, indent=1))
+                    write_json(args.json, results)
 
 
-def run_size(xs, T, bh, dtype, impls, repeats) -> dict[str, dict]:
-    """Times every implementation on one input set; failures become rows with an error."""
+def write_json(path: Path, results: list[dict]) -> None:
+    """Writes the results whole (temporary file, then rename), so a kill never leaves half."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def run_size(xs, T, bh, dtype, impls, repeats, after_each=None) -> dict[str, dict]:
+    """Times every implementation on one input set; failures become rows with an error.
+
+    after_each(rows) is called with the rows so far after every implementation.
+    """
     y_ref, s_ref = oracle(xs, dtype)
     rows = {}
     for impl in impls:
@@ -265,8 +292,15 @@ def run_size(xs, T, bh, dtype, impls, repeats) -> dict[str, dict]:
         else:
             row.update(fwd_ms=fwd, fwd_bwd_ms=both, y_err=rel_err(y, y_ref))
             row["state_err"] = rel_err(s, s_ref)
-        print(f" {time.perf_counter() - start:.1f} s", flush=True)
+        done = (
+            f"fwd {row['fwd_ms']:.2f} ms, fwd+bwd {row['fwd_bwd_ms']:.2f} ms"
+            if "fwd_ms" in row
+            else "failed"
+        )
+        print(f" {done} ({time.perf_counter() - start:.1f} s)", flush=True)
         rows[impl] = row
+        if after_each:
+            after_each(rows)
     return rows
 
 

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 from jax.extend import core as jex_core
 
-from pallas_kernels.wkv7.gpu import _auto_value_tile, wkv7_gpu
+from pallas_kernels.wkv7.gpu import SCHEDULES, _auto_value_tile, wkv7_gpu
 from pallas_kernels.wkv7.reference import wkv7_reference
 
 # RWKV-7's per-token log-decay range: w = -exp(x) with w in (-0.6065, -1e-4).
@@ -48,6 +48,7 @@ def _kernel(**kwargs):
     return jax.jit(partial(wkv7_gpu, interpret=True, **kwargs))
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize(
     "seq, n, chunk_size, with_state, w_const, dot_precision",
     [
@@ -57,10 +58,13 @@ def _kernel(**kwargs):
         (64, 16, 64, True, W_MIN, "highest"),  # the steepest decay over the longest chunk
     ],
 )
-def test_forward_matches_reference(seq, n, chunk_size, with_state, w_const, dot_precision):
+def test_forward_matches_reference(
+    seq, n, chunk_size, with_state, w_const, dot_precision, schedule
+):
     xs, state = _inputs(0, 1, seq, 2, n, w_const=w_const)
     state = state if with_state else None
-    y, s = _kernel(chunk_size=chunk_size, dot_precision=dot_precision)(*xs, state)
+    kernel = _kernel(chunk_size=chunk_size, dot_precision=dot_precision, schedule=schedule)
+    y, s = kernel(*xs, state)
     y_ref, s_ref = wkv7_reference(*xs, state)
     assert y.shape == y_ref.shape and y.dtype == jnp.float32
     assert s.shape == s_ref.shape and s.dtype == jnp.float32
@@ -80,18 +84,21 @@ def _weighted_loss(fn):
     return loss
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize(
     "seq, value_tile, with_state",
     [
-        (40, 16, True),  # two value tiles: key-side gradients summed over tiles
+        # Two value tiles: sequential, key-side gradients summed over tiles; chunk-parallel,
+        # two tiles in each scan.
+        (40, 16, True),
         (16, 32, False),  # full rows, no initial state
     ],
 )
-def test_gradients_match_reference(seq, value_tile, with_state):
+def test_gradients_match_reference(seq, value_tile, with_state, schedule):
     xs, state = _inputs(1, 1, seq, 2, 32)
     args = (*xs, state) if with_state else xs
     argnums = tuple(range(len(args)))
-    kernel = partial(wkv7_gpu, interpret=True, value_tile=value_tile)
+    kernel = partial(wkv7_gpu, interpret=True, value_tile=value_tile, schedule=schedule)
     grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*args)
     grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*args)
     names = "r w k v a b state".split()[: len(args)]
@@ -141,10 +148,13 @@ def test_bf16_inputs():
         assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
 
 
-def test_bf16_dots_match_reference():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_bf16_dots_match_reference(schedule):
     """dot_precision="bf16" on fp32 inputs: forward and every gradient within BF16_TOL."""
     xs, state = _inputs(8, 1, 40, 2, 32)
-    kernel = partial(wkv7_gpu, interpret=True, dot_precision="bf16", value_tile=16)
+    kernel = partial(
+        wkv7_gpu, interpret=True, dot_precision="bf16", value_tile=16, schedule=schedule
+    )
     y, s = jax.jit(kernel)(*xs, state)
     y_ref, s_ref = wkv7_reference(*xs, state)
     # Measured y 3.1e-3, state 1.3e-3; above TOL, so the bf16 dots are really used.
@@ -159,18 +169,20 @@ def test_bf16_dots_match_reference():
 
 
 @pytest.mark.parametrize(
-    "w_const",
+    "w_const, schedule",
     [
-        W_MAX,  # almost no decay: the least damping, so the most room to drift
-        pytest.param(None, marks=pytest.mark.slow),
+        # Almost no decay: the least damping, so the most room to drift.
+        (W_MAX, "sequential"),
+        (W_MAX, "chunk_parallel"),
+        pytest.param(None, "sequential", marks=pytest.mark.slow),
     ],
 )
-def test_bf16_dots_do_not_drift(w_const):
+def test_bf16_dots_do_not_drift(w_const, schedule):
     """T = 512 (32 chunks) with "bf16" dots: the error stays at the bf16 level along the
     sequence (the state path is fp32), in y, the final state and every gradient."""
     seq, window = 512, 128
     xs, state = _inputs(9, 1, seq, 1, 16, w_const=w_const)
-    kernel = partial(wkv7_gpu, interpret=True, dot_precision="bf16")
+    kernel = partial(wkv7_gpu, interpret=True, dot_precision="bf16", schedule=schedule)
     y, s = jax.jit(kernel)(*xs, state)
     y_ref, s_ref = jax.jit(wkv7_reference)(*xs, state)
     err = np.abs(np.asarray(y - y_ref))
@@ -213,11 +225,12 @@ def _highest(precision):
     return precision in (lax.Precision.HIGHEST, (lax.Precision.HIGHEST,) * 2)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dot_precision", ["highest", "tf32x3", "bf16"])
-def test_dot_precision_plan(dot_precision):
+def test_dot_precision_plan(dot_precision, schedule):
     """Which kernel dots get which operands / precision (traced for the GPU, not interpret)."""
     xs, state = _inputs(10, 1, 32, 1, 16)
-    kernel = partial(wkv7_gpu, dot_precision=dot_precision)
+    kernel = partial(wkv7_gpu, dot_precision=dot_precision, schedule=schedule)
     loss = _weighted_loss(kernel)
     fwd = _kernel_dots(jax.make_jaxpr(kernel)(*xs, state))
     both = _kernel_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 6)))(*xs, state))
@@ -232,11 +245,13 @@ def test_dot_precision_plan(dot_precision):
         exact = [d for d in both if d[0] == d[1] == f32 and _highest(d[2])]
         fast = [d for d in both if d[0] == d[1] == jnp.dtype(jnp.bfloat16)]
         assert len(exact) + len(fast) == len(both)
-        # Forward with C = 16: exact = decay sum, A_ab, 3 x 2 inverse steps, W, P X0 and the
-        # three state dots (13); fast = A_qk, A_qb, A_ak, A_qb W, A_ak V, A_qk V, A_qb U0,
-        # Q S^T (8).
+        # Forward with C = 16: exact = decay sum, A_ab, 3 x 2 inverse steps, W, P X0 (10)
+        # and the state path: sequential, W S^T, V^T kg, U^T bg (13); chunk-parallel,
+        # W^T bg (A_c), V^T kg, U0^T bg (D_c) and the scan's S A_c (14). Fast: A_qk, A_qb,
+        # A_ak, A_qb W, A_ak V, A_qk V, A_qb U0, Q S^T (8).
         n_fast = sum(d[0] != f32 for d in fwd)
-        assert (len(fwd) - n_fast, n_fast) == (13, 8)
+        n_exact = 13 if schedule == "sequential" else 14
+        assert (len(fwd) - n_fast, n_fast) == (n_exact, 8)
         assert len(fast) > 2 * n_fast  # the backward's gradient products are fast too
 
 
@@ -254,29 +269,44 @@ def test_auto_value_tile():
 
 
 @pytest.mark.parametrize(
-    "dtype, value_tile, dot_precision",
+    "dtype, value_tile, dot_precision, schedule, chunk_size",
     [
-        (jnp.float32, None, "highest"),
-        (jnp.float32, 64, "tf32x3"),
-        (jnp.float32, None, "bf16"),
-        (jnp.bfloat16, None, None),  # the default: "bf16" dots
-        (jnp.bfloat16, 64, "tf32x3"),
+        (jnp.float32, None, "highest", "sequential", 16),
+        (jnp.float32, 64, "tf32x3", "sequential", 16),
+        (jnp.float32, None, "bf16", "sequential", 16),
+        (jnp.bfloat16, None, None, "sequential", 16),  # the default: "bf16" dots
+        (jnp.bfloat16, 64, "tf32x3", "sequential", 16),
+        (jnp.float32, None, "highest", "chunk_parallel", 16),
+        (jnp.float32, 32, "tf32x3", "chunk_parallel", 32),
+        (jnp.bfloat16, None, None, "chunk_parallel", 16),
+        (jnp.bfloat16, 64, None, "chunk_parallel", 64),
     ],
 )
-def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision):
+def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk_size):
     """Forward and gradient lower through Pallas-Triton at production sizes on a CPU host."""
     batch, seq, heads, n = 1, 4096, 4, 64
     token = jax.ShapeDtypeStruct((batch, seq, heads, n), dtype)
     args = (token,) * 6 + (jax.ShapeDtypeStruct((batch, heads, n, n), jnp.float32),)
-    kernel = partial(wkv7_gpu, value_tile=value_tile, dot_precision=dot_precision)
+    kernel = partial(
+        wkv7_gpu,
+        value_tile=value_tile,
+        dot_precision=dot_precision,
+        schedule=schedule,
+        chunk_size=chunk_size,
+    )
 
     def loss(*args):
         y, s = kernel(*args)
         return jnp.sum(y) + jnp.sum(s)
 
-    for fn, n_kernels in ((kernel, 1), (jax.grad(loss, argnums=tuple(range(7))), 2)):
+    # Sequential: the forward (saving chunk starts) and the backward kernel. Chunk-parallel:
+    # chunk terms, scan and outputs forward; chunk terms, reverse scan and gradients backward.
+    n_forward = 1 if schedule == "sequential" else 3
+    for fn, n_kernels in (
+        (kernel, n_forward),
+        (jax.grad(loss, argnums=tuple(range(7))), 2 * n_forward),
+    ):
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-        # The gradient runs the forward (saving chunk starts) and the backward kernel.
         assert lowered.as_text().count("__gpu$xla.gpu.triton") == n_kernels
 
 
@@ -293,6 +323,8 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision):
         ({"dot_precision": "fp32"}, 32, "dot_precision"),
         ({"dot_precision": "HIGHEST"}, 32, "dot_precision"),
         ({"dot_precision": lax.Precision.HIGHEST}, 32, "dot_precision"),
+        ({"schedule": "parallel"}, 32, "schedule"),
+        ({"schedule": None}, 32, "schedule"),
         ({}, 48, "head size N"),
         ({}, 8, "head size N"),
     ],
@@ -311,3 +343,20 @@ def test_bad_dtype_and_shapes():
         wkv7_gpu(*xs[:2], xs[2][:, :8], *xs[3:], interpret=True)
     with pytest.raises(ValueError, match="state must be"):
         wkv7_gpu(*xs, state[:, :, :16], interpret=True)
+
+
+def test_schedules_agree():
+    """N = 64, chunk 16, value tiles of 16: the chunk-parallel schedule vs the sequential one
+    (same maths, different association of the state products), forward and gradients."""
+    xs, state = _inputs(11, 1, 48, 2, 64)
+    argnums = tuple(range(7))
+    results = {}
+    for schedule in SCHEDULES:
+        kernel = partial(wkv7_gpu, interpret=True, value_tile=16, schedule=schedule)
+        out = jax.jit(kernel)(*xs, state)
+        grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*xs, state)
+        results[schedule] = (*out, *grads)
+    names = "y state dr dw dk dv da db dstate".split()
+    for name, x, ref in zip(names, results["chunk_parallel"], results["sequential"], strict=True):
+        # Measured 1.4e-7 .. 4.1e-7: fp32 rounding of the two associations.
+        assert _rel(x, ref) < 2e-6, (name, _rel(x, ref))

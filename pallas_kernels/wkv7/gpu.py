@@ -35,6 +35,9 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.wkv7.reference import check_wkv7_shapes
 
 DOT_PRECISIONS = ("highest", "tf32x3", "bf16")
+# "sequential": one program per (batch x head, value tile) walks the chunks (this module);
+# "chunk_parallel": the chunk work in parallel, an N x N scan in order (gpu_chunk_parallel).
+SCHEDULES = ("sequential", "chunk_parallel")
 MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 64
 DEFAULT_CHUNK_SIZE = 16
@@ -198,6 +201,61 @@ def _value_terms(dots, t, v):
     return u0, y0
 
 
+def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
+    """One chunk's input gradients from its start state S and the cotangent dS' at its end.
+
+    Shapes: r, k, a, b [C, N] (fp32); v, dy [C, VT]; s, ds_next [VT, N] (a value tile's
+    rows; with VT < N the key-side gradients are this tile's partial sums). Returns
+    ((dr, dw, dk, dv, da, db), dU) with dU = bg dS'^T [C, VT] (for the carried dS).
+
+    Exact dots: U's state part and dU (they feed dS), the P^T products and the reverse decay
+    sum; every other product ends in a per-token gradient and takes a fast dot.
+    """
+    c = r.shape[0]
+    row, col = _iota(c, 0), _iota(c, 1)
+    incl, strict = col <= row, col < row
+    suffix_ones = jnp.where(col >= row, 1.0, 0.0)  # suffix_ones @ x: reverse cumsum over time
+    u0, _ = _value_terms(dots, t, v)
+    # State path: U = U0 + W S^T; S' = S e^{gC} + V^T kg + U^T bg; Y = Y0 + Q S^T.
+    u = u0 + dots.exact(t.wm, s, tb=True)
+    du = dots.exact(t.bg, ds_next, tb=True)
+    dbg = dots.fast(u, ds_next)
+    dwm = dots.fast(du, s)
+    dq = dots.fast(dy, s)
+    dgc = t.e_gc * jnp.sum(ds_next * s, axis=0, keepdims=True)
+    dv = dots.fast(t.kg, ds_next, tb=True)
+    dkg = dots.fast(v, ds_next)
+    # Y0 = A_qk V + A_qb U0 and Q = rg + A_qb W.
+    da_qk = _masked(dots.fast(dy, v, tb=True), incl)
+    dv = dv + dots.fast(t.a_qk, dy, ta=True)
+    du0 = du + dots.fast(t.a_qb, dy, ta=True)
+    da_qb = _masked(dots.fast(dy, u0, tb=True) + dots.fast(dq, t.wm, tb=True), incl)
+    dwm = dwm + dots.fast(t.a_qb, dq, ta=True)
+    # [U0 | W] = P [A_ak V | ag].
+    dx0 = dots.exact(t.p, du0, ta=True)
+    dag = dots.exact(t.p, dwm, ta=True)
+    da_ab = _masked(dots.fast(dx0, u0, tb=True) + dots.fast(dag, t.wm, tb=True), strict)
+    da_ak = _masked(dots.fast(dx0, v, tb=True), strict)
+    dv = dv + dots.fast(t.a_ak, dx0, ta=True)
+    # The centred factors of A_qk = R~K~^T, A_qb = R~B~^T, A_ak = A~K~^T, A_ab = A~B~^T.
+    dr_c = dots.fast(da_qk, t.k_c) + dots.fast(da_qb, t.b_c)
+    dk_c = dots.fast(da_qk, t.r_c, ta=True) + dots.fast(da_ak, t.a_c, ta=True)
+    db_c = dots.fast(da_qb, t.r_c, ta=True) + dots.fast(da_ab, t.a_c, ta=True)
+    da_c = dots.fast(da_ak, t.k_c) + dots.fast(da_ab, t.b_c)
+    dr = dr_c * t.e_in + dq * t.e_gi
+    dk = dk_c * t.e_out + dkg * t.e_tail
+    db = db_c * t.e_out + dbg * t.e_tail
+    da = da_c * t.e_ex + dag * t.e_ge
+    # Log-decay: x * dx is the cotangent of x's exponent; r, k, b carry gi (k, b with a
+    # minus sign), a carries ge = gi - w, kg / bg / S' carry gC = gi[C-1].
+    dgc = dgc + jnp.sum(t.kg * dkg + t.bg * dbg, axis=0, keepdims=True)
+    last = lax.broadcasted_iota(jnp.int32, r.shape, 0) == c - 1
+    d_gi = r * dr - k * dk - b * db + jnp.where(last, dgc, 0.0)
+    d_ge = a * da
+    dw = dots.exact(suffix_ones, d_gi + d_ge) - d_ge
+    return (dr, dw, dk, dv, da, db), du
+
+
 def _load_chunk(refs, rows):
     return tuple(ref[rows, :].astype(jnp.float32) for ref in refs)
 
@@ -229,15 +287,7 @@ def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_o
 def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, starts_ref, dy_ref, ds_out_ref,
                      dr_ref, dw_ref, dk_ref, da_ref, db_ref, dv_ref, ds0_ref,
                      *, chunk, n_chunks, dots):  # fmt: skip
-    """Walks the chunks in reverse carrying dS; key-side gradients are this tile's partials.
-
-    Exact dots: U's state part, dU (it feeds dS), dS itself, the P^T products and the reverse
-    decay sum; every other product ends in a per-token gradient and takes a fast dot.
-    """
-    c = chunk
-    row, col = _iota(c, 0), _iota(c, 1)
-    incl, strict = col <= row, col < row
-    suffix_ones = jnp.where(col >= row, 1.0, 0.0)  # suffix_ones @ x: reverse cumsum over time
+    """Walks the chunks in reverse carrying dS; key-side gradients are this tile's partials."""
 
     def step(j, ds_next):
         i = n_chunks - 1 - j
@@ -247,51 +297,11 @@ def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, starts_ref, dy_re
         dy = dy_ref[rows, :]
         s = starts_ref[i, :, :]
         t = _chunk_terms(dots, r, w, k, a, b)
-        u0, _ = _value_terms(dots, t, v)
-        # State path: U = U0 + W S^T; S' = S e^{gC} + V^T kg + U^T bg; Y = Y0 + Q S^T.
-        u = u0 + dots.exact(t.wm, s, tb=True)
-        du = dots.exact(t.bg, ds_next, tb=True)
-        ds = ds_next * t.e_gc + dots.exact(du, t.wm, ta=True) + dots.exact(dy, t.q, ta=True)
-        dbg = dots.fast(u, ds_next)
-        dwm = dots.fast(du, s)
-        dq = dots.fast(dy, s)
-        dgc = t.e_gc * jnp.sum(ds_next * s, axis=0, keepdims=True)
-        dv = dots.fast(t.kg, ds_next, tb=True)
-        dkg = dots.fast(v, ds_next)
-        # Y0 = A_qk V + A_qb U0 and Q = rg + A_qb W.
-        da_qk = _masked(dots.fast(dy, v, tb=True), incl)
-        dv = dv + dots.fast(t.a_qk, dy, ta=True)
-        du0 = du + dots.fast(t.a_qb, dy, ta=True)
-        da_qb = _masked(dots.fast(dy, u0, tb=True) + dots.fast(dq, t.wm, tb=True), incl)
-        dwm = dwm + dots.fast(t.a_qb, dq, ta=True)
-        # [U0 | W] = P [A_ak V | ag].
-        dx0 = dots.exact(t.p, du0, ta=True)
-        dag = dots.exact(t.p, dwm, ta=True)
-        da_ab = _masked(dots.fast(dx0, u0, tb=True) + dots.fast(dag, t.wm, tb=True), strict)
-        da_ak = _masked(dots.fast(dx0, v, tb=True), strict)
-        dv = dv + dots.fast(t.a_ak, dx0, ta=True)
-        # The centred factors of A_qk = R~K~^T, A_qb = R~B~^T, A_ak = A~K~^T, A_ab = A~B~^T.
-        dr_c = dots.fast(da_qk, t.k_c) + dots.fast(da_qb, t.b_c)
-        dk_c = dots.fast(da_qk, t.r_c, ta=True) + dots.fast(da_ak, t.a_c, ta=True)
-        db_c = dots.fast(da_qb, t.r_c, ta=True) + dots.fast(da_ab, t.a_c, ta=True)
-        da_c = dots.fast(da_ak, t.k_c) + dots.fast(da_ab, t.b_c)
-        dr = dr_c * t.e_in + dq * t.e_gi
-        dk = dk_c * t.e_out + dkg * t.e_tail
-        db = db_c * t.e_out + dbg * t.e_tail
-        da = da_c * t.e_ex + dag * t.e_ge
-        # Log-decay: x * dx is the cotangent of x's exponent; r, k, b carry gi (k, b with a
-        # minus sign), a carries ge = gi - w, kg / bg / S' carry gC = gi[C-1].
-        dgc = dgc + jnp.sum(t.kg * dkg + t.bg * dbg, axis=0, keepdims=True)
-        last = lax.broadcasted_iota(jnp.int32, r.shape, 0) == c - 1
-        d_gi = r * dr - k * dk - b * db + jnp.where(last, dgc, 0.0)
-        d_ge = a * da
-        dw_ref[rows, :] = dots.exact(suffix_ones, d_gi + d_ge) - d_ge
-        dr_ref[rows, :] = dr
-        dk_ref[rows, :] = dk
-        da_ref[rows, :] = da
-        db_ref[rows, :] = db
-        dv_ref[rows, :] = dv
-        return ds
+        grads, du = _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next)
+        for ref, grad in zip((dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref), grads, strict=True):
+            ref[rows, :] = grad
+        # dS = dS' e^{gC} + dU^T W + dY^T Q: exact, it is carried to every earlier chunk.
+        return ds_next * t.e_gc + dots.exact(du, t.wm, ta=True) + dots.exact(dy, t.q, ta=True)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_out_ref[...])
 
@@ -414,7 +424,7 @@ def _auto_value_tile(n, programs_per_tile):
     return vt
 
 
-def _check_arguments(n, chunk_size, value_tile, dot_precision, dtypes):
+def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, dtypes):
     if not _is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(
             f"wkv7_gpu: chunk_size must be a power of two in [{MIN_CHUNK_SIZE}, "
@@ -440,6 +450,8 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, dtypes):
             f"wkv7_gpu: dot_precision must be None or one of {DOT_PRECISIONS}, got "
             f"{dot_precision!r}"
         )
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"wkv7_gpu: schedule must be one of {SCHEDULES}, got {schedule!r}")
     for name, dtype in dtypes:
         if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
             raise ValueError(
@@ -450,16 +462,16 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, dtypes):
 
 def wkv7_gpu(
     r, w, k, v, a, b, state=None, *, chunk_size=16, value_tile=None, dot_precision=None,
-    interpret=False,
+    schedule="sequential", interpret=False,
 ):  # fmt: skip
     """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
 
     Per batch and head, with S in R^{N x N} (rows index value dims, columns key dims):
         S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1} a_t) b_t^T + v_t k_t^T,   y_t = S_t r_t.
-    The sequence is cut into chunks; one program per (batch x head, value tile) loops over
-    them with its state rows in registers. The custom VJP stores one fp32 state per chunk
-    (N^2 * 4 / chunk_size bytes per token and head) and recomputes everything else in a
-    reverse chunk loop. T need not be a multiple of the chunk: the tail is padded with
+    The sequence is cut into chunks; with the default schedule one program per (batch x head,
+    value tile) loops over them with its state rows in registers. The custom VJP stores one
+    fp32 state per chunk (N^2 * 4 / chunk_size bytes per token and head) and recomputes
+    everything else in the backward. T need not be a multiple of the chunk: the tail is padded with
     r = k = v = a = b = 0, w = 0, which leaves the state untouched.
 
     Inputs are loaded in their own dtype and computed in fp32 (decay sums, exponents, state);
@@ -482,6 +494,11 @@ def wkv7_gpu(
             the inverse (I - A_ab)^{-1} and its products, and every dot feeding the carried
             state or its cotangent stay IEEE fp32), or None: "bf16" when any of r, w, k, v,
             a, b is bfloat16 / float16, "highest" when all are float32.
+        schedule: static; "sequential" (one program per batch x head and value tile walks
+            the chunks, the whole chunk maths on its critical path) or "chunk_parallel" (the
+            chunk maths in parallel over chunks, only an N x N affine map of the state per
+            chunk in order; see `gpu_chunk_parallel`). Same maths and dot precision plan;
+            there value_tile applies to the state scan.
         interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
@@ -489,14 +506,14 @@ def wkv7_gpu(
 
     Raises:
         ValueError: on mismatched shapes, a bad chunk_size / value_tile / dot_precision /
-            head size or an unsupported dtype.
+            schedule / head size or an unsupported dtype.
     """
     batch, seq, heads, n = check_wkv7_shapes(r, w, k, v, a, b, state)
     named = (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b))
     dtypes = [(name, x.dtype) for name, x in named]
     if state is not None:
         dtypes.append(("state", state.dtype))
-    _check_arguments(n, chunk_size, value_tile, dot_precision, dtypes)
+    _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, dtypes)
     if dot_precision is None:
         half = any(jnp.dtype(x.dtype) in _HALF_DTYPES for _, x in named)
         dot_precision = "bf16" if half else "highest"
@@ -515,6 +532,11 @@ def wkv7_gpu(
     cfg = _Config(chunk_size, value_tile, bool(interpret), dot_precision)
     xs = tuple(head_major(x) for _, x in named)
     s0 = state.astype(jnp.float32).reshape(batch * heads, n, n)
-    y, s_final = _wkv7_heads(cfg, xs, s0)
+    if schedule == "chunk_parallel":
+        from pallas_kernels.wkv7.gpu_chunk_parallel import wkv7_heads_chunk_parallel
+
+        y, s_final = wkv7_heads_chunk_parallel(cfg, xs, s0)
+    else:
+        y, s_final = _wkv7_heads(cfg, xs, s0)
     y = y[:, :seq].reshape(batch, heads, seq, n).transpose(0, 2, 1, 3)
     return y, s_final.reshape(batch, heads, n, n)

@@ -1,0 +1,257 @@
+"""WKV-7 on GPU, chunk-parallel schedule: all chunk work in parallel, only an N x N scan in order.
+
+The sequential schedule (`gpu.py`) walks each head's chunks in one program, so every chunk's
+full key-side work (decay sums, the inverse (I - A_ab)^{-1}, ~20 dependent dots) lies on the
+critical path, and a GPU runs only B*H x (N / value tile) programs. Here that work runs with one
+program per (batch x head, chunk), and what is left in sequence is the chunk-to-chunk affine map
+of the state. From `gpu._chunk_terms` (U = U0 + W S^T, S' = S e^{gC} + V^T kg + U^T bg):
+
+    S_{c+1} = S_c A_c + D_c,   A_c = diag(e^{gC}) + W^T bg,   D_c = V^T kg + U0^T bg,
+
+A_c, D_c in R^{N x N} (A_c acts on the key side, so value tiles of S stay independent). The
+backward's carried cotangent follows the transposed map, from dS' = dS_{c+1} (the cotangent of
+chunk c's end state):
+
+    dS_c = dS_{c+1} A_c^T + E_c,   E_c = dY^T Q    (dU^T W = dS' bg^T W = dS' (A_c^T - diag)).
+
+Forward, three kernels: chunk terms (A_c, D_c, Q, Y0; grid B*H x chunks), the state scan (grid
+B*H x value tiles, storing every chunk's start state) and the outputs Y = Y0 + Q S_c^T (grid
+B*H x chunks). Backward, three: chunk terms (A_c, E_c), the reverse scan (storing every chunk's
+end cotangent), and the gradients of each chunk from its S_c and dS_{c+1} (`gpu._chunk_gradients`,
+full value rows, so no partial sums). The dot precision plan is the sequential schedule's: A_c,
+D_c, E_c and the scan feed the carried state or its cotangent and take exact dots.
+
+Memory: A_c and D_c (or E_c) are N^2 fp32 each per chunk and head (2 x N^2 * 4 / C bytes per
+token and head, transient), and the start states, as in the sequential schedule, are the
+residual the backward keeps.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.wkv7.gpu import (
+    NUM_WARPS,
+    _chunk_gradients,
+    _chunk_terms,
+    _iota,
+    _value_terms,
+)
+
+# The scan's loads (A_c, D_c) do not depend on the carried state: two stages let Triton fetch
+# the next chunk's while the current dot runs.
+SCAN_NUM_STAGES = 2
+
+
+def _params(num_stages=1):
+    # Explicit Triton params: without them pallas_call on GPU is routed to Mosaic GPU.
+    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=num_stages)
+
+
+def _load(*refs):
+    return tuple(ref[...].astype(jnp.float32) for ref in refs)
+
+
+def _transition(dots, t, n):
+    """A_c = diag(e^{gC}) + W^T bg [N, N] (exact: it multiplies the carried state)."""
+    eye = _iota(n, 0) == _iota(n, 1)
+    return jnp.where(eye, t.e_gc, 0.0) + dots.exact(t.wm, t.bg, ta=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Token refs are one chunk [C, N] of one (batch x head); chunk-matrix refs [N, N].
+
+
+def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref,
+                          trans_ref, drive_ref, q_ref, y0_ref, *, dots):  # fmt: skip
+    r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
+    t = _chunk_terms(dots, r, w, k, a, b)
+    u0, y0 = _value_terms(dots, t, v)
+    trans_ref[...] = _transition(dots, t, r.shape[1])
+    drive_ref[...] = dots.exact(v, t.kg, ta=True) + dots.exact(u0, t.bg, ta=True)
+    q_ref[...] = t.q
+    y0_ref[...] = y0
+
+
+def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, dy_ref, trans_ref, drive_ref,
+                           *, dots):  # fmt: skip
+    r, w, k, a, b = _load(r_ref, w_ref, k_ref, a_ref, b_ref)
+    t = _chunk_terms(dots, r, w, k, a, b)
+    trans_ref[...] = _transition(dots, t, r.shape[1])
+    drive_ref[...] = dots.exact(dy_ref[...], t.q, ta=True)
+
+
+def _scan_kernel(trans_ref, drive_ref, x0_ref, x_out_ref, before_ref, *, n_chunks, reverse,
+                 dots):  # fmt: skip
+    """x <- x A_c + D_c over the chunks (x A_c^T + E_c, last chunk first, when reverse).
+
+    before_ref[c] receives the x that chunk c's map is applied to: the start state S_c forward,
+    the end cotangent dS_{c+1} in reverse.
+    """
+
+    def step(j, x):
+        i = n_chunks - 1 - j if reverse else j
+        before_ref[i, :, :] = x
+        return dots.exact(x, trans_ref[i, :, :], tb=reverse) + drive_ref[i, :, :]
+
+    x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
+
+
+def _output_kernel(y0_ref, q_ref, start_ref, y_ref, *, dots):
+    # Q S^T reaches only y: a fast dot, as in the sequential schedule.
+    y_ref[...] = y0_ref[...] + dots.fast(q_ref[...], start_ref[...], tb=True)
+
+
+def _gradient_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, start_ref, end_cot_ref,
+                     dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref, *, dots):  # fmt: skip
+    r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
+    t = _chunk_terms(dots, r, w, k, a, b)
+    grads, _ = _chunk_gradients(
+        dots, t, r, k, v, a, b, dy_ref[...], start_ref[...], end_cot_ref[...]
+    )
+    for ref, grad in zip((dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref), grads, strict=True):
+        ref[...] = grad
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
+
+
+def _chunk_grid_specs(c, n):
+    """Specs over the grid (BH, chunks): one chunk of tokens, one chunk's N x N matrix."""
+    tokens = pl.BlockSpec((None, c, n), lambda i, j: (i, j, 0))
+    matrix = pl.BlockSpec((None, None, n, n), lambda i, j: (i, j, 0, 0))
+    return tokens, matrix
+
+
+def _chunk_matrices(bh, n_chunks, n):
+    return jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32)
+
+
+def _forward_terms_call(cfg, xs):
+    bh, seq, n = xs[0].shape
+    c, n_chunks = cfg.chunk, seq // cfg.chunk
+    tokens, matrix = _chunk_grid_specs(c, n)
+    token_f32 = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
+    return pl.pallas_call(
+        partial(_forward_terms_kernel, dots=cfg.dots),
+        grid=(bh, n_chunks),
+        in_specs=[tokens] * 6,
+        out_specs=[matrix, matrix, tokens, tokens],
+        out_shape=[_chunk_matrices(bh, n_chunks, n)] * 2 + [token_f32] * 2,
+        compiler_params=_params(),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_forward_terms",
+    )(*xs)
+
+
+def _backward_terms_call(cfg, xs, dy):
+    r, w, k, _, a, b = xs
+    bh, seq, n = r.shape
+    c, n_chunks = cfg.chunk, seq // cfg.chunk
+    tokens, matrix = _chunk_grid_specs(c, n)
+    return pl.pallas_call(
+        partial(_backward_terms_kernel, dots=cfg.dots),
+        grid=(bh, n_chunks),
+        in_specs=[tokens] * 6,
+        out_specs=[matrix, matrix],
+        out_shape=[_chunk_matrices(bh, n_chunks, n)] * 2,
+        compiler_params=_params(),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_backward_terms",
+    )(r, w, k, a, b, dy)
+
+
+def _scan_call(cfg, trans, drive, x0, *, reverse):
+    """(final x [BH, N, N], x before each chunk's map [BH, chunks, N, N]); see _scan_kernel."""
+    bh, n_chunks, n, _ = trans.shape
+    vt = cfg.value_tile
+    full = pl.BlockSpec((None, n_chunks, n, n), lambda i, j: (i, 0, 0, 0))
+    rows = pl.BlockSpec((None, n_chunks, vt, n), lambda i, j: (i, 0, j, 0))
+    state = pl.BlockSpec((None, vt, n), lambda i, j: (i, j, 0))
+    return pl.pallas_call(
+        partial(_scan_kernel, n_chunks=n_chunks, reverse=reverse, dots=cfg.dots),
+        grid=(bh, n // vt),
+        in_specs=[full, rows, state],
+        out_specs=[state, rows],
+        out_shape=[
+            jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
+            _chunk_matrices(bh, n_chunks, n),
+        ],
+        compiler_params=_params(SCAN_NUM_STAGES),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_reverse_scan" if reverse else "wkv7_gpu_scan",
+    )(trans, drive, x0)
+
+
+def _output_call(cfg, y0, q, starts):
+    bh, seq, n = y0.shape
+    tokens, matrix = _chunk_grid_specs(cfg.chunk, n)
+    return pl.pallas_call(
+        partial(_output_kernel, dots=cfg.dots),
+        grid=(bh, seq // cfg.chunk),
+        in_specs=[tokens, tokens, matrix],
+        out_specs=tokens,
+        out_shape=jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
+        compiler_params=_params(),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_outputs",
+    )(y0, q, starts)
+
+
+def _gradient_call(cfg, xs, dy, starts, end_cots):
+    bh, seq, n = xs[0].shape
+    tokens, matrix = _chunk_grid_specs(cfg.chunk, n)
+    token_f32 = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
+    return pl.pallas_call(
+        partial(_gradient_kernel, dots=cfg.dots),
+        grid=(bh, seq // cfg.chunk),
+        in_specs=[tokens] * 7 + [matrix, matrix],
+        out_specs=[tokens] * 6,
+        out_shape=[token_f32] * 6,
+        compiler_params=_params(),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_gradients",
+    )(*xs, dy, starts, end_cots)
+
+
+def _forward(cfg, xs, s0):
+    trans, drive, q, y0 = _forward_terms_call(cfg, xs)
+    s_final, starts = _scan_call(cfg, trans, drive, s0, reverse=False)
+    return _output_call(cfg, y0, q, starts), s_final, starts
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def wkv7_heads_chunk_parallel(cfg, xs, s0):
+    """(y [BH, Tp, N], final state [BH, N, N]) fp32 for head-major xs = (r, w, k, v, a, b).
+
+    cfg is `gpu._Config`; Tp is a multiple of cfg.chunk; s0 [BH, N, N] fp32.
+    """
+    y, s_final, _ = _forward(cfg, xs, s0)
+    return y, s_final
+
+
+def _vjp_forward(cfg, xs, s0):
+    y, s_final, starts = _forward(cfg, xs, s0)
+    # Residuals: the inputs (alive anyway) and each chunk's start state; the chunk terms are
+    # recomputed in the backward's parallel kernels.
+    return (y, s_final), (xs, starts)
+
+
+def _vjp_backward(cfg, res, cot):
+    xs, starts = res
+    dy, ds_final = (x.astype(jnp.float32) for x in cot)
+    trans, e = _backward_terms_call(cfg, xs, dy)
+    ds0, end_cots = _scan_call(cfg, trans, e, ds_final, reverse=True)
+    grads = _gradient_call(cfg, xs, dy, starts, end_cots)
+    grads = tuple(g.astype(x.dtype) for g, x in zip(grads, xs, strict=True))
+    return grads, ds0
+
+
+wkv7_heads_chunk_parallel.defvjp(_vjp_forward, _vjp_backward)
