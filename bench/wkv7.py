@@ -7,8 +7,9 @@ For every T x B*H (B = 1, H = B*H, N = 64) and dtype it times forward and forwar
 (all seven gradients, random cotangents on y and the final state) of each implementation and
 prints milliseconds and the ratios xla / pallas and fla / pallas (> 1: ours is faster). Every
 forward output is also compared with the fp32 `lax.scan` oracle run on the same (dtype-rounded)
-inputs: max|y - y_ref| / max|y_ref|, and the final state likewise. At the smallest size the
-Pallas gradients are compared with the chunked XLA path's (itself tested against the oracle).
+inputs: max|y - y_ref| / max|y_ref|, and the final state likewise. At the smallest size each
+Pallas implementation's gradients are compared with the chunked XLA path's (itself tested
+against the oracle).
 
 Implementations: "pallas" = `pallas_kernels.wkv7(backend="gpu")` on GPU or "tpu" on TPU;
 "xla" = `backend="xla"` (chunk 16); "fla" = fla's Triton `chunk_rwkv7` through PyTorch (GPU only;
@@ -83,18 +84,22 @@ def kernel_for(impl: str):
 
     "xla" is the chunked XLA path; "pallas" the accelerator's kernel with its defaults;
     "pallas@KEY=VALUE,..." the GPU kernel with options (e.g. pallas@dot_precision=tf32x3,
-    pallas@chunk_size=32,value_tile=32).
+    pallas@chunk_size=32,value_tile=32, pallas@schedule=chunk_parallel,num_warps=8).
     """
     if impl == "xla":
         return functools.partial(pallas_kernels.wkv7, backend="xla")
+    # On a CPU (--allow-cpu, to check this driver) the GPU kernels run in interpret mode.
+    interpret = jax.default_backend() == "cpu"
     if impl == "pallas":
-        return functools.partial(pallas_kernels.wkv7, backend=accelerator_backend())
+        return functools.partial(
+            pallas_kernels.wkv7, backend=accelerator_backend(), interpret=interpret
+        )
     name, _, options = impl.partition("@")
     if name != "pallas" or accelerator_backend() != "gpu":
         raise ValueError(f"unknown implementation {impl!r} on {jax.default_backend()}")
     from pallas_kernels.wkv7.gpu import wkv7_gpu
 
-    kwargs = {}
+    kwargs = {"interpret": interpret}
     for item in options.split(","):
         key, _, value = item.partition("=")
         kwargs[key] = int(value) if value.isdigit() else value
@@ -171,19 +176,19 @@ def oracle(xs, dtype):
     return jax.jit(wkv7_reference)(*args)
 
 
-def gradient_check(xs) -> float:
-    """Largest relative difference of the 7 Pallas gradients from the chunked XLA path's."""
+def gradient_check(xs, impl: str) -> float:
+    """Largest relative difference of a Pallas implementation's 7 gradients from the XLA path's."""
     args = [xs[n] for n in "rwkvab"]
 
-    def grads(backend):
+    def grads(kernel):
         def loss(r, w, k, v, a, b, s0):
-            y, s = pallas_kernels.wkv7(r, w, k, v, a, b, s0, backend=backend)
+            y, s = kernel(r, w, k, v, a, b, s0)
             return jnp.vdot(y, xs["dy"]) + jnp.vdot(s, xs["ds"])
 
         s0 = 0.1 * xs["ds"]  # a non-zero initial state, so its gradient is tested
         return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args, s0)
 
-    got, want = grads(accelerator_backend()), grads("xla")
+    got, want = grads(kernel_for(impl)), grads(kernel_for("xla"))
     return max(rel_err(g, w) for g, w in zip(got, want, strict=True))
 
 
@@ -218,7 +223,8 @@ def main() -> None:
     parser.add_argument(
         "--allow-cpu",
         action="store_true",
-        help="run on CPU too (only to check this driver: xla and the oracle, no timings to keep)",
+        help="run on CPU too, the GPU kernels in interpret mode (only to check this driver; "
+        "no timings to keep)",
     )
     args = parser.parse_args()
     if args.quick:
@@ -250,9 +256,14 @@ def main() -> None:
         for bh in bhs:
             xs = make_inputs(T + bh, T, bh)
             if (T, bh) == (min(seq_lens), min(bhs)) and not args.skip_gradient_check:
-                err = gradient_check(xs)
-                print(f"gradient check T={T} B*H={bh} fp32: pallas vs xla max rel diff {err:.2e}")
-                results.append({"T": T, "bh": bh, "gradient_rel_diff_vs_xla": err})
+                for impl in dict.fromkeys(i for i in impls + impls_fp32 if i.startswith("pallas")):
+                    err = gradient_check(xs, impl)
+                    print(
+                        f"gradient check T={T} B*H={bh} fp32: {impl} vs xla max rel diff {err:.2e}"
+                    )
+                    results.append(
+                        {"T": T, "bh": bh, "impl": impl, "gradient_rel_diff_vs_xla": err}
+                    )
             for dtype in args.dtypes.split(","):
                 chosen = impls_fp32 if dtype == "float32" else impls
                 rows = run_size(xs, T, bh, dtype, chosen, args.repeats, save)

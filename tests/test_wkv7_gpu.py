@@ -1,5 +1,6 @@
 """The Pallas-Triton WKV-7 kernels: interpret mode vs the scan oracle, and CUDA cross-lowering."""
 
+import re
 from functools import partial
 
 import jax
@@ -310,6 +311,18 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
         assert lowered.as_text().count("__gpu$xla.gpu.triton") == n_kernels
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_launch_parameters_reach_triton(schedule):
+    """num_warps reaches every kernel; the chunk-parallel scan alone pipelines its loads."""
+    token = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    for num_warps in (4, 8):
+        kernel = partial(wkv7_gpu, schedule=schedule, num_warps=num_warps)
+        text = jax.jit(kernel).trace(*(token,) * 6).lower(lowering_platforms=("cuda",)).as_text()
+        assert set(re.findall(r"num_warps = (\d+)", text)) == {str(num_warps)}
+        stages = sorted(re.findall(r"num_stages = (\d+)", text))
+        assert stages == (["1"] if schedule == "sequential" else ["1", "1", "2"])
+
+
 @pytest.mark.parametrize(
     "kwargs, n, match",
     [
@@ -324,6 +337,8 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
         ({"dot_precision": "HIGHEST"}, 32, "dot_precision"),
         ({"dot_precision": lax.Precision.HIGHEST}, 32, "dot_precision"),
         ({"schedule": "parallel"}, 32, "schedule"),
+        ({"num_warps": 3}, 32, "num_warps"),
+        ({"num_warps": 32}, 32, "num_warps"),
         ({"schedule": None}, 32, "schedule"),
         ({}, 48, "head size N"),
         ({}, 8, "head size N"),

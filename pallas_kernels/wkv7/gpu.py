@@ -42,7 +42,7 @@ MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 64
 DEFAULT_CHUNK_SIZE = 16
 MIN_VALUE_TILE = 16
-NUM_WARPS = 4
+NUM_WARPS = 4  # the default; `num_warps` overrides it for every kernel of a call
 # No software pipelining of the chunk loop's loads: the loop body is dominated by dependent
 # dots on register-resident state, and pipelining only adds register pressure.
 NUM_STAGES = 1
@@ -91,6 +91,7 @@ class _Config:
     value_tile: int
     interpret: bool
     dot_precision: str
+    num_warps: int = NUM_WARPS
 
     @property
     def dots(self):
@@ -310,9 +311,9 @@ def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, starts_ref, dy_re
 # pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
 
 
-def _compiler_params():
+def _compiler_params(cfg, num_stages=NUM_STAGES):
     # Explicit Triton params: without them pallas_call on GPU is routed to Mosaic GPU.
-    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=num_stages)
 
 
 def _specs(bh, seq, n, vt, n_chunks):
@@ -346,7 +347,7 @@ def _forward_call(cfg, xs, s0, *, save_starts):
         in_specs=[keys, keys, keys, values, keys, keys, state],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_forward",
     )(r, w, k, v, a, b, s0)
@@ -369,7 +370,7 @@ def _backward_call(cfg, xs, starts, dy, ds_final):
             jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
             jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
         ],
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_backward",
     )(r, w, k, v, a, b, starts, dy, ds_final)
@@ -424,7 +425,7 @@ def _auto_value_tile(n, programs_per_tile):
     return vt
 
 
-def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, dtypes):
+def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, num_warps, dtypes):
     if not _is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(
             f"wkv7_gpu: chunk_size must be a power of two in [{MIN_CHUNK_SIZE}, "
@@ -450,6 +451,10 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, dtypes)
             f"wkv7_gpu: dot_precision must be None or one of {DOT_PRECISIONS}, got "
             f"{dot_precision!r}"
         )
+    if not _is_power_of_two(num_warps) or num_warps > 16:
+        raise ValueError(
+            f"wkv7_gpu: num_warps must be a power of two in [1, 16], got {num_warps!r}"
+        )
     if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(f"wkv7_gpu: schedule must be one of {SCHEDULES}, got {schedule!r}")
     for name, dtype in dtypes:
@@ -462,7 +467,7 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, dtypes)
 
 def wkv7_gpu(
     r, w, k, v, a, b, state=None, *, chunk_size=16, value_tile=None, dot_precision=None,
-    schedule="sequential", interpret=False,
+    schedule="sequential", num_warps=NUM_WARPS, interpret=False,
 ):  # fmt: skip
     """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
 
@@ -499,6 +504,7 @@ def wkv7_gpu(
             chunk maths in parallel over chunks, only an N x N affine map of the state per
             chunk in order; see `gpu_chunk_parallel`). Same maths and dot precision plan;
             there value_tile applies to the state scan.
+        num_warps: static; Triton warps per program, every kernel of the call (default 4).
         interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
@@ -513,7 +519,7 @@ def wkv7_gpu(
     dtypes = [(name, x.dtype) for name, x in named]
     if state is not None:
         dtypes.append(("state", state.dtype))
-    _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, dtypes)
+    _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, num_warps, dtypes)
     if dot_precision is None:
         half = any(jnp.dtype(x.dtype) in _HALF_DTYPES for _, x in named)
         dot_precision = "bf16" if half else "highest"
@@ -529,7 +535,7 @@ def wkv7_gpu(
         x = x.transpose(0, 2, 1, 3).reshape(batch * heads, seq, n)
         return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
 
-    cfg = _Config(chunk_size, value_tile, bool(interpret), dot_precision)
+    cfg = _Config(chunk_size, value_tile, bool(interpret), dot_precision, num_warps)
     xs = tuple(head_major(x) for _, x in named)
     s0 = state.astype(jnp.float32).reshape(batch * heads, n, n)
     if schedule == "chunk_parallel":

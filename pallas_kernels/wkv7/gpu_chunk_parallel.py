@@ -34,12 +34,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.wkv7.gpu import (
-    NUM_WARPS,
     _chunk_gradients,
     _chunk_terms,
+    _compiler_params,
     _iota,
     _value_terms,
 )
@@ -47,11 +46,6 @@ from pallas_kernels.wkv7.gpu import (
 # The scan's loads (A_c, D_c) do not depend on the carried state: two stages let Triton fetch
 # the next chunk's while the current dot runs.
 SCAN_NUM_STAGES = 2
-
-
-def _params(num_stages=1):
-    # Explicit Triton params: without them pallas_call on GPU is routed to Mosaic GPU.
-    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=num_stages)
 
 
 def _load(*refs):
@@ -145,7 +139,7 @@ def _forward_terms_call(cfg, xs):
         in_specs=[tokens] * 6,
         out_specs=[matrix, matrix, tokens, tokens],
         out_shape=[_chunk_matrices(bh, n_chunks, n)] * 2 + [token_f32] * 2,
-        compiler_params=_params(),
+        compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_forward_terms",
     )(*xs)
@@ -162,7 +156,7 @@ def _backward_terms_call(cfg, xs, dy):
         in_specs=[tokens] * 6,
         out_specs=[matrix, matrix],
         out_shape=[_chunk_matrices(bh, n_chunks, n)] * 2,
-        compiler_params=_params(),
+        compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_backward_terms",
     )(r, w, k, a, b, dy)
@@ -184,7 +178,7 @@ def _scan_call(cfg, trans, drive, x0, *, reverse):
             jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
             _chunk_matrices(bh, n_chunks, n),
         ],
-        compiler_params=_params(SCAN_NUM_STAGES),
+        compiler_params=_compiler_params(cfg, SCAN_NUM_STAGES),
         interpret=cfg.interpret,
         name="wkv7_gpu_reverse_scan" if reverse else "wkv7_gpu_scan",
     )(trans, drive, x0)
@@ -199,7 +193,7 @@ def _output_call(cfg, y0, q, starts):
         in_specs=[tokens, tokens, matrix],
         out_specs=tokens,
         out_shape=jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
-        compiler_params=_params(),
+        compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_outputs",
     )(y0, q, starts)
@@ -215,7 +209,7 @@ def _gradient_call(cfg, xs, dy, starts, end_cots):
         in_specs=[tokens] * 7 + [matrix, matrix],
         out_specs=[tokens] * 6,
         out_shape=[token_f32] * 6,
-        compiler_params=_params(),
+        compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_gradients",
     )(*xs, dy, starts, end_cots)

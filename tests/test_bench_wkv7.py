@@ -1,0 +1,54 @@
+"""bench/wkv7.py's driver, run on the CPU (GPU kernels in interpret mode): every implementation
+named gets its rows, gradient check and oracle errors, and a failing one becomes an error row
+instead of ending the run. The timings of such a run mean nothing and are not checked."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wkv7_bench_driver(tmp_path):
+    out = tmp_path / "wkv7.json"
+    impls = "pallas,pallas@schedule=chunk_parallel;chunk_size=32,xla,fla"
+    command = [
+        sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
+        "--bh", "2", "--repeats", "1", "--impls", impls,
+        "--impls-fp32", "pallas@schedule=chunk_parallel", "--json", str(out),
+    ]  # fmt: skip
+    # A subprocess: the script puts bench/ on sys.path, which would shadow train.py here.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    checks = {
+        r["impl"]: r["gradient_rel_diff_vs_xla"] for r in results if "gradient_rel_diff_vs_xla" in r
+    }
+    # Every Pallas implementation of either list, once; the XLA path is the reference.
+    assert set(checks) == {
+        "pallas",
+        "pallas@schedule=chunk_parallel,chunk_size=32",
+        "pallas@schedule=chunk_parallel",
+    }
+    assert all(diff < 1e-5 for diff in checks.values()), checks
+    rows = {(r["dtype"], r["impl"]): r for r in results if "dtype" in r}
+    assert set(rows) == {
+        ("bfloat16", "pallas"),
+        ("bfloat16", "pallas@schedule=chunk_parallel,chunk_size=32"),
+        ("bfloat16", "xla"),
+        ("bfloat16", "fla"),
+        ("float32", "pallas@schedule=chunk_parallel"),
+    }
+    # fla needs CUDA and the fla-core package: an error row, and the run went on.
+    assert "error" in rows[("bfloat16", "fla")]
+    for (dtype, impl), row in rows.items():
+        if impl == "fla":
+            continue
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, impl
+        # bf16 dots in the Pallas kernels: ~3e-3; fp32 and the XLA path: fp32 rounding.
+        tol = 1e-2 if dtype == "bfloat16" and impl.startswith("pallas") else 1e-5
+        assert row["y_err"] < tol and row["state_err"] < tol, (dtype, impl, row)
+    assert "| 32 | 2 | float32 | pallas@schedule=chunk_parallel |" in run.stdout
