@@ -99,11 +99,16 @@ def kernel_for(impl: str):
         raise ValueError(f"unknown implementation {impl!r} on {jax.default_backend()}")
     from pallas_kernels.wkv7.gpu import wkv7_gpu
 
-    kwargs = {"interpret": interpret}
-    for item in options.split(","):
+    return functools.partial(wkv7_gpu, interpret=interpret, **impl_options(impl))
+
+
+def impl_options(impl: str) -> dict:
+    """The keyword options of "pallas@KEY=VALUE,...": {KEY: VALUE}, digits as ints."""
+    options = {}
+    for item in filter(None, impl.partition("@")[2].split(",")):
         key, _, value = item.partition("=")
-        kwargs[key] = int(value) if value.isdigit() else value
-    return functools.partial(wkv7_gpu, **kwargs)
+        options[key] = int(value) if value.isdigit() else value
+    return options
 
 
 def jax_fns(impl: str):
@@ -167,6 +172,63 @@ def fla_case(xs, dtype, repeats):
     return fwd_ms, both_ms, to_jax(y), jnp.swapaxes(to_jax(s), -1, -2)
 
 
+# ----------------------------------------------------------------------------- stages
+
+STAGES = ("fwd terms", "scan", "outputs", "bwd terms", "reverse scan", "gradients")
+
+
+def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
+    """Milliseconds of each kernel of a chunk-parallel implementation, on its own (B = 1).
+
+    Forward: chunk terms, state scan, outputs; backward: chunk terms, reverse scan, gradients.
+    Their sum is about the forward+backward time less the XLA glue (transposes, casts). Uses
+    the module's pallas_call wrappers directly, so the numbers say where the time goes.
+    """
+    from pallas_kernels.wkv7 import gpu
+    from pallas_kernels.wkv7 import gpu_chunk_parallel as cp
+
+    options = impl_options(impl)
+    _, seq, heads, n = xs["r"].shape
+    half = jnp.dtype(dtype) != jnp.dtype(jnp.float32)
+    cfg = gpu._Config(
+        chunk=options.get("chunk_size", gpu.DEFAULT_CHUNK_SIZE),
+        value_tile=options.get("value_tile") or gpu._auto_value_tile(n, heads),
+        interpret=jax.default_backend() == "cpu",
+        dot_precision=options.get("dot_precision", "bf16" if half else "highest"),
+        num_warps=options.get("num_warps", gpu.NUM_WARPS),
+    )
+    if seq % cfg.chunk:
+        raise ValueError(f"stage timing needs T a multiple of the chunk, got T={seq}")
+
+    def head_major(x):
+        return x.transpose(0, 2, 1, 3).reshape(heads, seq, n)
+
+    hx = tuple(head_major(xs[name].astype(dtype)) for name in "rwkvab")
+    dy, ds = head_major(xs["dy"]), xs["ds"].reshape(heads, n, n)
+    s0 = jnp.zeros((heads, n, n), jnp.float32)
+    fns = {
+        "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
+        "scan": jax.jit(lambda a, d, s: cp._scan_call(cfg, a, d, s, reverse=False)),
+        "outputs": jax.jit(lambda y0, q, starts: cp._output_call(cfg, y0, q, starts)),
+        "bwd terms": jax.jit(lambda x, g: cp._backward_terms_call(cfg, x, g)),
+        "reverse scan": jax.jit(lambda a, e, s: cp._scan_call(cfg, a, e, s, reverse=True)),
+        "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
+    }
+    trans, drive, q, y0 = fns["fwd terms"](hx)
+    starts = fns["scan"](trans, drive, s0)[1]
+    trans_b, e = fns["bwd terms"](hx, dy)
+    end_cots = fns["reverse scan"](trans_b, e, ds)[1]
+    args = {
+        "fwd terms": (hx,),
+        "scan": (trans, drive, s0),
+        "outputs": (y0, q, starts),
+        "bwd terms": (hx, dy),
+        "reverse scan": (trans_b, e, ds),
+        "gradients": (hx, dy, starts, end_cots),
+    }
+    return {name: median_ms(lambda f=fns[name], a=args[name]: f(*a), repeats) for name in STAGES}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -221,6 +283,11 @@ def main() -> None:
         help="leave out the Pallas-vs-XLA gradient check (when another run of the session did it)",
     )
     parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also time each kernel of every chunk-parallel implementation on its own",
+    )
+    parser.add_argument(
         "--allow-cpu",
         action="store_true",
         help="run on CPU too, the GPU kernels in interpret mode (only to check this driver; "
@@ -270,6 +337,17 @@ def main() -> None:
                 for row in rows.values():
                     print(table_row(row, rows), flush=True)
                 results.extend(rows.values())
+                for impl in chosen if args.stages else ():
+                    if impl_options(impl).get("schedule") == "chunk_parallel":
+                        stages = stage_times(impl, xs, dtype, args.repeats)
+                        cells = " | ".join(f"{stages[name]:.2f}" for name in STAGES)
+                        print(
+                            f"  stages ms ({' | '.join(STAGES)}) T={T} B*H={bh} {dtype} "
+                            f"{impl}: {cells} | sum {sum(stages.values()):.2f}",
+                            flush=True,
+                        )
+                        results.append({"T": T, "bh": bh, "dtype": dtype, "impl": impl,
+                                        "stages_ms": stages})  # fmt: skip
                 if args.json:
                     write_json(args.json, results)
 

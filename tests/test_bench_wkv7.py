@@ -1,6 +1,7 @@
 """bench/wkv7.py's driver, run on the CPU (GPU kernels in interpret mode): every implementation
-named gets its rows, gradient check and oracle errors, and a failing one becomes an error row
-instead of ending the run. The timings of such a run mean nothing and are not checked."""
+named gets its rows, gradient check and oracle errors (and with --stages the chunk-parallel
+kernels' own times), and a failing one becomes an error row instead of ending the run. The
+timings of such a run mean nothing and are not checked."""
 
 import json
 import os
@@ -17,7 +18,7 @@ def test_wkv7_bench_driver(tmp_path):
     command = [
         sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
         "--bh", "2", "--repeats", "1", "--impls", impls,
-        "--impls-fp32", "pallas@schedule=chunk_parallel", "--json", str(out),
+        "--impls-fp32", "pallas@schedule=chunk_parallel", "--stages", "--json", str(out),
     ]  # fmt: skip
     # A subprocess: the script puts bench/ on sys.path, which would shadow train.py here.
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -34,7 +35,7 @@ def test_wkv7_bench_driver(tmp_path):
         "pallas@schedule=chunk_parallel",
     }
     assert all(diff < 1e-5 for diff in checks.values()), checks
-    rows = {(r["dtype"], r["impl"]): r for r in results if "dtype" in r}
+    rows = {(r["dtype"], r["impl"]): r for r in results if "fwd_ms" in r or "error" in r}
     assert set(rows) == {
         ("bfloat16", "pallas"),
         ("bfloat16", "pallas@schedule=chunk_parallel,chunk_size=32"),
@@ -52,3 +53,12 @@ def test_wkv7_bench_driver(tmp_path):
         tol = 1e-2 if dtype == "bfloat16" and impl.startswith("pallas") else 1e-5
         assert row["y_err"] < tol and row["state_err"] < tol, (dtype, impl, row)
     assert "| 32 | 2 | float32 | pallas@schedule=chunk_parallel |" in run.stdout
+    # --stages: each kernel of the chunk-parallel implementations timed on its own.
+    stages = {(r["dtype"], r["impl"]): r["stages_ms"] for r in results if "stages_ms" in r}
+    assert set(stages) == {
+        ("bfloat16", "pallas@schedule=chunk_parallel,chunk_size=32"),
+        ("float32", "pallas@schedule=chunk_parallel"),
+    }
+    for times in stages.values():
+        assert list(times) == ["fwd terms", "scan", "outputs", "bwd terms", "reverse scan",
+                               "gradients"] and min(times.values()) > 0  # fmt: skip
