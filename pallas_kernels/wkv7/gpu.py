@@ -1,10 +1,15 @@
 """WKV-7 as Pallas-Triton GPU kernels: chunked forward and chunk-reverse backward, one custom VJP.
 
-One program per (batch x head, value tile) walks the chunks of its sequence in an in-kernel
-`fori_loop`, carrying its rows of the fp32 state in registers (Triton lowering has neither
-scratch memory nor a sequential grid axis). The maths is that of `xla_chunked` (chunk terms
-with exponents centred mid-chunk, the stable block-recursive (I - A_ab)^{-1}, the hand-derived
-chunk backward), written as 2-D dots that Triton can lower.
+Default ("sequential") schedule: one program per (batch x head, value tile) walks the chunks of
+its sequence in an in-kernel `fori_loop`, carrying its rows of the fp32 state in registers
+(Triton lowering has neither scratch memory nor a sequential grid axis). The whole chunk maths
+is then on each program's critical path, and few heads give few programs; the
+"chunk_parallel" schedule (`gpu_chunk_parallel`, same chunk maths from this module) computes it
+in parallel over chunks and keeps only an N x N affine map per chunk in order.
+
+The maths is that of `xla_chunked` (chunk terms with exponents centred mid-chunk, the stable
+block-recursive (I - A_ab)^{-1}, the hand-derived chunk backward), written as 2-D dots that
+Triton can lower.
 
 Value tiles: the state's rows (value dims) evolve independently,
     S_t = S_{t-1} (diag(e^{w_t}) + a_t b_t^T) + v_t k_t^T,
