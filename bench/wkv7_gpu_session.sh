@@ -8,7 +8,9 @@
 # Run them on one warm machine, in this order (call `run` with carry [".whl"] for fla-core).
 # fla goes first and in a process of its own: on a fresh machine its Triton kernels autotune on
 # first use, which took over 5.5 minutes on an H100 (2026-11-27, docs/BENCHMARKS.md); its first
-# case absorbs that, and the rest of the run is quick. Logs and JSON land in $OUT.
+# case absorbs that, and the rest of the run is quick. Should the phase time out all the same,
+# run it again at once: the warm machine's Triton cache keeps what was compiled (seen: a second
+# process's first fla call took 0.49 s). Logs and JSON land in $OUT.
 # Override the sizes with SIZES="--seq-lens ... --bh ... --repeats ...".
 set -u
 phase=${1:?usage: bash bench/wkv7_gpu_session.sh fla|schedules}
