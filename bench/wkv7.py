@@ -323,14 +323,8 @@ def main() -> None:
         for bh in bhs:
             xs = make_inputs(T + bh, T, bh)
             if (T, bh) == (min(seq_lens), min(bhs)) and not args.skip_gradient_check:
-                for impl in dict.fromkeys(i for i in impls + impls_fp32 if i.startswith("pallas")):
-                    err = gradient_check(xs, impl)
-                    print(
-                        f"gradient check T={T} B*H={bh} fp32: {impl} vs xla max rel diff {err:.2e}"
-                    )
-                    results.append(
-                        {"T": T, "bh": bh, "impl": impl, "gradient_rel_diff_vs_xla": err}
-                    )
+                pallas = dict.fromkeys(i for i in impls + impls_fp32 if i.startswith("pallas"))
+                results.extend(gradient_rows(xs, T, bh, pallas))
             for dtype in args.dtypes.split(","):
                 chosen = impls_fp32 if dtype == "float32" else impls
                 rows = run_size(xs, T, bh, dtype, chosen, args.repeats, save)
@@ -339,17 +333,44 @@ def main() -> None:
                 results.extend(rows.values())
                 for impl in chosen if args.stages else ():
                     if impl_options(impl).get("schedule") == "chunk_parallel":
-                        stages = stage_times(impl, xs, dtype, args.repeats)
-                        cells = " | ".join(f"{stages[name]:.2f}" for name in STAGES)
-                        print(
-                            f"  stages ms ({' | '.join(STAGES)}) T={T} B*H={bh} {dtype} "
-                            f"{impl}: {cells} | sum {sum(stages.values()):.2f}",
-                            flush=True,
-                        )
-                        results.append({"T": T, "bh": bh, "dtype": dtype, "impl": impl,
-                                        "stages_ms": stages})  # fmt: skip
+                        results.append(stage_row(impl, xs, T, bh, dtype, args.repeats))
                 if args.json:
                     write_json(args.json, results)
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+def gradient_rows(xs, T, bh, impls) -> list[dict]:
+    """One gradient-check row per implementation; a failing one records its error."""
+    rows = []
+    for impl in impls:
+        row = {"T": T, "bh": bh, "impl": impl}
+        try:
+            row["gradient_rel_diff_vs_xla"] = gradient_check(xs, impl)
+            text = f"max rel diff {row['gradient_rel_diff_vs_xla']:.2e}"
+        except Exception as error:  # a variant that fails must not end the run
+            row["gradient_error"] = _error_text(error)
+            text = f"failed: {row['gradient_error'][:300]}"
+        print(f"gradient check T={T} B*H={bh} fp32: {impl} vs xla {text}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def stage_row(impl, xs, T, bh, dtype, repeats) -> dict:
+    """The --stages row of one chunk-parallel implementation; a failure records its error."""
+    row = {"T": T, "bh": bh, "dtype": dtype, "impl": impl}
+    try:
+        row["stages_ms"] = stage_times(impl, xs, dtype, repeats)
+    except Exception as error:  # a variant that fails must not end the run
+        row["stages_error"] = _error_text(error)
+        text = f"failed: {row['stages_error'][:300]}"
+    else:
+        cells = " | ".join(f"{row['stages_ms'][name]:.2f}" for name in STAGES)
+        text = f"{cells} | sum {sum(row['stages_ms'].values()):.2f}"
+    print(f"  stages ms ({' | '.join(STAGES)}) T={T} B*H={bh} {dtype} {impl}: {text}", flush=True)
+    return row
 
 
 def write_json(path: Path, results: list[dict]) -> None:
@@ -377,7 +398,7 @@ def run_size(xs, T, bh, dtype, impls, repeats, after_each=None) -> dict[str, dic
             else:
                 fwd, both, y, s = jax_case(impl, xs, dtype, repeats)
         except Exception as error:  # one failing case must not lose the others
-            row["error"] = f"{type(error).__name__}: {error}"[:2000]
+            row["error"] = _error_text(error)
         else:
             row.update(fwd_ms=fwd, fwd_bwd_ms=both, y_err=rel_err(y, y_ref))
             row["state_err"] = rel_err(s, s_ref)

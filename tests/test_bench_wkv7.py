@@ -15,10 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wkv7_bench_driver(tmp_path):
     out = tmp_path / "wkv7.json"
     impls = "pallas,pallas@schedule=chunk_parallel;chunk_size=32,xla,fla"
+    # chunk_size=24 is invalid: it must fail in every part and leave the rest of the run alone.
+    bad = "pallas@schedule=chunk_parallel,chunk_size=24"
+    impls_fp32 = f"pallas@schedule=chunk_parallel,{bad.replace(',', ';')}"
     command = [
         sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
         "--bh", "2", "--repeats", "1", "--impls", impls,
-        "--impls-fp32", "pallas@schedule=chunk_parallel", "--stages", "--json", str(out),
+        "--impls-fp32", impls_fp32, "--stages", "--json", str(out),
     ]  # fmt: skip
     # A subprocess: the script puts bench/ on sys.path, which would shadow train.py here.
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -35,6 +38,8 @@ def test_wkv7_bench_driver(tmp_path):
         "pallas@schedule=chunk_parallel",
     }
     assert all(diff < 1e-5 for diff in checks.values()), checks
+    failed = [r for r in results if "gradient_error" in r]
+    assert [r["impl"] for r in failed] == [bad] and "chunk_size" in failed[0]["gradient_error"]
     rows = {(r["dtype"], r["impl"]): r for r in results if "fwd_ms" in r or "error" in r}
     assert set(rows) == {
         ("bfloat16", "pallas"),
@@ -42,11 +47,13 @@ def test_wkv7_bench_driver(tmp_path):
         ("bfloat16", "xla"),
         ("bfloat16", "fla"),
         ("float32", "pallas@schedule=chunk_parallel"),
+        ("float32", bad),
     }
     # fla needs CUDA and the fla-core package: an error row, and the run went on.
     assert "error" in rows[("bfloat16", "fla")]
+    assert "chunk_size" in rows[("float32", bad)]["error"]
     for (dtype, impl), row in rows.items():
-        if impl == "fla":
+        if impl in ("fla", bad):
             continue
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, impl
         # bf16 dots in the Pallas kernels: ~3e-3; fp32 and the XLA path: fp32 rounding.
@@ -59,6 +66,8 @@ def test_wkv7_bench_driver(tmp_path):
         ("bfloat16", "pallas@schedule=chunk_parallel,chunk_size=32"),
         ("float32", "pallas@schedule=chunk_parallel"),
     }
+    stage_errors = [r for r in results if "stages_error" in r]
+    assert [(r["dtype"], r["impl"]) for r in stage_errors] == [("float32", bad)]
     for times in stages.values():
         assert list(times) == ["fwd terms", "scan", "outputs", "bwd terms", "reverse scan",
                                "gradients"] and min(times.values()) > 0  # fmt: skip
