@@ -119,13 +119,14 @@ def test_value_tiles_match_full_rows():
     assert _rel(s, s_full) < 1e-6
 
 
-def test_bf16_inputs():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_bf16_inputs(schedule):
     """bf16 inputs with "highest" dots are computed in fp32: exact w.r.t. the rounded inputs,
     ~3e-3 w.r.t. fp32 ones; the default for bf16 inputs is "bf16" dots."""
     xs, state = _inputs(4, 1, 40, 2, 32)
     xs_bf16 = tuple(x.astype(jnp.bfloat16) for x in xs)
     xs_rounded = tuple(x.astype(jnp.float32) for x in xs_bf16)
-    y, s = _kernel(dot_precision="highest")(*xs_bf16, state)
+    y, s = _kernel(dot_precision="highest", schedule=schedule)(*xs_bf16, state)
     y_rounded, s_rounded = wkv7_reference(*xs_rounded, state)
     y_ref, s_ref = wkv7_reference(*xs, state)
     assert y.dtype == jnp.float32 and s.dtype == jnp.float32
@@ -134,12 +135,12 @@ def test_bf16_inputs():
     assert _rel(y, y_ref) < 1e-2 and _rel(s, s_ref) < 1e-2
     # The default for bf16 inputs: bf16 dots (interpret mode emulates their rounding);
     # measured 3.0e-3 (y) / 0.9e-3 (state) w.r.t. the rounded inputs.
-    y_default, s_default = _kernel()(*xs_bf16, state)
+    y_default, s_default = _kernel(schedule=schedule)(*xs_bf16, state)
     assert TOL < _rel(y_default, y_rounded) < BF16_TOL
     assert _rel(s_default, s_rounded) < BF16_TOL
 
     argnums = tuple(range(7))
-    kernel = partial(wkv7_gpu, interpret=True, dot_precision="highest")
+    kernel = partial(wkv7_gpu, interpret=True, dot_precision="highest", schedule=schedule)
     grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*xs_bf16, state)
     grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*xs_rounded, state)
     for name, g, g_ref in zip("r w k v a b state".split(), grads, grads_ref, strict=True):
