@@ -190,12 +190,13 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     options = impl_options(impl)
     _, seq, heads, n = xs["r"].shape
     half = jnp.dtype(dtype) != jnp.dtype(jnp.float32)
+    defaults = gpu.SCHEDULE_DEFAULTS["chunk_parallel"]
     cfg = gpu._Config(
-        chunk=options.get("chunk_size", gpu.DEFAULT_CHUNK_SIZE),
+        chunk=options.get("chunk_size", defaults["chunk_size"]),
         value_tile=options.get("value_tile") or gpu._auto_value_tile(n, heads),
         interpret=jax.default_backend() == "cpu",
         dot_precision=options.get("dot_precision", "bf16" if half else "highest"),
-        num_warps=options.get("num_warps", gpu.NUM_WARPS),
+        num_warps=options.get("num_warps", defaults["num_warps"]),
     )
     if seq % cfg.chunk:
         raise ValueError(f"stage timing needs T a multiple of the chunk, got T={seq}")

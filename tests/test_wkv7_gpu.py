@@ -10,6 +10,7 @@ import pytest
 from jax import lax
 from jax.extend import core as jex_core
 
+from pallas_kernels.wkv7 import gpu as gpu_module
 from pallas_kernels.wkv7.gpu import SCHEDULES, _auto_value_tile, wkv7_gpu
 from pallas_kernels.wkv7.reference import wkv7_reference
 
@@ -324,6 +325,30 @@ def test_launch_parameters_reach_triton(schedule):
         assert stages == (["1"] if schedule == "sequential" else ["1", "1", "2"])
 
 
+def test_defaults_follow_the_schedule_table(monkeypatch):
+    """schedule / chunk_size / num_warps = None take DEFAULT_SCHEDULE and SCHEDULE_DEFAULTS, so
+    a GPU run that crowns another schedule or setting changes only those two names."""
+    token = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+
+    def lowered_text():
+        # A fresh function each time: jit would otherwise reuse the first trace.
+        fresh = jax.jit(lambda *xs: wkv7_gpu(*xs))
+        return fresh.trace(*(token,) * 6).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1  # sequential: one forward kernel
+    assert set(re.findall(r"num_warps = (\d+)", text)) == {"4"}
+    monkeypatch.setattr(gpu_module, "DEFAULT_SCHEDULE", "chunk_parallel")
+    monkeypatch.setitem(
+        gpu_module.SCHEDULE_DEFAULTS, "chunk_parallel", {"chunk_size": 32, "num_warps": 8}
+    )
+    text = lowered_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3  # chunk terms, scan, outputs
+    assert set(re.findall(r"num_warps = (\d+)", text)) == {"8"}
+    # The chunk-grid kernels run B*H x T / 32 programs.
+    assert re.findall(r"grid_y = (\d+)", text).count(str(256 // 32)) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, n, match",
     [
@@ -340,7 +365,7 @@ def test_launch_parameters_reach_triton(schedule):
         ({"schedule": "parallel"}, 32, "schedule"),
         ({"num_warps": 3}, 32, "num_warps"),
         ({"num_warps": 32}, 32, "num_warps"),
-        ({"schedule": None}, 32, "schedule"),
+        ({"schedule": "Sequential"}, 32, "schedule"),
         ({}, 48, "head size N"),
         ({}, 8, "head size N"),
     ],

@@ -46,8 +46,15 @@ SCHEDULES = ("sequential", "chunk_parallel")
 MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 64
 DEFAULT_CHUNK_SIZE = 16
+# What wkv7_gpu uses when schedule / chunk_size / num_warps are None. The sequential numbers
+# were measured on an H100 (docs/BENCHMARKS.md); the chunk-parallel ones await a GPU run
+# (bench/wkv7_gpu_session.sh), which decides both the schedule and its settings.
+DEFAULT_SCHEDULE = "sequential"
+SCHEDULE_DEFAULTS = {
+    "sequential": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},
+    "chunk_parallel": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},
+}
 MIN_VALUE_TILE = 16
-NUM_WARPS = 4  # the default; `num_warps` overrides it for every kernel of a call
 # No software pipelining of the chunk loop's loads: the loop body is dominated by dependent
 # dots on register-resident state, and pipelining only adds register pressure.
 NUM_STAGES = 1
@@ -96,7 +103,7 @@ class _Config:
     value_tile: int
     interpret: bool
     dot_precision: str
-    num_warps: int = NUM_WARPS
+    num_warps: int
 
     @property
     def dots(self):
@@ -430,7 +437,18 @@ def _auto_value_tile(n, programs_per_tile):
     return vt
 
 
-def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, num_warps, dtypes):
+def _schedule_settings(schedule, chunk_size, num_warps):
+    """(schedule, chunk_size, num_warps) with None replaced by the defaults of the schedule."""
+    schedule = DEFAULT_SCHEDULE if schedule is None else schedule
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"wkv7_gpu: schedule must be None or one of {SCHEDULES}, got {schedule!r}")
+    defaults = SCHEDULE_DEFAULTS[schedule]
+    chunk_size = defaults["chunk_size"] if chunk_size is None else chunk_size
+    num_warps = defaults["num_warps"] if num_warps is None else num_warps
+    return schedule, chunk_size, num_warps
+
+
+def _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes):
     if not _is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(
             f"wkv7_gpu: chunk_size must be a power of two in [{MIN_CHUNK_SIZE}, "
@@ -460,8 +478,6 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, num_war
         raise ValueError(
             f"wkv7_gpu: num_warps must be a power of two in [1, 16], got {num_warps!r}"
         )
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise ValueError(f"wkv7_gpu: schedule must be one of {SCHEDULES}, got {schedule!r}")
     for name, dtype in dtypes:
         if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
             raise ValueError(
@@ -471,8 +487,8 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, num_war
 
 
 def wkv7_gpu(
-    r, w, k, v, a, b, state=None, *, chunk_size=16, value_tile=None, dot_precision=None,
-    schedule="sequential", num_warps=NUM_WARPS, interpret=False,
+    r, w, k, v, a, b, state=None, *, chunk_size=None, value_tile=None, dot_precision=None,
+    schedule=None, num_warps=None, interpret=False,
 ):  # fmt: skip
     """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
 
@@ -494,7 +510,8 @@ def wkv7_gpu(
         r, w, k, v, a, b: [B, T, H, N] float32 / bfloat16 / float16; `w` is the log-decay
             (w <= 0); in RWKV-7, a = -kk and b = kk * a_rate. N a power of two >= 16.
         state: optional initial state [B, H, N, N] (zeros if None), cast to fp32.
-        chunk_size: static power of two in [16, 64].
+        chunk_size: static power of two in [16, 64], or None: the schedule's default
+            (`SCHEDULE_DEFAULTS`; 16 for both).
         value_tile: static power of two in [16, N], the state rows per program; None picks N
             when B * H fills the GPU's SMs, smaller tiles otherwise.
         dot_precision: static; "highest" (IEEE fp32 dots, no tensor cores: exact, slow),
@@ -505,11 +522,13 @@ def wkv7_gpu(
             state or its cotangent stay IEEE fp32), or None: "bf16" when any of r, w, k, v,
             a, b is bfloat16 / float16, "highest" when all are float32.
         schedule: static; "sequential" (one program per batch x head and value tile walks
-            the chunks, the whole chunk maths on its critical path) or "chunk_parallel" (the
+            the chunks, the whole chunk maths on its critical path), "chunk_parallel" (the
             chunk maths in parallel over chunks, only an N x N affine map of the state per
-            chunk in order; see `gpu_chunk_parallel`). Same maths and dot precision plan;
-            there value_tile applies to the state scan.
-        num_warps: static; Triton warps per program, every kernel of the call (default 4).
+            chunk in order; see `gpu_chunk_parallel`), or None: `DEFAULT_SCHEDULE`
+            ("sequential"). Same maths and dot precision plan; with "chunk_parallel",
+            value_tile applies to the state scan.
+        num_warps: static; Triton warps per program, every kernel of the call, or None: the
+            schedule's default (4 for both).
         interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
@@ -524,7 +543,8 @@ def wkv7_gpu(
     dtypes = [(name, x.dtype) for name, x in named]
     if state is not None:
         dtypes.append(("state", state.dtype))
-    _check_arguments(n, chunk_size, value_tile, dot_precision, schedule, num_warps, dtypes)
+    schedule, chunk_size, num_warps = _schedule_settings(schedule, chunk_size, num_warps)
+    _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes)
     if dot_precision is None:
         half = any(jnp.dtype(x.dtype) in _HALF_DTYPES for _, x in named)
         dot_precision = "bf16" if half else "highest"
