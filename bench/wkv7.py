@@ -187,25 +187,13 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     from pallas_kernels.wkv7 import gpu
     from pallas_kernels.wkv7 import gpu_chunk_parallel as cp
 
-    options = impl_options(impl)
-    _, seq, heads, n = xs["r"].shape
-    half = jnp.dtype(dtype) != jnp.dtype(jnp.float32)
-    defaults = gpu.SCHEDULE_DEFAULTS["chunk_parallel"]
-    cfg = gpu._Config(
-        chunk=options.get("chunk_size", defaults["chunk_size"]),
-        value_tile=options.get("value_tile") or gpu._auto_value_tile(n, heads),
-        interpret=jax.default_backend() == "cpu",
-        dot_precision=options.get("dot_precision", "bf16" if half else "highest"),
-        num_warps=options.get("num_warps", defaults["num_warps"]),
-    )
-    if seq % cfg.chunk:
-        raise ValueError(f"stage timing needs T a multiple of the chunk, got T={seq}")
-
-    def head_major(x):
-        return x.transpose(0, 2, 1, 3).reshape(heads, seq, n)
-
-    hx = tuple(head_major(xs[name].astype(dtype)) for name in "rwkvab")
-    dy, ds = head_major(xs["dy"]), xs["ds"].reshape(heads, n, n)
+    _, _, heads, n = xs["r"].shape
+    _, cfg = gpu.resolve_config(
+        n, heads, [(name, dtype) for name in "rwkvab"],
+        interpret=jax.default_backend() == "cpu", **impl_options(impl),
+    )  # fmt: skip
+    hx = tuple(gpu.head_major(xs[name].astype(dtype), cfg.chunk) for name in "rwkvab")
+    dy, ds = gpu.head_major(xs["dy"], cfg.chunk), xs["ds"].reshape(heads, n, n)
     s0 = jnp.zeros((heads, n, n), jnp.float32)
     fns = {
         "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
@@ -239,20 +227,17 @@ def oracle(xs, dtype):
     return jax.jit(wkv7_reference)(*args)
 
 
-def gradient_check(xs, impl: str) -> float:
-    """Largest relative difference of a Pallas implementation's 7 gradients from the XLA path's."""
-    args = [xs[n] for n in "rwkvab"]
+def gradients(xs, impl: str):
+    """The 7 fp32 gradients (inputs and a non-zero initial state, so its gradient is tested)
+    of <y, dy> + <final state, ds> through an implementation."""
+    kernel = kernel_for(impl)
 
-    def grads(kernel):
-        def loss(r, w, k, v, a, b, s0):
-            y, s = kernel(r, w, k, v, a, b, s0)
-            return jnp.vdot(y, xs["dy"]) + jnp.vdot(s, xs["ds"])
+    def loss(r, w, k, v, a, b, s0):
+        y, s = kernel(r, w, k, v, a, b, s0)
+        return jnp.vdot(y, xs["dy"]) + jnp.vdot(s, xs["ds"])
 
-        s0 = 0.1 * xs["ds"]  # a non-zero initial state, so its gradient is tested
-        return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args, s0)
-
-    got, want = grads(kernel_for(impl)), grads(kernel_for("xla"))
-    return max(rel_err(g, w) for g, w in zip(got, want, strict=True))
+    args = [xs[n] for n in "rwkvab"] + [0.1 * xs["ds"]]
+    return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args)
 
 
 def accelerator_backend() -> str:
@@ -344,12 +329,16 @@ def _error_text(error: Exception) -> str:
 
 
 def gradient_rows(xs, T, bh, impls) -> list[dict]:
-    """One gradient-check row per implementation; a failing one records its error."""
+    """One row per implementation: the largest relative difference of its 7 gradients from
+    the chunked XLA path's; a failing implementation records its error instead."""
+    want = gradients(xs, "xla")  # the reference, computed once for every implementation
     rows = []
     for impl in impls:
         row = {"T": T, "bh": bh, "impl": impl}
         try:
-            row["gradient_rel_diff_vs_xla"] = gradient_check(xs, impl)
+            got = gradients(xs, impl)
+            diff = max(rel_err(g, w) for g, w in zip(got, want, strict=True))
+            row["gradient_rel_diff_vs_xla"] = diff
             text = f"max rel diff {row['gradient_rel_diff_vs_xla']:.2e}"
         except Exception as error:  # a variant that fails must not end the run
             row["gradient_error"] = _error_text(error)

@@ -543,25 +543,15 @@ def wkv7_gpu(
     dtypes = [(name, x.dtype) for name, x in named]
     if state is not None:
         dtypes.append(("state", state.dtype))
-    schedule, chunk_size, num_warps = _schedule_settings(schedule, chunk_size, num_warps)
-    _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes)
-    if dot_precision is None:
-        half = any(jnp.dtype(x.dtype) in _HALF_DTYPES for _, x in named)
-        dot_precision = "bf16" if half else "highest"
-    if value_tile is None:
-        value_tile = _auto_value_tile(n, batch * heads)
+    schedule, cfg = resolve_config(
+        n, batch * heads, dtypes, chunk_size=chunk_size, value_tile=value_tile,
+        dot_precision=dot_precision, schedule=schedule, num_warps=num_warps, interpret=interpret,
+    )  # fmt: skip
     if state is None:
         state = jnp.zeros((batch, heads, n, n), jnp.float32)
     if seq == 0:
         return jnp.zeros(r.shape, jnp.float32), state.astype(jnp.float32)
-    pad = -seq % chunk_size
-
-    def head_major(x):
-        x = x.transpose(0, 2, 1, 3).reshape(batch * heads, seq, n)
-        return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
-
-    cfg = _Config(chunk_size, value_tile, bool(interpret), dot_precision, num_warps)
-    xs = tuple(head_major(x) for _, x in named)
+    xs = tuple(head_major(x, cfg.chunk) for _, x in named)
     s0 = state.astype(jnp.float32).reshape(batch * heads, n, n)
     if schedule == "chunk_parallel":
         from pallas_kernels.wkv7.gpu_chunk_parallel import wkv7_heads_chunk_parallel
@@ -571,3 +561,31 @@ def wkv7_gpu(
         y, s_final = _wkv7_heads(cfg, xs, s0)
     y = y[:, :seq].reshape(batch, heads, seq, n).transpose(0, 2, 1, 3)
     return y, s_final.reshape(batch, heads, n, n)
+
+
+def resolve_config(
+    n, programs_per_tile, dtypes, *, chunk_size=None, value_tile=None, dot_precision=None,
+    schedule=None, num_warps=None, interpret=False,
+):  # fmt: skip
+    """(schedule, kernel config) for wkv7_gpu's options: validated, None filled in.
+
+    n: head size; programs_per_tile: B * H; dtypes: [(name, dtype)] of the inputs (and the
+    state, named "state"). Also used by bench/wkv7.py to run single kernels as wkv7_gpu would.
+    """
+    schedule, chunk_size, num_warps = _schedule_settings(schedule, chunk_size, num_warps)
+    _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes)
+    if dot_precision is None:
+        half = any(jnp.dtype(dt) in _HALF_DTYPES for name, dt in dtypes if name != "state")
+        dot_precision = "bf16" if half else "highest"
+    if value_tile is None:
+        value_tile = _auto_value_tile(n, programs_per_tile)
+    return schedule, _Config(chunk_size, value_tile, bool(interpret), dot_precision, num_warps)
+
+
+def head_major(x, chunk):
+    """[B, T, H, N] -> [B*H, Tp, N], the tail zero-padded to Tp, a multiple of chunk (zero
+    inputs, w = 0 included, leave the state untouched)."""
+    batch, seq, heads, n = x.shape
+    x = x.transpose(0, 2, 1, 3).reshape(batch * heads, seq, n)
+    pad = -seq % chunk
+    return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x

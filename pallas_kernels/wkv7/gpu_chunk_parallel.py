@@ -117,49 +117,45 @@ def _gradient_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, start_ref
 # pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
 
 
-def _chunk_grid_specs(c, n):
-    """Specs over the grid (BH, chunks): one chunk of tokens, one chunk's N x N matrix."""
-    tokens = pl.BlockSpec((None, c, n), lambda i, j: (i, j, 0))
-    matrix = pl.BlockSpec((None, None, n, n), lambda i, j: (i, j, 0, 0))
-    return tokens, matrix
+def _over_chunks(cfg, kernel, name, args, out_kinds):
+    """pallas_call of kernel over the grid (BH, chunks).
 
-
-def _chunk_matrices(bh, n_chunks, n):
-    return jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32)
+    [BH, Tp, N] arguments come in as one chunk of tokens [C, N], [BH, chunks, N, N] ones as
+    one chunk's matrix [N, N]; the outputs are fp32, of out_kinds ("tokens" / "matrix").
+    """
+    bh, seq, n = args[0].shape
+    n_chunks = seq // cfg.chunk
+    specs = {
+        "tokens": pl.BlockSpec((None, cfg.chunk, n), lambda i, j: (i, j, 0)),
+        "matrix": pl.BlockSpec((None, None, n, n), lambda i, j: (i, j, 0, 0)),
+    }
+    shapes = {"tokens": (bh, seq, n), "matrix": (bh, n_chunks, n, n)}
+    kind = lambda x: "tokens" if x.ndim == 3 else "matrix"
+    return pl.pallas_call(
+        partial(kernel, dots=cfg.dots),
+        grid=(bh, n_chunks),
+        in_specs=[specs[kind(x)] for x in args],
+        out_specs=[specs[k] for k in out_kinds],
+        out_shape=[jax.ShapeDtypeStruct(shapes[k], jnp.float32) for k in out_kinds],
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name=name,
+    )(*args)
 
 
 def _forward_terms_call(cfg, xs):
-    bh, seq, n = xs[0].shape
-    c, n_chunks = cfg.chunk, seq // cfg.chunk
-    tokens, matrix = _chunk_grid_specs(c, n)
-    token_f32 = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
-    return pl.pallas_call(
-        partial(_forward_terms_kernel, dots=cfg.dots),
-        grid=(bh, n_chunks),
-        in_specs=[tokens] * 6,
-        out_specs=[matrix, matrix, tokens, tokens],
-        out_shape=[_chunk_matrices(bh, n_chunks, n)] * 2 + [token_f32] * 2,
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name="wkv7_gpu_forward_terms",
-    )(*xs)
+    """(A_c, D_c [BH, chunks, N, N], Q, Y0 [BH, Tp, N])."""
+    kinds = ("matrix", "matrix", "tokens", "tokens")
+    return _over_chunks(cfg, _forward_terms_kernel, "wkv7_gpu_forward_terms", xs, kinds)
 
 
 def _backward_terms_call(cfg, xs, dy):
+    """(A_c, E_c [BH, chunks, N, N])."""
     r, w, k, _, a, b = xs
-    bh, seq, n = r.shape
-    c, n_chunks = cfg.chunk, seq // cfg.chunk
-    tokens, matrix = _chunk_grid_specs(c, n)
-    return pl.pallas_call(
-        partial(_backward_terms_kernel, dots=cfg.dots),
-        grid=(bh, n_chunks),
-        in_specs=[tokens] * 6,
-        out_specs=[matrix, matrix],
-        out_shape=[_chunk_matrices(bh, n_chunks, n)] * 2,
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name="wkv7_gpu_backward_terms",
-    )(r, w, k, a, b, dy)
+    args = (r, w, k, a, b, dy)
+    return _over_chunks(
+        cfg, _backward_terms_kernel, "wkv7_gpu_backward_terms", args, ("matrix",) * 2
+    )
 
 
 def _scan_call(cfg, trans, drive, x0, *, reverse):
@@ -176,7 +172,7 @@ def _scan_call(cfg, trans, drive, x0, *, reverse):
         out_specs=[state, rows],
         out_shape=[
             jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
-            _chunk_matrices(bh, n_chunks, n),
+            jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32),
         ],
         compiler_params=_compiler_params(cfg, SCAN_NUM_STAGES),
         interpret=cfg.interpret,
@@ -185,34 +181,14 @@ def _scan_call(cfg, trans, drive, x0, *, reverse):
 
 
 def _output_call(cfg, y0, q, starts):
-    bh, seq, n = y0.shape
-    tokens, matrix = _chunk_grid_specs(cfg.chunk, n)
-    return pl.pallas_call(
-        partial(_output_kernel, dots=cfg.dots),
-        grid=(bh, seq // cfg.chunk),
-        in_specs=[tokens, tokens, matrix],
-        out_specs=tokens,
-        out_shape=jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name="wkv7_gpu_outputs",
-    )(y0, q, starts)
+    """Y [BH, Tp, N]."""
+    return _over_chunks(cfg, _output_kernel, "wkv7_gpu_outputs", (y0, q, starts), ("tokens",))[0]
 
 
 def _gradient_call(cfg, xs, dy, starts, end_cots):
-    bh, seq, n = xs[0].shape
-    tokens, matrix = _chunk_grid_specs(cfg.chunk, n)
-    token_f32 = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
-    return pl.pallas_call(
-        partial(_gradient_kernel, dots=cfg.dots),
-        grid=(bh, seq // cfg.chunk),
-        in_specs=[tokens] * 7 + [matrix, matrix],
-        out_specs=[tokens] * 6,
-        out_shape=[token_f32] * 6,
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name="wkv7_gpu_gradients",
-    )(*xs, dy, starts, end_cots)
+    """(dr, dw, dk, dv, da, db) [BH, Tp, N] fp32."""
+    args = (*xs, dy, starts, end_cots)
+    return _over_chunks(cfg, _gradient_kernel, "wkv7_gpu_gradients", args, ("tokens",) * 6)
 
 
 def _forward(cfg, xs, s0):
