@@ -1,41 +1,118 @@
 #!/usr/bin/env bash
-# The GPU WKV-7 measurement of issue 5 as two device calls (each fits one 10-minute call), on
-# one warm machine, in this order (call `run` with carry [".whl"] for the fla-core wheel):
+# Issue 5's GPU measurement of the chunk-parallel WKV-7 schedule, planned for one lent H100
+# (15 device minutes, start-up included) as at most two calls on one warm machine; call `run`
+# with carry [".whl"] (the fla-core wheel) and timeout_s 595:
 #
-#   bash bench/wkv7_gpu_session.sh schedules
-#       the chunk-parallel variants (chunk 16 / 32 / 64, 4 or 8 warps) against the XLA path,
-#       T 16K and 64K, bf16, with the time of each kernel (--stages), and the fp32 errors;
-#   BEST='pallas@schedule=chunk_parallel;chunk_size=32' bash bench/wkv7_gpu_session.sh fla
-#       the best variant of the first call (BEST, this default if unset) against fla's
-#       chunk_rwkv7, bf16, T 4K / 16K / 64K x B*H 8 / 64 (the sequential kernel against fla:
-#       docs/BENCHMARKS.md).
+#   bash bench/wkv7_gpu_session.sh measure
+#       1. the sequential kernel and the chunk-parallel one at chunk 16 / 32 / 64 (4 warps), bf16,
+#          T 4K / 16K / 64K x B*H 8 / 64, the fp32 errors of chunk 32, and the gradient check;
+#       2. fla's Triton autotuning started in a process of its own (setsid, so it outlives the
+#          call): on a fresh machine it compiles every configuration, which took over 5.5
+#          minutes on an H100 (2026-11-27), and the GPU must be otherwise idle while it times;
+#       3. if it finishes in time: fla against the fastest chunk-parallel variant of step 1
+#          (bench/wkv7_best.py), bf16, same sizes, then that variant's per-kernel times.
+#   bash bench/wkv7_gpu_session.sh fla
+#       steps 2-3 on their own: waits for the autotuning started by `measure` (or starts it),
+#       then the comparison. Run it at once when `measure` ends with the autotuning unfinished
+#       (the machine stays warm only 30 s).
 #
-# fla runs in a process of its own, first in its rows: on a fresh machine its Triton kernels
-# autotune on first use, which took over 5.5 minutes on an H100 (2026-11-27); its first case
-# absorbs that, and the rest of the run is quick. Should that phase time out all the same, run
-# it again at once: the warm machine's Triton cache keeps what was compiled (seen: a second
-# process's first fla call took 0.49 s). Logs and JSON land in $OUT.
-# Override the sizes with SIZES="--seq-lens ... --bh ... --repeats ...".
+# Logs and JSON land in $OUT. CALL_LIMIT (seconds, default 580) is the time this call plans to;
+# SIZES / STAGE_SIZES override the sizes, BENCH_ARGS adds arguments to every bench/wkv7.py run (a dry run of
+# this script on CPU: SIZES=STAGE_SIZES="--seq-lens 64 --bh 2" BENCH_ARGS=--allow-cpu).
 set -u
-phase=${1:?usage: bash bench/wkv7_gpu_session.sh schedules|fla}
-export SKIP_TOPK=1 SKIP_MODEL=1
+phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla}
+OUT=${OUT:-/tmp/accelerator_out}
+CALL_LIMIT=${CALL_LIMIT:-580}
 CP="pallas@schedule=chunk_parallel"
+SIZES=${SIZES:---seq-lens 4096,16384,65536 --bh 8,64}
+STAGE_SIZES=${STAGE_SIZES:---seq-lens 65536,16384 --bh 8}
+BENCH_ARGS=${BENCH_ARGS:-}
+WARM_DONE=/tmp/fla_warm.done
+WARM_LOG=/tmp/fla_warm.log
+mkdir -p "$OUT"
+
+# fla-core goes to /tmp/site once per machine: reinstalling under a running fla process would
+# pull files from under it.
+if [ ! -d /tmp/site/fla ] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+# JAX would otherwise take 75% of the GPU up front, leaving fla (PyTorch) too little.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+date -u
+
+left() { echo $((CALL_LIMIT - SECONDS)); }
+
+bench() {  # bench NAME TIMEOUT ARGS...: bench/wkv7.py, log and JSON in $OUT
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s, $(date -u +%T))"
+  set -o pipefail
+  if [ "$limit" -lt 20 ]; then
+    echo "== $name skipped: ${limit} s left"
+    return
+  fi
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  timeout "$limit" python3 bench/wkv7.py --json "$OUT/$name.json" "$@" $BENCH_ARGS 2>&1 \
+    | tee "$OUT/$name.log"
+  echo "== $name exit $? after $SECONDS s"
+}
+
+start_fla_warmup() {
+  if [ -e $WARM_DONE ] || pgrep -f "fla_warmup_marker" >/dev/null; then return; fi
+  echo "== fla warm-up started ($(date -u +%T))"
+  # setsid: the device tool ends a call's processes except those in a session of their own.
+  setsid bash -c "python3 bench/wkv7.py --seq-lens 4096 --bh 8 --dtypes bfloat16 --impls fla \
+    --repeats 1 --skip-gradient-check --json /tmp/fla_warm.json $BENCH_ARGS > $WARM_LOG 2>&1; \
+    touch $WARM_DONE # fla_warmup_marker" </dev/null >/dev/null 2>&1 &
+}
+
+wait_fla_warmup() {  # wait_fla_warmup SECONDS_TO_LEAVE: true once the autotuning has finished
+  local leave=$1
+  start_fla_warmup
+  while [ ! -e $WARM_DONE ] && [ "$(left)" -gt "$leave" ]; do sleep 5; done
+  cp $WARM_LOG "$OUT/fla_warmup.log" 2>/dev/null
+  if [ -e $WARM_DONE ]; then
+    echo "== fla warm-up finished after $SECONDS s of this call"
+    return 0
+  fi
+  echo "== fla warm-up still running at $SECONDS s: run 'bash bench/wkv7_gpu_session.sh fla' now"
+  return 1
+}
+
+compare_with_fla() {
+  local best
+  best=$(python3 bench/wkv7_best.py /tmp/wkv7_schedules.json) || best="$CP;chunk_size=32"
+  echo "== fastest chunk-parallel variant: $best"
+  # fla first in each size, before JAX's memory pool grows at that size.
+  # shellcheck disable=SC2086  # SIZES is a list of arguments
+  bench wkv7_fla $(($(left) - 45)) $SIZES --dtypes bfloat16 --impls "fla,$best" --repeats 3 \
+    --skip-gradient-check
+  if [ "$(left)" -gt 30 ]; then
+    # shellcheck disable=SC2086
+    bench wkv7_stages $(($(left) - 5)) $STAGE_SIZES --dtypes bfloat16 \
+      --impls "$best" --repeats 3 --skip-gradient-check --stages
+  fi
+}
+
 case "$phase" in
-  schedules)
-    SIZES=${SIZES:---seq-lens 16384,65536 --bh 8,64 --repeats 3}
-    VARIANTS="$CP,$CP;chunk_size=32,$CP;chunk_size=64,$CP;num_warps=8,$CP;chunk_size=32;num_warps=8"
-    # shellcheck disable=SC2086  # SIZES is a list of arguments
-    WKV_NAME=wkv7_schedules WKV_TIMEOUT=${WKV_TIMEOUT:-570} bash bench/accelerator_session.sh \
-      $SIZES --dtypes bfloat16,float32 --impls "$VARIANTS,xla" --impls-fp32 "$CP" --stages
+  measure)
+    # shellcheck disable=SC2086
+    bench wkv7_schedules 300 $SIZES --dtypes bfloat16,float32 \
+      --impls "pallas,$CP,$CP;chunk_size=32,$CP;chunk_size=64" --impls-fp32 "$CP;chunk_size=32" \
+      --repeats 3
+    cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
+    # The comparison needs ~100 s; with less left, the `fla` call does it.
+    if wait_fla_warmup 150; then compare_with_fla; fi
     ;;
   fla)
-    SIZES=${SIZES:---seq-lens 4096,16384,65536 --bh 8,64 --repeats 3}
-    # shellcheck disable=SC2086
-    WKV_NAME=wkv7_fla WKV_TIMEOUT=${WKV_TIMEOUT:-570} bash bench/accelerator_session.sh $SIZES \
-      --dtypes bfloat16 --impls "fla,${BEST:-$CP;chunk_size=32}" --skip-gradient-check
+    if wait_fla_warmup 100; then compare_with_fla; fi
     ;;
   *)
-    echo "unknown phase $phase (expected schedules or fla)" >&2
+    echo "unknown phase $phase (expected measure or fla)" >&2
     exit 2
     ;;
 esac
+date -u
