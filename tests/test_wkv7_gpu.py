@@ -91,7 +91,7 @@ def _weighted_loss(fn):
     "seq, value_tile, with_state",
     [
         # Two value tiles: sequential, key-side gradients summed over tiles; chunk-parallel,
-        # two tiles in each scan.
+        # two tiles in each scan and in the gradient kernel (key-side partials summed).
         (40, 16, True),
         (16, 32, False),  # full rows, no initial state
     ],
@@ -100,7 +100,8 @@ def test_gradients_match_reference(seq, value_tile, with_state, schedule):
     xs, state = _inputs(1, 1, seq, 2, 32)
     args = (*xs, state) if with_state else xs
     argnums = tuple(range(len(args)))
-    kernel = partial(wkv7_gpu, interpret=True, value_tile=value_tile, schedule=schedule)
+    tiles = {"gradient_value_tile": value_tile} if schedule == "chunk_parallel" else {}
+    kernel = partial(wkv7_gpu, interpret=True, value_tile=value_tile, schedule=schedule, **tiles)
     grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*args)
     grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*args)
     names = "r w k v a b state".split()[: len(args)]
@@ -326,27 +327,31 @@ def test_launch_parameters_reach_triton(schedule):
 
 
 def test_defaults_follow_the_schedule_table(monkeypatch):
-    """schedule / chunk_size / num_warps = None take DEFAULT_SCHEDULE and SCHEDULE_DEFAULTS, so
-    a GPU run that crowns another schedule or setting changes only those two names."""
+    """schedule / chunk_size / num_warps / gradient_value_tile = None take DEFAULT_SCHEDULE and
+    SCHEDULE_DEFAULTS, so a GPU run that crowns another schedule or setting changes only those
+    two names."""
     token = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
 
-    def lowered_text():
+    def lowered_text(grad=False):
         # A fresh function each time: jit would otherwise reuse the first trace.
-        fresh = jax.jit(lambda *xs: wkv7_gpu(*xs))
-        return fresh.trace(*(token,) * 6).lower(lowering_platforms=("cuda",)).as_text()
+        fn = lambda *xs: wkv7_gpu(*xs)
+        if grad:
+            fn = jax.grad(lambda *xs: jnp.sum(wkv7_gpu(*xs)[0]), argnums=tuple(range(6)))
+        return jax.jit(fn).trace(*(token,) * 6).lower(lowering_platforms=("cuda",)).as_text()
 
     text = lowered_text()
     assert text.count("__gpu$xla.gpu.triton") == 1  # sequential: one forward kernel
     assert set(re.findall(r"num_warps = (\d+)", text)) == {"4"}
     monkeypatch.setattr(gpu_module, "DEFAULT_SCHEDULE", "chunk_parallel")
-    monkeypatch.setitem(
-        gpu_module.SCHEDULE_DEFAULTS, "chunk_parallel", {"chunk_size": 32, "num_warps": 8}
-    )
+    table = {"chunk_size": 32, "num_warps": 8, "gradient_value_tile": 16}
+    monkeypatch.setitem(gpu_module.SCHEDULE_DEFAULTS, "chunk_parallel", table)
     text = lowered_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # chunk terms, scan, outputs
     assert set(re.findall(r"num_warps = (\d+)", text)) == {"8"}
     # The chunk-grid kernels run B*H x T / 32 programs.
     assert re.findall(r"grid_y = (\d+)", text).count(str(256 // 32)) == 2
+    # The gradient kernel alone has a third grid axis: N / 16 value tiles.
+    assert re.findall(r"grid_z = (\d+)", lowered_text(grad=True)).count(str(64 // 16)) == 1
 
 
 @pytest.mark.parametrize(
@@ -366,6 +371,10 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
         ({"num_warps": 3}, 32, "num_warps"),
         ({"num_warps": 32}, 32, "num_warps"),
         ({"schedule": "Sequential"}, 32, "schedule"),
+        ({"schedule": "chunk_parallel", "gradient_value_tile": 8}, 32, "gradient_value_tile"),
+        ({"schedule": "chunk_parallel", "gradient_value_tile": 24}, 32, "gradient_value_tile"),
+        ({"schedule": "chunk_parallel", "gradient_value_tile": 64}, 32, "gradient_value_tile"),
+        ({"gradient_value_tile": 16}, 32, "chunk_parallel' only"),
         ({}, 48, "head size N"),
         ({}, 8, "head size N"),
     ],

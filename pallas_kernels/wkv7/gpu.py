@@ -46,13 +46,16 @@ SCHEDULES = ("sequential", "chunk_parallel")
 MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 64
 DEFAULT_CHUNK_SIZE = 16
-# What wkv7_gpu uses when schedule / chunk_size / num_warps are None. The sequential numbers
-# were measured on an H100 (docs/BENCHMARKS.md); the chunk-parallel ones await a GPU run
-# (bench/wkv7_gpu_session.sh), which decides both the schedule and its settings.
+# What wkv7_gpu uses when schedule / chunk_size / num_warps / gradient_value_tile are None.
+# Measured on an H100 (docs/BENCHMARKS.md, 2026-11-27): the chunk-parallel schedule with chunk 16
+# and full-row gradients was faster than the sequential one at B*H = 8 (forward+backward 1.6x)
+# but 2.2x slower at B*H = 64, where its gradient kernel dominated; so the sequential schedule
+# stays the default. Its gradients now take 32-row value tiles (register pressure), not yet
+# timed on a GPU (bench/wkv7_gpu_session.sh).
 DEFAULT_SCHEDULE = "sequential"
 SCHEDULE_DEFAULTS = {
     "sequential": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},
-    "chunk_parallel": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},
+    "chunk_parallel": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4, "gradient_value_tile": 32},
 }
 MIN_VALUE_TILE = 16
 # No software pipelining of the chunk loop's loads: the loop body is dominated by dependent
@@ -104,6 +107,7 @@ class _Config:
     interpret: bool
     dot_precision: str
     num_warps: int
+    gradient_value_tile: int  # chunk-parallel gradient kernel's value rows per program
 
     @property
     def dots(self):
@@ -437,15 +441,30 @@ def _auto_value_tile(n, programs_per_tile):
     return vt
 
 
-def _schedule_settings(schedule, chunk_size, num_warps):
-    """(schedule, chunk_size, num_warps) with None replaced by the defaults of the schedule."""
+def _schedule_settings(schedule, chunk_size, num_warps, gradient_value_tile, n):
+    """(schedule, chunk_size, num_warps, gradient_value_tile) with None replaced by the
+    defaults of the schedule (the gradient tile capped at N; N for the sequential schedule)."""
     schedule = DEFAULT_SCHEDULE if schedule is None else schedule
     if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(f"wkv7_gpu: schedule must be None or one of {SCHEDULES}, got {schedule!r}")
     defaults = SCHEDULE_DEFAULTS[schedule]
     chunk_size = defaults["chunk_size"] if chunk_size is None else chunk_size
     num_warps = defaults["num_warps"] if num_warps is None else num_warps
-    return schedule, chunk_size, num_warps
+    if schedule != "chunk_parallel":
+        if gradient_value_tile is not None:
+            raise ValueError(
+                "wkv7_gpu: gradient_value_tile applies to schedule='chunk_parallel' only (the "
+                f"sequential schedule's backward uses value_tile); got schedule={schedule!r}"
+            )
+        gradient_value_tile = n
+    elif gradient_value_tile is None:
+        gradient_value_tile = min(defaults["gradient_value_tile"], n)
+    elif not (_is_power_of_two(gradient_value_tile) and MIN_VALUE_TILE <= gradient_value_tile <= n):
+        raise ValueError(
+            f"wkv7_gpu: gradient_value_tile must be None or a power of two in [{MIN_VALUE_TILE}, "
+            f"N = {n}] (it must divide N), got {gradient_value_tile!r}"
+        )
+    return schedule, chunk_size, num_warps, gradient_value_tile
 
 
 def _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes):
@@ -488,7 +507,7 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes
 
 def wkv7_gpu(
     r, w, k, v, a, b, state=None, *, chunk_size=None, value_tile=None, dot_precision=None,
-    schedule=None, num_warps=None, interpret=False,
+    schedule=None, num_warps=None, gradient_value_tile=None, interpret=False,
 ):  # fmt: skip
     """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
 
@@ -529,6 +548,9 @@ def wkv7_gpu(
             value_tile applies to the state scan.
         num_warps: static; Triton warps per program, every kernel of the call, or None: the
             schedule's default (4 for both).
+        gradient_value_tile: static, "chunk_parallel" only; the state rows per program of
+            the backward's gradient kernel (grid B*H x chunks x N / tile; key-side gradients
+            are summed over the tiles), a power of two in [16, N], or None: 32 (at most N).
         interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
@@ -536,7 +558,7 @@ def wkv7_gpu(
 
     Raises:
         ValueError: on mismatched shapes, a bad chunk_size / value_tile / dot_precision /
-            schedule / head size or an unsupported dtype.
+            schedule / num_warps / gradient_value_tile / head size or an unsupported dtype.
     """
     batch, seq, heads, n = check_wkv7_shapes(r, w, k, v, a, b, state)
     named = (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b))
@@ -545,7 +567,8 @@ def wkv7_gpu(
         dtypes.append(("state", state.dtype))
     schedule, cfg = resolve_config(
         n, batch * heads, dtypes, chunk_size=chunk_size, value_tile=value_tile,
-        dot_precision=dot_precision, schedule=schedule, num_warps=num_warps, interpret=interpret,
+        dot_precision=dot_precision, schedule=schedule, num_warps=num_warps,
+        gradient_value_tile=gradient_value_tile, interpret=interpret,
     )  # fmt: skip
     if state is None:
         state = jnp.zeros((batch, heads, n, n), jnp.float32)
@@ -565,21 +588,24 @@ def wkv7_gpu(
 
 def resolve_config(
     n, programs_per_tile, dtypes, *, chunk_size=None, value_tile=None, dot_precision=None,
-    schedule=None, num_warps=None, interpret=False,
+    schedule=None, num_warps=None, gradient_value_tile=None, interpret=False,
 ):  # fmt: skip
     """(schedule, kernel config) for wkv7_gpu's options: validated, None filled in.
 
     n: head size; programs_per_tile: B * H; dtypes: [(name, dtype)] of the inputs (and the
     state, named "state"). Also used by bench/wkv7.py to run single kernels as wkv7_gpu would.
     """
-    schedule, chunk_size, num_warps = _schedule_settings(schedule, chunk_size, num_warps)
+    schedule, chunk_size, num_warps, gradient_tile = _schedule_settings(
+        schedule, chunk_size, num_warps, gradient_value_tile, n
+    )
     _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes)
     if dot_precision is None:
         half = any(jnp.dtype(dt) in _HALF_DTYPES for name, dt in dtypes if name != "state")
         dot_precision = "bf16" if half else "highest"
     if value_tile is None:
         value_tile = _auto_value_tile(n, programs_per_tile)
-    return schedule, _Config(chunk_size, value_tile, bool(interpret), dot_precision, num_warps)
+    cfg = _Config(chunk_size, value_tile, bool(interpret), dot_precision, num_warps, gradient_tile)
+    return schedule, cfg
 
 
 def head_major(x, chunk):

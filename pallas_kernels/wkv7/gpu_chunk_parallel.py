@@ -17,8 +17,9 @@ chunk c's end state):
 Forward, three kernels: chunk terms (A_c, D_c, Q, Y0; grid B*H x chunks), the state scan (grid
 B*H x value tiles, storing every chunk's start state) and the outputs Y = Y0 + Q S_c^T (grid
 B*H x chunks). Backward, three: chunk terms (A_c, E_c), the reverse scan (storing every chunk's
-end cotangent), and the gradients of each chunk from its S_c and dS_{c+1} (`gpu._chunk_gradients`,
-full value rows, so no partial sums). The dot precision plan is the sequential schedule's: A_c,
+end cotangent), and the gradients of each chunk from its S_c and dS_{c+1} (`gpu._chunk_gradients`;
+grid B*H x chunks x value tiles of `gradient_value_tile` rows, key-side partial sums added
+after). The dot precision plan is the sequential schedule's: A_c,
 D_c, E_c and the scan feed the carried state or its cotangent and take exact dots.
 
 Memory: A_c and D_c (or E_c) are N^2 fp32 each per chunk and head (2 x N^2 * 4 / C bytes per
@@ -104,6 +105,8 @@ def _output_kernel(y0_ref, q_ref, start_ref, y_ref, *, dots):
 
 def _gradient_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, start_ref, end_cot_ref,
                      dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref, *, dots):  # fmt: skip
+    """One chunk and value tile: v, dy, dv [C, VT], start / end cotangent rows [VT, N]; the
+    key-side gradients are this tile's partial sums."""
     r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
     t = _chunk_terms(dots, r, w, k, a, b)
     grads, _ = _chunk_gradients(
@@ -186,9 +189,36 @@ def _output_call(cfg, y0, q, starts):
 
 
 def _gradient_call(cfg, xs, dy, starts, end_cots):
-    """(dr, dw, dk, dv, da, db) [BH, Tp, N] fp32."""
-    args = (*xs, dy, starts, end_cots)
-    return _over_chunks(cfg, _gradient_kernel, "wkv7_gpu_gradients", args, ("tokens",) * 6)
+    """(dr, dw, dk, dv, da, db) [BH, Tp, N] fp32, over the grid (BH, chunks, value tiles).
+
+    With full rows, the kernel's live state (S and dS' [N, N], and some twenty [C, N] terms)
+    spilled: on an H100 the gradients dominated the backward at B*H = 64 (docs/BENCHMARKS.md).
+    A tile of cfg.gradient_value_tile rows halves S and dS' at the price of recomputing the
+    chunk's key-side terms once per tile; key-side gradients are summed over tiles here.
+    """
+    bh, seq, n = xs[0].shape
+    c, vt = cfg.chunk, cfg.gradient_value_tile
+    n_chunks, n_tiles = seq // c, n // vt
+    keys = pl.BlockSpec((None, c, n), lambda i, j, m: (i, j, 0))
+    values = pl.BlockSpec((None, c, vt), lambda i, j, m: (i, j, m))
+    rows = pl.BlockSpec((None, None, vt, n), lambda i, j, m: (i, j, m, 0))
+    partial_keys = pl.BlockSpec((None, None, c, n), lambda i, j, m: (i, m, j, 0))
+    partial_shape = jax.ShapeDtypeStruct((bh, n_tiles, seq, n), jnp.float32)
+    dr, dw, dk, dv, da, db = pl.pallas_call(
+        partial(_gradient_kernel, dots=cfg.dots),
+        # Tiles innermost: a chunk's tiles run together and share its key-side loads in L2.
+        grid=(bh, n_chunks, n_tiles),
+        in_specs=[keys, keys, keys, values, keys, keys, values, rows, rows],
+        out_specs=[partial_keys] * 3 + [values] + [partial_keys] * 2,
+        out_shape=[partial_shape] * 3
+        + [jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)]
+        + [partial_shape] * 2,
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_gradients",
+    )(*xs, dy, starts, end_cots)
+    total = lambda x: x.sum(axis=1) if n_tiles > 1 else x[:, 0]
+    return total(dr), total(dw), total(dk), dv, total(da), total(db)
 
 
 def _forward(cfg, xs, s0):
