@@ -63,3 +63,36 @@ def test_wkv7_bench_driver(tmp_path):
     for times in stages.values():
         assert list(times) == ["fwd terms", "scan", "outputs", "bwd terms", "reverse scan",
                                "gradients"] and min(times.values()) > 0  # fmt: skip
+
+
+def _best(tmp_path, rows, *args):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(rows))
+    command = [sys.executable, str(ROOT / "bench" / "wkv7_best.py"), str(path), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_wkv7_best_picks_the_least_geometric_mean_over_shared_sizes(tmp_path):
+    cp = "pallas@schedule=chunk_parallel"
+    row = lambda impl, T, ms, dtype="bfloat16": {
+        "T": T, "bh": 8, "dtype": dtype, "impl": impl, "fwd_bwd_ms": ms,
+    }  # fmt: skip
+    rows = [
+        # A (chunk 32): 10 and 40 ms, geometric mean 20; B (chunk 16): 5 and 100, 22.4. So A,
+        # though B has the smallest single time.
+        row(f"{cp},chunk_size=32", 1, 10.0),
+        row(f"{cp},chunk_size=32", 2, 40.0),
+        row(cp, 1, 5.0),
+        row(cp, 2, 100.0),
+        row("pallas", 1, 1.0),  # not chunk-parallel: never picked
+        row(f"{cp},num_warps=8", 1, 2.0, dtype="float32"),  # another dtype: ignored
+    ]
+    run = _best(tmp_path, rows)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"{cp};chunk_size=32"  # options joined as --impls takes them
+    # A failed size (no time) leaves only the sizes every candidate finished: T = 1, B wins.
+    rows[1] = {k: v for k, v in rows[1].items() if k != "fwd_bwd_ms"} | {"error": "boom"}
+    assert _best(tmp_path, rows).stdout.strip() == cp
+    # Nothing qualifies: a non-zero exit naming why.
+    run = _best(tmp_path, rows, "--dtype", "float16")
+    assert run.returncode != 0 and "no finished float16 rows" in run.stderr

@@ -49,9 +49,9 @@ DEFAULT_CHUNK_SIZE = 16
 # What wkv7_gpu uses when schedule / chunk_size / num_warps / gradient_value_tile are None.
 # Measured on an H100 (docs/BENCHMARKS.md, 2026-11-27): the chunk-parallel schedule with chunk 16
 # and full-row gradients was faster than the sequential one at B*H = 8 (forward+backward 1.6x)
-# but 2.2x slower at B*H = 64, where its gradient kernel dominated; so the sequential schedule
-# stays the default. Its gradients now take 32-row value tiles (register pressure), not yet
-# timed on a GPU (bench/wkv7_gpu_session.sh).
+# but 2.2x slower at B*H = 64, its backward 9x its forward; so the sequential schedule stays the
+# default. Its gradient kernel, the one backward kernel without a forward twin, now takes
+# 32-row value tiles (register pressure), not yet timed on a GPU (bench/wkv7_gpu_session.sh).
 DEFAULT_SCHEDULE = "sequential"
 SCHEDULE_DEFAULTS = {
     "sequential": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},

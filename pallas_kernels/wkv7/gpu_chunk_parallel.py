@@ -191,10 +191,11 @@ def _output_call(cfg, y0, q, starts):
 def _gradient_call(cfg, xs, dy, starts, end_cots):
     """(dr, dw, dk, dv, da, db) [BH, Tp, N] fp32, over the grid (BH, chunks, value tiles).
 
-    With full rows, the kernel's live state (S and dS' [N, N], and some twenty [C, N] terms)
-    spilled: on an H100 the gradients dominated the backward at B*H = 64 (docs/BENCHMARKS.md).
-    A tile of cfg.gradient_value_tile rows halves S and dS' at the price of recomputing the
-    chunk's key-side terms once per tile; key-side gradients are summed over tiles here.
+    With full rows the kernel holds S and dS' [N, N] beside some twenty [C, N] terms; on an
+    H100 the backward with full rows took 9x the forward at B*H = 64 (docs/BENCHMARKS.md),
+    while its terms kernel and scan mirror the forward's, so this kernel is the suspect. A tile
+    of cfg.gradient_value_tile rows halves S and dS' at the price of recomputing the chunk's
+    key-side terms once per tile; key-side gradients are summed over tiles here.
     """
     bh, seq, n = xs[0].shape
     c, vt = cfg.chunk, cfg.gradient_value_tile
