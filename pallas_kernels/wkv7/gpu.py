@@ -530,7 +530,8 @@ def wkv7_gpu(
             (w <= 0); in RWKV-7, a = -kk and b = kk * a_rate. N a power of two >= 16.
         state: optional initial state [B, H, N, N] (zeros if None), cast to fp32.
         chunk_size: static power of two in [16, 64], or None: the schedule's default
-            (`SCHEDULE_DEFAULTS`; 16 for both).
+            (`SCHEDULE_DEFAULTS`; 16 for both). On an H100 the chunk-parallel schedule's
+            gradient at chunk 64 had not compiled after ~2 minutes (docs/BENCHMARKS.md).
         value_tile: static power of two in [16, N], the state rows per program; None picks N
             when B * H fills the GPU's SMs, smaller tiles otherwise.
         dot_precision: static; "highest" (IEEE fp32 dots, no tensor cores: exact, slow),
