@@ -5,8 +5,8 @@
 # and timeout_s 595:
 #
 #   bash bench/wkv7_gpu_session.sh measure
-#       1. the sequential kernel (baseline) and chunk-parallel variants (gradient value tile 16 /
-#          32 / 64, chunk 32, tf32x3 dots), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of
+#       1. the sequential kernel (baseline) and chunk-parallel variants (gradient value tile 32,
+#          the default, and 16; tf32x3 dots), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of
 #          the default variant, and the gradient check;
 #       2. the per-kernel times (--stages) of the default chunk-parallel variant;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
@@ -114,8 +114,10 @@ compare_with_fla() {
 
 case "$phase" in
   measure)
-    variants="pallas,$CP,$CP;gradient_value_tile=16,$CP;gradient_value_tile=64"
-    variants="$variants,$CP;chunk_size=32,$CP;dot_precision=tf32x3"
+    # Four variants fill ~250 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
+    # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
+    # sequential baseline: docs/BENCHMARKS.md.
+    variants="pallas,$CP,$CP;gradient_value_tile=16,$CP;dot_precision=tf32x3"
     # shellcheck disable=SC2086
     bench wkv7_schedules 330 $SIZES --dtypes bfloat16,float32 --impls "$variants" \
       --impls-fp32 "$CP" --repeats 3
