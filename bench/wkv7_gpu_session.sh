@@ -6,9 +6,9 @@
 #
 #   bash bench/wkv7_gpu_session.sh measure
 #       1. the sequential kernel (baseline) and chunk-parallel variants (gradient value tile 32,
-#          the default, and 16; tf32x3 dots), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of
+#          the default, and 16; 8 warps), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of
 #          the default variant, and the gradient check;
-#       2. the per-kernel times (--stages) of the default chunk-parallel variant;
+#       2. the per-kernel times (--stages) of the default chunk-parallel variant, 4 and 8 warps;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
 #          time, fla against the fastest chunk-parallel variant of step 1 (bench/wkv7_best.py).
@@ -31,7 +31,7 @@ OUT=${OUT:-/tmp/accelerator_out}
 CALL_LIMIT=${CALL_LIMIT:-580}
 CP="pallas@schedule=chunk_parallel"
 SIZES=${SIZES:---seq-lens 16384,65536 --bh 8,64}
-STAGE_SIZES=${STAGE_SIZES:---seq-lens 16384,65536 --bh 64,8}
+STAGE_SIZES=${STAGE_SIZES:---seq-lens 65536 --bh 8,64}
 BENCH_ARGS=${BENCH_ARGS:-}
 WARM_DONE=/tmp/fla_warm.done
 WARM_LOG=/tmp/fla_warm.log
@@ -116,15 +116,16 @@ case "$phase" in
   measure)
     # Four variants fill ~250 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
     # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
-    # sequential baseline: docs/BENCHMARKS.md.
-    variants="pallas,$CP,$CP;gradient_value_tile=16,$CP;dot_precision=tf32x3"
+    # sequential baseline: docs/BENCHMARKS.md. 8 warps halve each thread's share of the
+    # gradient kernel's live terms (register spills are the suspected cost there).
+    variants="pallas,$CP,$CP;gradient_value_tile=16,$CP;num_warps=8"
     # shellcheck disable=SC2086
     bench wkv7_schedules 330 $SIZES --dtypes bfloat16,float32 --impls "$variants" \
       --impls-fp32 "$CP" --repeats 3
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
-    bench wkv7_stages 60 $STAGE_SIZES --dtypes bfloat16 --impls "$CP" --repeats 3 \
-      --skip-gradient-check --stages
+    bench wkv7_stages 90 $STAGE_SIZES --dtypes bfloat16 --impls "$CP,$CP;num_warps=8" \
+      --repeats 3 --skip-gradient-check --stages
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi
     ;;
