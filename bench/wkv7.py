@@ -180,9 +180,10 @@ STAGES = ("fwd terms", "scan", "outputs", "bwd terms", "reverse scan", "gradient
 def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     """Milliseconds of each kernel of a chunk-parallel implementation, on its own (B = 1).
 
-    Forward: chunk terms, state scan, outputs; backward: chunk terms, reverse scan, gradients.
-    Their sum is about the forward+backward time less the XLA glue (transposes, casts). Uses
-    the module's pallas_call wrappers directly, so the numbers say where the time goes.
+    Forward: chunk terms, state scan, outputs; backward: chunk terms, reverse scan, gradients
+    (a scan with scan_group > 1 includes XLA's composition and expansion of the maps). Their
+    sum is about the forward+backward time less the XLA glue (transposes, casts). Uses the
+    module's pallas_call wrappers directly, so the numbers say where the time goes.
     """
     from pallas_kernels.wkv7 import gpu
     from pallas_kernels.wkv7 import gpu_chunk_parallel as cp
@@ -197,10 +198,10 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     s0 = jnp.zeros((heads, n, n), jnp.float32)
     fns = {
         "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
-        "scan": jax.jit(lambda a, d, s: cp._scan_call(cfg, a, d, s, reverse=False)),
+        "scan": jax.jit(lambda a, d, s: cp._scan(cfg, a, d, s, reverse=False)),
         "outputs": jax.jit(lambda y0, q, starts: cp._output_call(cfg, y0, q, starts)),
         "bwd terms": jax.jit(lambda x, g: cp._backward_terms_call(cfg, x, g)),
-        "reverse scan": jax.jit(lambda a, e, s: cp._scan_call(cfg, a, e, s, reverse=True)),
+        "reverse scan": jax.jit(lambda a, e, s: cp._scan(cfg, a, e, s, reverse=True)),
         "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
     }
     trans, drive, q, y0 = fns["fwd terms"](hx)

@@ -5,10 +5,10 @@
 # and timeout_s 595:
 #
 #   bash bench/wkv7_gpu_session.sh measure
-#       1. the sequential kernel (baseline) and chunk-parallel variants (gradient value tile 32,
-#          the default, and 16; 8 warps), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of
-#          the default variant, and the gradient check;
-#       2. the per-kernel times (--stages) of the default chunk-parallel variant, 4 and 8 warps;
+#       1. the sequential kernel (baseline) and chunk-parallel variants (the default; 8 warps;
+#          scan groups of 4 chunks), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of the
+#          default variant, and the gradient check;
+#       2. the per-kernel times (--stages) of the chunk-parallel variants at T = 64K;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
 #          time, fla against the fastest chunk-parallel variant of step 1 (bench/wkv7_best.py).
@@ -117,14 +117,15 @@ case "$phase" in
     # Four variants fill ~250 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
     # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
     # sequential baseline: docs/BENCHMARKS.md. 8 warps halve each thread's share of the
-    # gradient kernel's live terms (register spills are the suspected cost there).
-    variants="pallas,$CP,$CP;gradient_value_tile=16,$CP;num_warps=8"
+    # gradient kernel's live terms (register spills are the suspected cost there); groups of 4
+    # chunks quarter the scans' sequential steps (the suspected cost at B*H = 8).
+    variants="pallas,$CP,$CP;num_warps=8,$CP;scan_group=4"
     # shellcheck disable=SC2086
     bench wkv7_schedules 330 $SIZES --dtypes bfloat16,float32 --impls "$variants" \
       --impls-fp32 "$CP" --repeats 3
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
-    bench wkv7_stages 90 $STAGE_SIZES --dtypes bfloat16 --impls "$CP,$CP;num_warps=8" \
+    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --impls "${variants#pallas,}" \
       --repeats 3 --skip-gradient-check --stages
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi

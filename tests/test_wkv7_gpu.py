@@ -327,9 +327,9 @@ def test_launch_parameters_reach_triton(schedule):
 
 
 def test_defaults_follow_the_schedule_table(monkeypatch):
-    """schedule / chunk_size / num_warps / gradient_value_tile = None take DEFAULT_SCHEDULE and
-    SCHEDULE_DEFAULTS, so a GPU run that crowns another schedule or setting changes only those
-    two names."""
+    """schedule / chunk_size / num_warps / gradient_value_tile / scan_group = None take
+    DEFAULT_SCHEDULE and SCHEDULE_DEFAULTS, so a GPU run that crowns another schedule or setting
+    changes only those two names."""
     token = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
 
     def lowered_text(grad=False):
@@ -343,10 +343,12 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
     assert text.count("__gpu$xla.gpu.triton") == 1  # sequential: one forward kernel
     assert set(re.findall(r"num_warps = (\d+)", text)) == {"4"}
     monkeypatch.setattr(gpu_module, "DEFAULT_SCHEDULE", "chunk_parallel")
-    table = {"chunk_size": 32, "num_warps": 8, "gradient_value_tile": 16}
+    assert "stablehlo.dot_general" not in text
+    table = {"chunk_size": 32, "num_warps": 8, "gradient_value_tile": 16, "scan_group": 2}
     monkeypatch.setitem(gpu_module.SCHEDULE_DEFAULTS, "chunk_parallel", table)
     text = lowered_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # chunk terms, scan, outputs
+    assert "stablehlo.dot_general" in text  # XLA composes pairs of chunk maps for the scan
     assert set(re.findall(r"num_warps = (\d+)", text)) == {"8"}
     # The chunk-grid kernels run B*H x T / 32 programs.
     assert re.findall(r"grid_y = (\d+)", text).count(str(256 // 32)) == 2
@@ -375,6 +377,10 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
         ({"schedule": "chunk_parallel", "gradient_value_tile": 24}, 32, "gradient_value_tile"),
         ({"schedule": "chunk_parallel", "gradient_value_tile": 64}, 32, "gradient_value_tile"),
         ({"gradient_value_tile": 16}, 32, "chunk_parallel' only"),
+        ({"schedule": "chunk_parallel", "scan_group": 3}, 32, "scan_group"),
+        ({"schedule": "chunk_parallel", "scan_group": 0}, 32, "scan_group"),
+        ({"schedule": "chunk_parallel", "scan_group": 32}, 32, "scan_group"),
+        ({"scan_group": 2}, 32, "chunk_parallel' only"),
         ({}, 48, "head size N"),
         ({}, 8, "head size N"),
     ],
@@ -410,3 +416,21 @@ def test_schedules_agree():
     for name, x, ref in zip(names, results["chunk_parallel"], results["sequential"], strict=True):
         # Measured 1.4e-7 .. 4.1e-7: fp32 rounding of the two associations.
         assert _rel(x, ref) < 2e-6, (name, _rel(x, ref))
+
+
+def test_scan_groups_match_single_chunk_steps():
+    """Chunk-parallel, 3 chunks: groups of 2 (two scan steps) and of 4 (one), each padded with
+    an identity map. Composing chunk maps for the forward and reverse scans changes only the
+    fp32 association."""
+    xs, state = _inputs(12, 1, 40, 2, 32)
+    argnums = tuple(range(7))
+    results = {}
+    for group in (1, 2, 4):
+        kernel = partial(wkv7_gpu, interpret=True, schedule="chunk_parallel", scan_group=group)
+        out = jax.jit(kernel)(*xs, state)
+        grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*xs, state)
+        results[group] = (*out, *grads)
+    names = "y state dr dw dk dv da db dstate".split()
+    for group in (2, 4):
+        for name, x, ref in zip(names, results[group], results[1], strict=True):
+            assert _rel(x, ref) < 2e-6, (group, name, _rel(x, ref))

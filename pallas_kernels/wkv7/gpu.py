@@ -55,8 +55,14 @@ DEFAULT_CHUNK_SIZE = 16
 DEFAULT_SCHEDULE = "sequential"
 SCHEDULE_DEFAULTS = {
     "sequential": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},
-    "chunk_parallel": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4, "gradient_value_tile": 32},
+    "chunk_parallel": {
+        "chunk_size": DEFAULT_CHUNK_SIZE,
+        "num_warps": 4,
+        "gradient_value_tile": 32,
+        "scan_group": 1,
+    },
 }
+MAX_SCAN_GROUP = 16
 MIN_VALUE_TILE = 16
 # No software pipelining of the chunk loop's loads: the loop body is dominated by dependent
 # dots on register-resident state, and pipelining only adds register pressure.
@@ -108,6 +114,7 @@ class _Config:
     dot_precision: str
     num_warps: int
     gradient_value_tile: int  # chunk-parallel gradient kernel's value rows per program
+    scan_group: int  # chunk-parallel: chunks per step of the state scans
 
     @property
     def dots(self):
@@ -441,9 +448,9 @@ def _auto_value_tile(n, programs_per_tile):
     return vt
 
 
-def _schedule_settings(schedule, chunk_size, num_warps, gradient_value_tile, n):
-    """(schedule, chunk_size, num_warps, gradient_value_tile) with None replaced by the
-    defaults of the schedule (the gradient tile capped at N; N for the sequential schedule)."""
+def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group):
+    """(schedule, chunk_size, num_warps, gradient_value_tile, scan_group) with None replaced by
+    the schedule's defaults; the last two are chunk-parallel options (N and 1 otherwise)."""
     schedule = DEFAULT_SCHEDULE if schedule is None else schedule
     if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(f"wkv7_gpu: schedule must be None or one of {SCHEDULES}, got {schedule!r}")
@@ -451,20 +458,29 @@ def _schedule_settings(schedule, chunk_size, num_warps, gradient_value_tile, n):
     chunk_size = defaults["chunk_size"] if chunk_size is None else chunk_size
     num_warps = defaults["num_warps"] if num_warps is None else num_warps
     if schedule != "chunk_parallel":
-        if gradient_value_tile is not None:
-            raise ValueError(
-                "wkv7_gpu: gradient_value_tile applies to schedule='chunk_parallel' only (the "
-                f"sequential schedule's backward uses value_tile); got schedule={schedule!r}"
-            )
-        gradient_value_tile = n
-    elif gradient_value_tile is None:
+        given = {"gradient_value_tile": gradient_value_tile, "scan_group": scan_group}
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"wkv7_gpu: {name} applies to schedule='chunk_parallel' only; got "
+                    f"schedule={schedule!r}"
+                )
+        return schedule, chunk_size, num_warps, n, 1
+    if gradient_value_tile is None:
         gradient_value_tile = min(defaults["gradient_value_tile"], n)
     elif not (_is_power_of_two(gradient_value_tile) and MIN_VALUE_TILE <= gradient_value_tile <= n):
         raise ValueError(
             f"wkv7_gpu: gradient_value_tile must be None or a power of two in [{MIN_VALUE_TILE}, "
             f"N = {n}] (it must divide N), got {gradient_value_tile!r}"
         )
-    return schedule, chunk_size, num_warps, gradient_value_tile
+    if scan_group is None:
+        scan_group = defaults["scan_group"]
+    elif not (_is_power_of_two(scan_group) and scan_group <= MAX_SCAN_GROUP):
+        raise ValueError(
+            f"wkv7_gpu: scan_group must be None or a power of two in [1, {MAX_SCAN_GROUP}], got "
+            f"{scan_group!r}"
+        )
+    return schedule, chunk_size, num_warps, gradient_value_tile, scan_group
 
 
 def _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes):
@@ -507,7 +523,7 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes
 
 def wkv7_gpu(
     r, w, k, v, a, b, state=None, *, chunk_size=None, value_tile=None, dot_precision=None,
-    schedule=None, num_warps=None, gradient_value_tile=None, interpret=False,
+    schedule=None, num_warps=None, gradient_value_tile=None, scan_group=None, interpret=False,
 ):  # fmt: skip
     """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
 
@@ -552,6 +568,9 @@ def wkv7_gpu(
         gradient_value_tile: static, "chunk_parallel" only; the state rows per program of
             the backward's gradient kernel (grid B*H x chunks x N / tile; key-side gradients
             are summed over the tiles), a power of two in [16, N], or None: 32 (at most N).
+        scan_group: static, "chunk_parallel" only; chunks whose maps XLA composes into one
+            step of the state scans (fewer sequential steps for ~N^3 parallel work per chunk
+            each way), a power of two in [1, 16], or None: 1.
         interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
@@ -559,7 +578,8 @@ def wkv7_gpu(
 
     Raises:
         ValueError: on mismatched shapes, a bad chunk_size / value_tile / dot_precision /
-            schedule / num_warps / gradient_value_tile / head size or an unsupported dtype.
+            schedule / num_warps / gradient_value_tile / scan_group / head size or an
+            unsupported dtype.
     """
     batch, seq, heads, n = check_wkv7_shapes(r, w, k, v, a, b, state)
     named = (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b))
@@ -569,7 +589,7 @@ def wkv7_gpu(
     schedule, cfg = resolve_config(
         n, batch * heads, dtypes, chunk_size=chunk_size, value_tile=value_tile,
         dot_precision=dot_precision, schedule=schedule, num_warps=num_warps,
-        gradient_value_tile=gradient_value_tile, interpret=interpret,
+        gradient_value_tile=gradient_value_tile, scan_group=scan_group, interpret=interpret,
     )  # fmt: skip
     if state is None:
         state = jnp.zeros((batch, heads, n, n), jnp.float32)
@@ -589,15 +609,15 @@ def wkv7_gpu(
 
 def resolve_config(
     n, programs_per_tile, dtypes, *, chunk_size=None, value_tile=None, dot_precision=None,
-    schedule=None, num_warps=None, gradient_value_tile=None, interpret=False,
+    schedule=None, num_warps=None, gradient_value_tile=None, scan_group=None, interpret=False,
 ):  # fmt: skip
     """(schedule, kernel config) for wkv7_gpu's options: validated, None filled in.
 
     n: head size; programs_per_tile: B * H; dtypes: [(name, dtype)] of the inputs (and the
     state, named "state"). Also used by bench/wkv7.py to run single kernels as wkv7_gpu would.
     """
-    schedule, chunk_size, num_warps, gradient_tile = _schedule_settings(
-        schedule, chunk_size, num_warps, gradient_value_tile, n
+    schedule, chunk_size, num_warps, gradient_tile, scan_group = _schedule_settings(
+        schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group
     )
     _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes)
     if dot_precision is None:
@@ -605,7 +625,9 @@ def resolve_config(
         dot_precision = "bf16" if half else "highest"
     if value_tile is None:
         value_tile = _auto_value_tile(n, programs_per_tile)
-    cfg = _Config(chunk_size, value_tile, bool(interpret), dot_precision, num_warps, gradient_tile)
+    cfg = _Config(
+        chunk_size, value_tile, bool(interpret), dot_precision, num_warps, gradient_tile, scan_group
+    )
     return schedule, cfg
 
 

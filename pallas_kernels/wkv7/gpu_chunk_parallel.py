@@ -185,6 +185,81 @@ def _scan_call(cfg, trans, drive, x0, *, reverse):
     )(trans, drive, x0)
 
 
+# --------------------------------------------------------------------------------------------
+# The scan over groups of chunks (scan_group > 1), composed and expanded by XLA.
+
+
+def _mm(x, y):
+    """Batched [..., N, N] products in IEEE fp32: they feed the carried state or cotangent."""
+    return jnp.einsum("...ij,...jk->...ik", x, y, precision=lax.Precision.HIGHEST)
+
+
+def _compose(trans, drive, group, *, reverse):
+    """The maps of `group` consecutive chunks as one: [BH, G * group, N, N] -> [BH, G, N, N].
+
+    Both directions compose the transition as A_first ... A_last (the reverse scan applies its
+    transpose). Forward, x -> x A + D over the group gives D_grp = (D_first A_2 + D_2) A_3 ...;
+    in reverse, x -> x A^T + E from the last chunk down gives E_grp = (E_last A^T_{-2} + E_{-2}) ...
+    """
+    bh, n_chunks, n, _ = trans.shape
+    a = trans.reshape(bh, n_chunks // group, group, n, n)
+    d = drive.reshape(bh, n_chunks // group, group, n, n)
+    a_grp = a[:, :, 0]
+    for j in range(1, group):
+        a_grp = _mm(a_grp, a[:, :, j])
+    if reverse:
+        d_grp = d[:, :, group - 1]
+        for j in range(group - 2, -1, -1):
+            d_grp = _mm(d_grp, jnp.swapaxes(a[:, :, j], -1, -2)) + d[:, :, j]
+    else:
+        d_grp = d[:, :, 0]
+        for j in range(1, group):
+            d_grp = _mm(d_grp, a[:, :, j]) + d[:, :, j]
+    return a_grp, d_grp
+
+
+def _expand(trans, drive, group_before, group, *, reverse):
+    """Every chunk's `before` x from each group's ([BH, G, N, N] -> [BH, G * group, N, N]).
+
+    Forward, group_before holds each group's start state and the inner starts follow by
+    x_{c+1} = x_c A_c + D_c; in reverse it holds the cotangent at each group's end, and the
+    inner chunks' end cotangents follow by x_c = x_{c+1} A_c^T + E_c, last chunk first.
+    """
+    bh, n_chunks, n, _ = trans.shape
+    a = trans.reshape(bh, n_chunks // group, group, n, n)
+    d = drive.reshape(bh, n_chunks // group, group, n, n)
+    befores = [group_before]
+    for step in range(group - 1):
+        j = group - 1 - step if reverse else step
+        a_j = jnp.swapaxes(a[:, :, j], -1, -2) if reverse else a[:, :, j]
+        befores.append(_mm(befores[-1], a_j) + d[:, :, j])
+    if reverse:
+        befores.reverse()
+    return jnp.stack(befores, axis=2).reshape(bh, n_chunks, n, n)
+
+
+def _scan(cfg, trans, drive, x0, *, reverse):
+    """_scan_call's result, over groups of cfg.scan_group chunks when that is > 1.
+
+    The scan kernel's steps are sequential and each costs one N x N map whatever the chunk
+    size, so composing `group` chunks' maps (parallel, N^3 per chunk each way) cuts its steps
+    by that factor. A chunk count not divisible by the group is padded with identity maps.
+    """
+    group = cfg.scan_group
+    if group == 1:
+        return _scan_call(cfg, trans, drive, x0, reverse=reverse)
+    bh, n_chunks, n, _ = trans.shape
+    pad = -n_chunks % group
+    if pad:
+        eye = jnp.broadcast_to(jnp.eye(n, dtype=trans.dtype), (bh, pad, n, n))
+        trans = jnp.concatenate([trans, eye], axis=1)
+        drive = jnp.concatenate([drive, jnp.zeros_like(eye)], axis=1)
+    a_grp, d_grp = _compose(trans, drive, group, reverse=reverse)
+    x_out, group_before = _scan_call(cfg, a_grp, d_grp, x0, reverse=reverse)
+    before = _expand(trans, drive, group_before, group, reverse=reverse)
+    return x_out, before[:, :n_chunks]
+
+
 def _output_call(cfg, y0, q, starts):
     """Y [BH, Tp, N]."""
     return _over_chunks(cfg, _output_kernel, "wkv7_gpu_outputs", (y0, q, starts), ("tokens",))[0]
@@ -226,7 +301,7 @@ def _gradient_call(cfg, xs, dy, starts, end_cots):
 
 def _forward(cfg, xs, s0):
     trans, drive, q, y0 = _forward_terms_call(cfg, xs)
-    s_final, starts = _scan_call(cfg, trans, drive, s0, reverse=False)
+    s_final, starts = _scan(cfg, trans, drive, s0, reverse=False)
     return _output_call(cfg, y0, q, starts), s_final, starts
 
 
@@ -251,7 +326,7 @@ def _vjp_backward(cfg, res, cot):
     xs, starts = res
     dy, ds_final = (x.astype(jnp.float32) for x in cot)
     trans, e = _backward_terms_call(cfg, xs, dy)
-    ds0, end_cots = _scan_call(cfg, trans, e, ds_final, reverse=True)
+    ds0, end_cots = _scan(cfg, trans, e, ds_final, reverse=True)
     grads = _gradient_call(cfg, xs, dy, starts, end_cots)
     grads = tuple(g.astype(x.dtype) for g, x in zip(grads, xs, strict=True))
     return grads, ds0
