@@ -20,13 +20,16 @@ B*H x chunks). Backward, three: chunk terms (A_c, E_c), the reverse scan (storin
 end cotangent), and the gradients of each chunk from its S_c and dS_{c+1} (`gpu._chunk_gradients`;
 grid B*H x chunks x value tiles of `gradient_value_tile` rows, key-side partial sums added
 after). The dot precision plan is the sequential schedule's: A_c, D_c, E_c and the scan feed
-the carried state or its cotangent and take exact dots.
+the carried state or its cotangent and take exact dots. With scan_group = g > 1, XLA composes
+the maps of g consecutive chunks before each scan (IEEE fp32 products) and recovers the inner
+chunks' states after it (`_scan`), so the scans take g times fewer sequential steps.
 
 Memory: A_c and D_c (or E_c) are N^2 fp32 each per chunk and head (2 x N^2 * 4 / C bytes per
 token and head, transient), and the start states, as in the sequential schedule, are the
 residual the backward keeps. With more than one gradient tile, the five key-side gradients
 are first written per tile (5 x tiles x N * 4 bytes per token and head, transient), as the
-sequential schedule's backward does with its value tiles.
+sequential schedule's backward does with its value tiles. Scan groups add the composed maps
+(1 / g of A_c and D_c) and, while the inner states are recovered, up to one more copy of them.
 """
 
 from __future__ import annotations
