@@ -96,3 +96,32 @@ def test_wkv7_best_picks_the_least_geometric_mean_over_shared_sizes(tmp_path):
     # Nothing qualifies: a non-zero exit naming why.
     run = _best(tmp_path, rows, "--dtype", "float16")
     assert run.returncode != 0 and "no finished float16 rows" in run.stderr
+
+
+def test_triton_spills_takes_each_kernel_with_its_launch_settings():
+    """bench/triton_spills.py's capture (no triton package needed for it): every Pallas kernel
+    of the forward and the gradient, with the num_warps / num_stages of its custom call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("triton_spills", ROOT / "bench/triton_spills.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    import jax.numpy as jnp
+
+    impl = "pallas@schedule=chunk_parallel;num_warps=8"
+    sources = tool.kernel_sources(impl, 256, 2, jnp.bfloat16)
+    stages = {name: (s["num_warps"], s["num_stages"]) for name, s in sources.items()}
+    assert stages == {
+        "wkv7_gpu_forward_terms": (8, 1),
+        "wkv7_gpu_scan": (8, 2),  # the scans pipeline their loads
+        "wkv7_gpu_outputs": (8, 1),
+        "wkv7_gpu_backward_terms": (8, 1),
+        "wkv7_gpu_reverse_scan": (8, 2),
+        "wkv7_gpu_gradients": (8, 1),
+    }
+    assert all(s["ttir"].startswith("module @" + name) for name, s in sources.items())
+    sequential = tool.kernel_sources("pallas", 256, 2, jnp.bfloat16)
+    assert {name: s["num_warps"] for name, s in sequential.items()} == {
+        "wkv7_gpu_forward": 4,
+        "wkv7_gpu_backward": 4,
+    }

@@ -1,0 +1,161 @@
+"""Registers and spills of the WKV-7 GPU kernels, compiled for an H100 on a host without a GPU.
+
+  pip install triton==3.6.0   # not a project dependency: ~190 MB, only this tool needs it
+  python bench/triton_spills.py [--impls pallas,pallas@schedule=chunk_parallel;num_warps=8]
+                                [--seq-len 4096] [--bh 8] [--dtype bfloat16] [--json FILE]
+
+Each implementation (bench/wkv7.py's syntax: "pallas@KEY=VALUE;...", ';' between options) is
+cross-lowered for CUDA as JAX would run it, forward and gradient; every Pallas kernel's Triton
+IR is taken from the lowering, with the num_warps / num_stages of its custom call, compiled for
+sm_90 by the `triton` package and passed through its bundled `ptxas -v`. The table gives each
+kernel's registers per thread, spill stores / loads and stack frame in bytes, shared memory,
+and the compile time. A kernel at the 255-register ceiling with spills moves its overflow
+through local memory on every use: on the 2026-11-27 H100 run, the chunk-parallel gradient
+kernel with full value rows spilled 11 KB here and its backward took 9x its forward.
+
+The pip `triton` is not the Triton inside XLA's GPU compiler that runs these kernels on a GPU,
+so the numbers are indicative: they rank settings, they do not time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
+
+from pallas_kernels.wkv7.gpu import wkv7_gpu  # noqa: E402
+
+N = 64
+# The attributes after the IR in each Triton custom call's backend config (sorted by name).
+_LAUNCH = re.compile(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32')
+
+
+def impl_options(impl: str) -> dict:
+    """The keyword options of "pallas@KEY=VALUE;...": {KEY: VALUE}, digits as ints."""
+    options = {}
+    for item in filter(None, impl.partition("@")[2].replace(";", ",").split(",")):
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else value
+    return options
+
+
+def kernel_sources(impl: str, seq_len: int, bh: int, dtype) -> dict[str, dict]:
+    """{kernel name: {"ttir": text, "num_warps": w, "num_stages": s}} for the forward and the
+    gradient of one implementation, cross-lowered for CUDA (no GPU needed)."""
+    captured = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    token = jax.ShapeDtypeStruct((1, seq_len, bh, N), dtype)
+    kernel = functools.partial(wkv7_gpu, **impl_options(impl))
+
+    def loss(*xs):
+        y, s = kernel(*xs)
+        return jnp.sum(y) + jnp.sum(s)
+
+    triton_lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        texts = [
+            jax.jit(fn).trace(*(token,) * 6).lower(lowering_platforms=("cuda",)).as_text()
+            for fn in (kernel, jax.grad(loss, argnums=tuple(range(6))))
+        ]
+    finally:
+        triton_lowering.lower_jaxpr_to_triton_module = original
+    launches = {name: (int(s), int(w)) for text in texts for name, s, w in _LAUNCH.findall(text)}
+    sources = {}
+    for ttir in captured:
+        name = re.search(r"tt\.func public @(\w+)", ttir).group(1)
+        stages, warps = launches[name]
+        sources[name] = {"ttir": ttir, "num_warps": warps, "num_stages": stages}
+    return sources
+
+
+def compile_report(name: str, source: dict, workdir: Path) -> dict:
+    """Compiles one kernel's Triton IR for sm_90 and reads ptxas -v's resource report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    path = workdir / f"{name}.ttir"
+    path.write_text(source["ttir"])
+    options = {"num_warps": source["num_warps"], "num_stages": source["num_stages"]}
+    start = time.perf_counter()
+    compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=options)
+    seconds = time.perf_counter() - start
+    ptx = workdir / f"{name}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    report = subprocess.run(
+        [str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+        capture_output=True, text=True, check=True,
+    ).stderr  # fmt: skip
+    number = lambda pattern: int(re.search(pattern, report).group(1))
+    return {
+        "kernel": name,
+        **options,
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "stack": number(r"(\d+) bytes stack frame"),
+        "shared": compiled.metadata.shared,
+        "compile_s": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--impls", default="pallas,pallas@schedule=chunk_parallel")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--bh", type=int, default=8, help="B*H (B = 1); sets the auto value tile")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--json", type=Path, help="write the rows here (whole, via a rename)")
+    args = parser.parse_args()
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        sys.exit("bench/triton_spills.py needs the triton package: pip install triton==3.6.0")
+    rows = []
+    # A fresh Triton cache, so the compile times are real ones.
+    cache = tempfile.TemporaryDirectory()
+    os.environ["TRITON_CACHE_DIR"] = cache.name
+    columns = "impl | kernel | warps | stages | registers | spill st / ld B | stack B | shared | s"
+    print(f"| {columns} |")
+    print("|---" * 9 + "|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for impl in args.impls.split(","):
+            sources = kernel_sources(impl, args.seq_len, args.bh, jnp.dtype(args.dtype))
+            for name, source in sources.items():
+                row = {"impl": impl, **compile_report(name, source, Path(tmp))}
+                rows.append(row)
+                print(
+                    f"| {impl} | {name} | {row['num_warps']} | {row['num_stages']} | "
+                    f"{row['registers']} | {row['spill_stores']} / {row['spill_loads']} | "
+                    f"{row['stack']} | {row['shared']} | {row['compile_s']:.1f} |",
+                    flush=True,
+                )
+    cache.cleanup()
+    if args.json:
+        tmp_json = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp_json.write_text(json.dumps(rows, indent=1))
+        tmp_json.replace(args.json)
+
+
+if __name__ == "__main__":
+    main()
