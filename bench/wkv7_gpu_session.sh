@@ -5,9 +5,9 @@
 # and timeout_s 595:
 #
 #   bash bench/wkv7_gpu_session.sh measure
-#       1. the sequential kernel (baseline) and chunk-parallel variants (the default; 8 warps;
-#          scan groups of 4 chunks), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of the
-#          default variant, and the gradient check;
+#       1. the sequential kernel (baseline; also with 8 warps) and chunk-parallel variants (the
+#          default, 8 warps; 4 warps; scan groups of 4 chunks), bf16, T 16K / 64K x B*H 8 / 64,
+#          the fp32 errors of the default variant, and the gradient check;
 #       2. the per-kernel times (--stages) of the chunk-parallel variants at T = 64K;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
@@ -114,18 +114,19 @@ compare_with_fla() {
 
 case "$phase" in
   measure)
-    # Four variants fill ~250 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
+    # Five variants fill ~300 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
     # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
-    # sequential baseline: docs/BENCHMARKS.md. 8 warps halve each thread's share of the
-    # gradient kernel's live terms (register spills are the suspected cost there); groups of 4
-    # chunks quarter the scans' sequential steps (the suspected cost at B*H = 8).
-    variants="pallas,$CP,$CP;num_warps=8,$CP;scan_group=4"
+    # sequential baseline: docs/BENCHMARKS.md. 8 warps cut the backward kernels' register
+    # spills (bench/triton_spills.py: sequential 588 -> 108 B, chunk-parallel gradients 1124 ->
+    # 232 B); groups of 4 chunks quarter the scans' sequential steps (the suspected cost at
+    # B*H = 8).
+    variants="pallas,pallas@num_warps=8,$CP,$CP;num_warps=4,$CP;scan_group=4"
     # shellcheck disable=SC2086
-    bench wkv7_schedules 330 $SIZES --dtypes bfloat16,float32 --impls "$variants" \
+    bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 --impls "$variants" \
       --impls-fp32 "$CP" --repeats 3
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
-    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --impls "${variants#pallas,}" \
+    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --impls "${variants#*num_warps=8,}" \
       --repeats 3 --skip-gradient-check --stages
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi

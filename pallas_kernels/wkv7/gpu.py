@@ -46,18 +46,20 @@ SCHEDULES = ("sequential", "chunk_parallel")
 MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 64
 DEFAULT_CHUNK_SIZE = 16
-# What wkv7_gpu uses when schedule / chunk_size / num_warps / gradient_value_tile are None.
-# Measured on an H100 (docs/BENCHMARKS.md, 2026-11-27): the chunk-parallel schedule with chunk 16
-# and full-row gradients was faster than the sequential one at B*H = 8 (forward+backward 1.6x)
-# but 2.2x slower at B*H = 64, its backward 9x its forward; so the sequential schedule stays the
-# default. Its gradient kernel, the one backward kernel without a forward twin, now takes
-# 32-row value tiles (register pressure), not yet timed on a GPU (bench/wkv7_gpu_session.sh).
+# What wkv7_gpu uses when schedule / chunk_size / num_warps / gradient_value_tile / scan_group
+# are None. Measured on an H100 (docs/BENCHMARKS.md, 2026-11-27): the chunk-parallel schedule
+# with chunk 16, 4 warps and full-row gradients was faster than the sequential one at B*H = 8
+# (forward+backward 1.6x) but 2.2x slower at B*H = 64, its backward 9x its forward; so the
+# sequential schedule stays the default. Its gradient kernel spilled ~11 KB per thread there
+# (bench/triton_spills.py, compiled for sm_90 offline); with 32-row value tiles and 8 warps it
+# spills 232 B, and no other chunk-parallel kernel spills at 8 warps: hence these defaults, not
+# yet timed on a GPU (bench/wkv7_gpu_session.sh).
 DEFAULT_SCHEDULE = "sequential"
 SCHEDULE_DEFAULTS = {
     "sequential": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},
     "chunk_parallel": {
         "chunk_size": DEFAULT_CHUNK_SIZE,
-        "num_warps": 4,
+        "num_warps": 8,
         "gradient_value_tile": 32,
         "scan_group": 1,
     },
@@ -564,7 +566,7 @@ def wkv7_gpu(
             ("sequential"). Same maths and dot precision plan; with "chunk_parallel",
             value_tile applies to the state scan.
         num_warps: static; Triton warps per program, every kernel of the call, or None: the
-            schedule's default (4 for both).
+            schedule's default (4 sequential, 8 chunk-parallel).
         gradient_value_tile: static, "chunk_parallel" only; the state rows per program of
             the backward's gradient kernel (grid B*H x chunks x N / tile; key-side gradients
             are summed over the tiles), a power of two in [16, N], or None: 32 (at most N).
