@@ -117,8 +117,8 @@ case "$phase" in
     # Five variants fill ~300 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
     # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
     # sequential baseline: docs/BENCHMARKS.md. 8 warps cut the backward kernels' register
-    # spills (bench/triton_spills.py: sequential 588 -> 108 B, chunk-parallel gradients 1124 ->
-    # 232 B); groups of 4 chunks quarter the scans' sequential steps (the suspected cost at
+    # spills (bench/triton_spills.py: sequential 492 -> 28 B, chunk-parallel gradients 1048 ->
+    # 204 B); groups of 4 chunks quarter the scans' sequential steps (the suspected cost at
     # B*H = 8).
     variants="pallas,pallas@num_warps=8,$CP,$CP;num_warps=4,$CP;scan_group=4"
     # shellcheck disable=SC2086

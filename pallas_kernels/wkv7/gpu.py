@@ -52,7 +52,7 @@ DEFAULT_CHUNK_SIZE = 16
 # (forward+backward 1.6x) but 2.2x slower at B*H = 64, its backward 9x its forward; so the
 # sequential schedule stays the default. Its gradient kernel spilled ~11 KB per thread there
 # (bench/triton_spills.py, compiled for sm_90 offline); with 32-row value tiles and 8 warps it
-# spills 232 B, and no other chunk-parallel kernel spills at 8 warps: hence these defaults, not
+# spills ~200 B, and no other chunk-parallel kernel spills at 8 warps: hence these defaults, not
 # yet timed on a GPU (bench/wkv7_gpu_session.sh).
 DEFAULT_SCHEDULE = "sequential"
 SCHEDULE_DEFAULTS = {
@@ -97,6 +97,12 @@ class _Dots:
     def exact(self, x, y, *, ta=False, tb=False):
         """Dot for decay sums, the inverse and the state / state-cotangent path."""
         return plgpu.dot(x, y, trans_a=ta, trans_b=tb, precision=self._precision())
+
+    def operand(self, x):
+        """x as fast dots take it: bf16 in "bf16" mode, else unchanged. A value used only by
+        fast dots is rounded once where it is made, so it holds half the registers (fast dots
+        round their operands anyway, so the results do not change)."""
+        return x.astype(jnp.bfloat16) if self.mode == "bf16" else x
 
     def fast(self, x, y, *, ta=False, tb=False):
         """Dot for intra-chunk matrices and products that reach only y or per-token grads."""
@@ -166,7 +172,9 @@ def _unit_lower_inverse(dots, a_ab):
 
 
 class _Terms(NamedTuple):
-    """A chunk's key-side, state-free terms (fp32); see xla_chunked._ChunkTerms."""
+    """A chunk's key-side, state-free terms; see xla_chunked._ChunkTerms. fp32, except that
+    r_c, k_c, b_c, a_c, a_qk, a_qb and a_ak, which only fast dots use, are in the dtype those
+    take (`_Dots.operand`)."""
 
     e_in: jax.Array  # e^{gi - off} [C, N]
     e_out: jax.Array  # e^{off - gi}
@@ -212,6 +220,8 @@ def _chunk_terms(dots, r, w, k, a, b):
     a_qb = _masked(dots.fast(r_c, b_c, tb=True), incl)
     a_ak = _masked(dots.fast(a_c, k_c, tb=True), strict)
     p = _unit_lower_inverse(dots, _masked(dots.exact(a_c, b_c, tb=True), strict))
+    # From here on these feed fast dots only (the chunk's and the gradients').
+    r_c, k_c, b_c, a_c, a_qk, a_qb, a_ak = map(dots.operand, (r_c, k_c, b_c, a_c, a_qk, a_qb, a_ak))
     wm = dots.exact(p, a * e_ge)
     q = r * e_gi + dots.fast(a_qb, wm)
     return _Terms(
