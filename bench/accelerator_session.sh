@@ -4,20 +4,11 @@
 #   WKV_TIMEOUT / TOPK_TIMEOUT / MODEL_TIMEOUT (seconds) bound each part; SKIP_WKV / SKIP_TOPK /
 #   SKIP_MODEL=1 skip one; WKV_NAME names the WKV part's log and JSON (default wkv7), so two
 #   WKV runs in one session (e.g. fla, whose first call autotunes, in a run of its own) keep both.
-# Carried wheels in .whl/ (fla-core for the fla baseline) are installed to /tmp/site first.
+# Carried wheels in .whl/ (fla-core for the fla baseline) are installed first
+# (bench/accelerator_env.sh).
 set -u
-OUT=${OUT:-/tmp/accelerator_out}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-# JAX would otherwise take 75% of the GPU up front, leaving fla (PyTorch) too little.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+. bench/accelerator_env.sh
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-date -u
 if [ "${SKIP_WKV:-0}" != 1 ]; then
   timeout "${WKV_TIMEOUT:-300}" python3 bench/wkv7.py --json "$OUT/${WKV_NAME:-wkv7}.json" "$@" \
     2>&1 | tee "$OUT/${WKV_NAME:-wkv7}.log"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
 import subprocess
@@ -44,18 +43,9 @@ N = 64
 _LAUNCH = re.compile(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32')
 
 
-def impl_options(impl: str) -> dict:
-    """The keyword options of "pallas@KEY=VALUE;...": {KEY: VALUE}, digits as ints."""
-    options = {}
-    for item in filter(None, impl.partition("@")[2].replace(";", ",").split(",")):
-        key, _, value = item.partition("=")
-        options[key] = int(value) if value.isdigit() else value
-    return options
-
-
-def kernel_sources(impl: str, seq_len: int, bh: int, dtype) -> dict[str, dict]:
+def kernel_sources(options: dict, seq_len: int, bh: int, dtype) -> dict[str, dict]:
     """{kernel name: {"ttir": text, "num_warps": w, "num_stages": s}} for the forward and the
-    gradient of one implementation, cross-lowered for CUDA (no GPU needed)."""
+    gradient of `wkv7_gpu(**options)`, cross-lowered for CUDA (no GPU needed)."""
     captured = []
     original = triton_lowering.lower_jaxpr_to_triton_module
 
@@ -65,7 +55,7 @@ def kernel_sources(impl: str, seq_len: int, bh: int, dtype) -> dict[str, dict]:
         return result
 
     token = jax.ShapeDtypeStruct((1, seq_len, bh, N), dtype)
-    kernel = functools.partial(wkv7_gpu, **impl_options(impl))
+    kernel = functools.partial(wkv7_gpu, **options)
 
     def loss(*xs):
         y, s = kernel(*xs)
@@ -131,16 +121,20 @@ def main() -> None:
         import triton  # noqa: F401
     except ImportError:
         sys.exit("bench/triton_spills.py needs the triton package: pip install triton==3.6.0")
+    # bench/wkv7.py's implementation syntax and JSON writer (this script's folder is on
+    # sys.path when it runs as a script).
+    from wkv7 import impl_options, write_json
+
     rows = []
-    # A fresh Triton cache, so the compile times are real ones.
-    cache = tempfile.TemporaryDirectory()
-    os.environ["TRITON_CACHE_DIR"] = cache.name
     columns = "impl | kernel | warps | stages | registers | spill st / ld B | stack B | shared | s"
     print(f"| {columns} |")
     print("|---" * 9 + "|")
     with tempfile.TemporaryDirectory() as tmp:
+        # A fresh Triton cache, so the compile times are real ones.
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
         for impl in args.impls.split(","):
-            sources = kernel_sources(impl, args.seq_len, args.bh, jnp.dtype(args.dtype))
+            options = impl_options(impl.replace(";", ","))
+            sources = kernel_sources(options, args.seq_len, args.bh, jnp.dtype(args.dtype))
             for name, source in sources.items():
                 row = {"impl": impl, **compile_report(name, source, Path(tmp))}
                 rows.append(row)
@@ -150,11 +144,8 @@ def main() -> None:
                     f"{row['stack']} | {row['shared']} | {row['compile_s']:.1f} |",
                     flush=True,
                 )
-    cache.cleanup()
     if args.json:
-        tmp_json = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp_json.write_text(json.dumps(rows, indent=1))
-        tmp_json.replace(args.json)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

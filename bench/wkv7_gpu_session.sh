@@ -27,7 +27,6 @@
 # dry run of this script on CPU: SIZES=STAGE_SIZES="--seq-lens 64 --bh 2" BENCH_ARGS=--allow-cpu).
 set -u
 phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla}
-OUT=${OUT:-/tmp/accelerator_out}
 CALL_LIMIT=${CALL_LIMIT:-580}
 CP="pallas@schedule=chunk_parallel"
 SIZES=${SIZES:---seq-lens 16384,65536 --bh 8,64}
@@ -35,21 +34,9 @@ STAGE_SIZES=${STAGE_SIZES:---seq-lens 65536 --bh 8,64}
 BENCH_ARGS=${BENCH_ARGS:-}
 WARM_DONE=/tmp/fla_warm.done
 WARM_LOG=/tmp/fla_warm.log
-mkdir -p "$OUT"
-
-# fla-core goes to /tmp/site once per machine: reinstalling under a running fla process would
-# pull files from under it.
-if [ ! -d /tmp/site/fla ] && compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
-# JAX would otherwise take 75% of the GPU up front, leaving fla (PyTorch) too little.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+. bench/accelerator_env.sh
 export TRITON_CACHE_DIR=/tmp/triton_cache
 if [ -d .triton_cache ] && [ ! -d $TRITON_CACHE_DIR ]; then cp -r .triton_cache $TRITON_CACHE_DIR; fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-date -u
 
 left() { echo $((CALL_LIMIT - SECONDS)); }
 

@@ -108,8 +108,8 @@ def test_triton_spills_takes_each_kernel_with_its_launch_settings():
     spec.loader.exec_module(tool)
     import jax.numpy as jnp
 
-    impl = "pallas@schedule=chunk_parallel;num_warps=8"
-    sources = tool.kernel_sources(impl, 256, 2, jnp.bfloat16)
+    options = {"schedule": "chunk_parallel", "num_warps": 8}
+    sources = tool.kernel_sources(options, 256, 2, jnp.bfloat16)
     stages = {name: (s["num_warps"], s["num_stages"]) for name, s in sources.items()}
     assert stages == {
         "wkv7_gpu_forward_terms": (8, 1),
@@ -120,7 +120,7 @@ def test_triton_spills_takes_each_kernel_with_its_launch_settings():
         "wkv7_gpu_gradients": (8, 1),
     }
     assert all(s["ttir"].startswith("module @" + name) for name, s in sources.items())
-    sequential = tool.kernel_sources("pallas", 256, 2, jnp.bfloat16)
+    sequential = tool.kernel_sources({}, 256, 2, jnp.bfloat16)
     assert {name: s["num_warps"] for name, s in sequential.items()} == {
         "wkv7_gpu_forward": 4,
         "wkv7_gpu_backward": 4,

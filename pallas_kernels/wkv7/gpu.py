@@ -388,6 +388,11 @@ def _forward_call(cfg, xs, s0, *, save_starts):
     )(r, w, k, v, a, b, s0)
 
 
+def sum_tiles(partials):
+    """[BH, tiles, Tp, N] key-side gradient partials (one per value tile) -> [BH, Tp, N]."""
+    return partials.sum(axis=1) if partials.shape[1] > 1 else partials[:, 0]
+
+
 def _backward_call(cfg, xs, starts, dy, ds_final):
     r, w, k, v, a, b = xs
     bh, seq, n = r.shape
@@ -409,7 +414,7 @@ def _backward_call(cfg, xs, starts, dy, ds_final):
         interpret=cfg.interpret,
         name="wkv7_gpu_backward",
     )(r, w, k, v, a, b, starts, dy, ds_final)
-    dr, dw, dk, da, db = (x.sum(axis=1) if n_tiles > 1 else x[:, 0] for x in outs[:5])
+    dr, dw, dk, da, db = map(sum_tiles, outs[:5])
     return dr, dw, dk, outs[5], da, db, outs[6]
 
 
@@ -460,6 +465,15 @@ def _auto_value_tile(n, programs_per_tile):
     return vt
 
 
+def _check_tile(name, tile, n):
+    """A value tile (state rows per program) must be a power of two in [MIN_VALUE_TILE, N]."""
+    if not (_is_power_of_two(tile) and MIN_VALUE_TILE <= tile <= n):
+        raise ValueError(
+            f"wkv7_gpu: {name} must be None or a power of two in [{MIN_VALUE_TILE}, N = {n}] "
+            f"(it must divide N), got {tile!r}"
+        )
+
+
 def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group):
     """(schedule, chunk_size, num_warps, gradient_value_tile, scan_group) with None replaced by
     the schedule's defaults; the last two are chunk-parallel options (N and 1 otherwise)."""
@@ -480,11 +494,7 @@ def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, 
         return schedule, chunk_size, num_warps, n, 1
     if gradient_value_tile is None:
         gradient_value_tile = min(defaults["gradient_value_tile"], n)
-    elif not (_is_power_of_two(gradient_value_tile) and MIN_VALUE_TILE <= gradient_value_tile <= n):
-        raise ValueError(
-            f"wkv7_gpu: gradient_value_tile must be None or a power of two in [{MIN_VALUE_TILE}, "
-            f"N = {n}] (it must divide N), got {gradient_value_tile!r}"
-        )
+    _check_tile("gradient_value_tile", gradient_value_tile, n)
     if scan_group is None:
         scan_group = defaults["scan_group"]
     elif not (_is_power_of_two(scan_group) and scan_group <= MAX_SCAN_GROUP):
@@ -507,13 +517,8 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, num_warps, dtypes
             f"wkv7_gpu: head size N must be a power of two >= {MIN_VALUE_TILE} (Triton block "
             f"shapes), got N = {n}"
         )
-    if value_tile is not None and (
-        not _is_power_of_two(value_tile) or not MIN_VALUE_TILE <= value_tile <= n
-    ):
-        raise ValueError(
-            f"wkv7_gpu: value_tile must be None or a power of two in [{MIN_VALUE_TILE}, N = {n}] "
-            f"(it must divide N), got {value_tile!r}"
-        )
+    if value_tile is not None:
+        _check_tile("value_tile", value_tile, n)
     if dot_precision is not None and (
         not isinstance(dot_precision, str) or dot_precision not in DOT_PRECISIONS
     ):

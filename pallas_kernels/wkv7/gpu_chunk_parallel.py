@@ -47,6 +47,7 @@ from pallas_kernels.wkv7.gpu import (
     _compiler_params,
     _iota,
     _value_terms,
+    sum_tiles,
 )
 
 # The scan's loads (A_c, D_c) do not depend on the carried state: two stages let Triton fetch
@@ -197,16 +198,14 @@ def _mm(x, y):
     return jnp.einsum("...ij,...jk->...ik", x, y, precision=lax.Precision.HIGHEST)
 
 
-def _compose(trans, drive, group, *, reverse):
-    """The maps of `group` consecutive chunks as one: [BH, G * group, N, N] -> [BH, G, N, N].
+def _compose(a, d, *, reverse):
+    """The maps of each group of chunks as one: a, d [BH, G, group, N, N] -> [BH, G, N, N].
 
     Both directions compose the transition as A_first ... A_last (the reverse scan applies its
     transpose). Forward, x -> x A + D over the group gives D_grp = (D_first A_2 + D_2) A_3 ...;
     in reverse, x -> x A^T + E from the last chunk down gives E_grp = (E_last A^T_{-2} + E_{-2}) ...
     """
-    bh, n_chunks, n, _ = trans.shape
-    a = trans.reshape(bh, n_chunks // group, group, n, n)
-    d = drive.reshape(bh, n_chunks // group, group, n, n)
+    group = a.shape[2]
     a_grp = a[:, :, 0]
     for j in range(1, group):
         a_grp = _mm(a_grp, a[:, :, j])
@@ -221,16 +220,14 @@ def _compose(trans, drive, group, *, reverse):
     return a_grp, d_grp
 
 
-def _expand(trans, drive, group_before, group, *, reverse):
-    """Every chunk's `before` x from each group's ([BH, G, N, N] -> [BH, G * group, N, N]).
+def _expand(a, d, group_before, *, reverse):
+    """Every chunk's `before` x from each group's: [BH, G, N, N] -> [BH, G, group, N, N].
 
     Forward, group_before holds each group's start state and the inner starts follow by
     x_{c+1} = x_c A_c + D_c; in reverse it holds the cotangent at each group's end, and the
     inner chunks' end cotangents follow by x_c = x_{c+1} A_c^T + E_c, last chunk first.
     """
-    bh, n_chunks, n, _ = trans.shape
-    a = trans.reshape(bh, n_chunks // group, group, n, n)
-    d = drive.reshape(bh, n_chunks // group, group, n, n)
+    group = a.shape[2]
     befores = [group_before]
     for step in range(group - 1):
         j = group - 1 - step if reverse else step
@@ -238,7 +235,7 @@ def _expand(trans, drive, group_before, group, *, reverse):
         befores.append(_mm(befores[-1], a_j) + d[:, :, j])
     if reverse:
         befores.reverse()
-    return jnp.stack(befores, axis=2).reshape(bh, n_chunks, n, n)
+    return jnp.stack(befores, axis=2)
 
 
 def _scan(cfg, trans, drive, x0, *, reverse):
@@ -257,9 +254,11 @@ def _scan(cfg, trans, drive, x0, *, reverse):
         eye = jnp.broadcast_to(jnp.eye(n, dtype=trans.dtype), (bh, pad, n, n))
         trans = jnp.concatenate([trans, eye], axis=1)
         drive = jnp.concatenate([drive, jnp.zeros_like(eye)], axis=1)
-    a_grp, d_grp = _compose(trans, drive, group, reverse=reverse)
+    grouped = (bh, trans.shape[1] // group, group, n, n)
+    a, d = trans.reshape(grouped), drive.reshape(grouped)
+    a_grp, d_grp = _compose(a, d, reverse=reverse)
     x_out, group_before = _scan_call(cfg, a_grp, d_grp, x0, reverse=reverse)
-    before = _expand(trans, drive, group_before, group, reverse=reverse)
+    before = _expand(a, d, group_before, reverse=reverse).reshape(bh, -1, n, n)
     return x_out, before[:, :n_chunks]
 
 
@@ -298,8 +297,7 @@ def _gradient_call(cfg, xs, dy, starts, end_cots):
         interpret=cfg.interpret,
         name="wkv7_gpu_gradients",
     )(*xs, dy, starts, end_cots)
-    total = lambda x: x.sum(axis=1) if n_tiles > 1 else x[:, 0]
-    return total(dr), total(dw), total(dk), dv, total(da), total(db)
+    return sum_tiles(dr), sum_tiles(dw), sum_tiles(dk), dv, sum_tiles(da), sum_tiles(db)
 
 
 def _forward(cfg, xs, s0):
