@@ -1,4 +1,5 @@
-"""Registers and spills of the WKV-7 GPU kernels, compiled for an H100 on a host without a GPU.
+"""Registers, spills and instruction mix of the WKV-7 GPU kernels, compiled for an H100 on a host
+without a GPU.
 
   pip install triton==3.6.0   # not a project dependency: ~190 MB, only this tool needs it
   python bench/triton_spills.py [--impls pallas,pallas@schedule=chunk_parallel;num_warps=8]
@@ -12,6 +13,13 @@ kernel's registers per thread, spill stores / loads and stack frame in bytes, sh
 and the compile time. A kernel at the 255-register ceiling with spills moves its overflow
 through local memory on every use: on the 2026-11-27 H100 run, the chunk-parallel gradient
 kernel with full value rows spilled 11 KB here and its backward took 9x its forward.
+
+The last four columns count SASS instructions per thread in the kernel's code (`cuobjdump
+-sass`; Triton unrolls the dots, so a loop body is counted once): FFMA (fp32 dots on the FMA
+units), HMMA (tensor-core dots), shared-memory loads (LDS and LDSM, with which every dot reads
+its operands) and barriers. The FMA dot path reads each operand from shared memory once per
+product row or column: in the chunk-parallel scan step, 256 FFMA came with 99 shared loads
+(~1 KB) per thread, which makes shared-memory bandwidth, not FMA throughput, its likely bound.
 
 The pip `triton` is not the Triton inside XLA's GPU compiler that runs these kernels on a GPU,
 so the numbers are indicative: they rank settings, they do not time anything.
@@ -78,8 +86,23 @@ def kernel_sources(options: dict, seq_len: int, bh: int, dtype) -> dict[str, dic
     return sources
 
 
+# SASS opcode (the mnemonic before the first '.') -> instruction mix column.
+MIX = {"FFMA": "ffma", "HMMA": "hmma", "LDS": "shared_loads", "LDSM": "shared_loads", "BAR": "bars"}
+_SASS_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+
+
+def instruction_mix(sass: str) -> dict[str, int]:
+    """{column: count} of MIX's opcodes in `cuobjdump -sass` text (predicated ones included)."""
+    mix = dict.fromkeys(MIX.values(), 0)
+    for opcode in _SASS_OPCODE.findall(sass):
+        if opcode in MIX:
+            mix[MIX[opcode]] += 1
+    return mix
+
+
 def compile_report(name: str, source: dict, workdir: Path) -> dict:
-    """Compiles one kernel's Triton IR for sm_90 and reads ptxas -v's resource report."""
+    """Compiles one kernel's Triton IR for sm_90; reads ptxas -v's resource report and the
+    cubin's instruction mix."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -91,11 +114,16 @@ def compile_report(name: str, source: dict, workdir: Path) -> dict:
     seconds = time.perf_counter() - start
     ptx = workdir / f"{name}.ptx"
     ptx.write_text(compiled.asm["ptx"])
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     report = subprocess.run(
-        [str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+        [str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
         capture_output=True, text=True, check=True,
     ).stderr  # fmt: skip
+    cubin = workdir / f"{name}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run(
+        [str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
     number = lambda pattern: int(re.search(pattern, report).group(1))
     return {
         "kernel": name,
@@ -106,6 +134,7 @@ def compile_report(name: str, source: dict, workdir: Path) -> dict:
         "stack": number(r"(\d+) bytes stack frame"),
         "shared": compiled.metadata.shared,
         "compile_s": seconds,
+        **instruction_mix(sass),
     }
 
 
@@ -126,9 +155,12 @@ def main() -> None:
     from wkv7 import impl_options, write_json
 
     rows = []
-    columns = "impl | kernel | warps | stages | registers | spill st / ld B | stack B | shared | s"
+    columns = (
+        "impl | kernel | warps | stages | registers | spill st / ld B | stack B | shared | s | "
+        "FFMA | HMMA | shared loads | barriers"
+    )
     print(f"| {columns} |")
-    print("|---" * 9 + "|")
+    print("|---" * 13 + "|")
     with tempfile.TemporaryDirectory() as tmp:
         # A fresh Triton cache, so the compile times are real ones.
         os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
@@ -141,7 +173,8 @@ def main() -> None:
                 print(
                     f"| {impl} | {name} | {row['num_warps']} | {row['num_stages']} | "
                     f"{row['registers']} | {row['spill_stores']} / {row['spill_loads']} | "
-                    f"{row['stack']} | {row['shared']} | {row['compile_s']:.1f} |",
+                    f"{row['stack']} | {row['shared']} | {row['compile_s']:.1f} | "
+                    f"{row['ffma']} | {row['hmma']} | {row['shared_loads']} | {row['bars']} |",
                     flush=True,
                 )
     if args.json:

@@ -198,22 +198,22 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     s0 = jnp.zeros((heads, n, n), jnp.float32)
     fns = {
         "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
-        "scan": jax.jit(lambda a, d, s: cp._scan(cfg, a, d, s, reverse=False)),
+        "scan": jax.jit(lambda m, d, s: cp._scan(cfg, m, d, s, reverse=False)),
         "outputs": jax.jit(lambda y0, q, starts: cp._output_call(cfg, y0, q, starts)),
         "bwd terms": jax.jit(lambda x, g: cp._backward_terms_call(cfg, x, g)),
-        "reverse scan": jax.jit(lambda a, e, s: cp._scan(cfg, a, e, s, reverse=True)),
+        "reverse scan": jax.jit(lambda m, e, s: cp._scan(cfg, m, e, s, reverse=True)),
         "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
     }
-    trans, drive, q, y0 = fns["fwd terms"](hx)
-    starts = fns["scan"](trans, drive, s0)[1]
-    trans_b, e = fns["bwd terms"](hx, dy)
-    end_cots = fns["reverse scan"](trans_b, e, ds)[1]
+    maps, drive, q, y0 = fns["fwd terms"](hx)
+    starts = fns["scan"](maps, drive, s0)[1]
+    maps_b, e = fns["bwd terms"](hx, dy)
+    end_cots = fns["reverse scan"](maps_b, e, ds)[1]
     args = {
         "fwd terms": (hx,),
-        "scan": (trans, drive, s0),
+        "scan": (maps, drive, s0),
         "outputs": (y0, q, starts),
         "bwd terms": (hx, dy),
-        "reverse scan": (trans_b, e, ds),
+        "reverse scan": (maps_b, e, ds),
         "gradients": (hx, dy, starts, end_cots),
     }
     return {name: median_ms(lambda f=fns[name], a=args[name]: f(*a), repeats) for name in STAGES}

@@ -5,13 +5,14 @@
 # and timeout_s 595:
 #
 #   bash bench/wkv7_gpu_session.sh measure
-#       1. the sequential kernel (baseline; also with 8 warps) and chunk-parallel variants (the
-#          default, 8 warps; 4 warps; scan groups of 4 chunks), bf16, T 16K / 64K x B*H 8 / 64,
-#          the fp32 errors of the default variant, and the gradient check;
+#       1. the sequential kernel (baseline; also with split-bf16 tensor-core state dots,
+#          state_dot_precision=bf16x3) and chunk-parallel variants (the default; with bf16x3
+#          state dots; with those and scan groups of 4 chunks), bf16, T 16K / 64K x B*H 8 / 64,
+#          the fp32 errors of the two chunk-parallel variants, and the gradient check;
 #       2. the per-kernel times (--stages) of the chunk-parallel variants at T = 64K;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
-#          time, fla against the fastest chunk-parallel variant of step 1 (bench/wkv7_best.py).
+#          time, fla against the fastest of step 1's variants (bench/wkv7_best.py).
 #   bash bench/wkv7_gpu_session.sh fla
 #       step 3 on its own: waits for the autotuning started by `measure` (or starts it). Run it
 #       at once when `measure` ends with the autotuning unfinished (a machine stays warm 30 s).
@@ -91,8 +92,8 @@ wait_fla_warmup() {  # wait_fla_warmup SECONDS_TO_LEAVE: true once the autotunin
 
 compare_with_fla() {
   local best
-  best=$(python3 bench/wkv7_best.py /tmp/wkv7_schedules.json) || best="$CP"
-  echo "== fastest chunk-parallel variant: $best"
+  best=$(python3 bench/wkv7_best.py /tmp/wkv7_schedules.json --prefix pallas) || best="$CP"
+  echo "== fastest variant: $best"
   # fla first in each size, before JAX's memory pool grows at that size.
   # shellcheck disable=SC2086  # SIZES is a list of arguments
   bench wkv7_fla $(($(left) - 5)) $SIZES --dtypes bfloat16 --impls "fla,$best" --repeats 3 \
@@ -103,17 +104,19 @@ case "$phase" in
   measure)
     # Five variants fill ~300 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
     # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
-    # sequential baseline: docs/BENCHMARKS.md. 8 warps cut the backward kernels' register
-    # spills (bench/triton_spills.py: sequential 492 -> 28 B, chunk-parallel gradients 1048 ->
-    # 204 B); groups of 4 chunks quarter the scans' sequential steps (the suspected cost at
+    # sequential baseline: docs/BENCHMARKS.md. Split-bf16 state dots move the state path from
+    # the FMA units to tensor cores (bench/triton_spills.py: the scan step's 256 FFMA and 99
+    # shared loads per thread become 12 HMMA and 38 loads, and the gradient kernel stops
+    # spilling); groups of 4 chunks quarter the scans' sequential steps (the suspected cost at
     # B*H = 8).
-    variants="pallas,pallas@num_warps=8,$CP,$CP;num_warps=4,$CP;scan_group=4"
+    split="state_dot_precision=bf16x3"
+    cp_variants="$CP,$CP;$split,$CP;$split;scan_group=4"
     # shellcheck disable=SC2086
-    bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 --impls "$variants" \
-      --impls-fp32 "$CP" --repeats 3
+    bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 \
+      --impls "pallas,pallas@$split,$cp_variants" --impls-fp32 "$CP,$CP;$split" --repeats 3
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
-    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --impls "${variants#*num_warps=8,}" \
+    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --impls "$cp_variants" \
       --repeats 3 --skip-gradient-check --stages
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi

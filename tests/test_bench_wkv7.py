@@ -98,14 +98,36 @@ def test_wkv7_best_picks_the_least_geometric_mean_over_shared_sizes(tmp_path):
     assert run.returncode != 0 and "no finished float16 rows" in run.stderr
 
 
-def test_triton_spills_takes_each_kernel_with_its_launch_settings():
-    """bench/triton_spills.py's capture (no triton package needed for it): every Pallas kernel
-    of the forward and the gradient, with the num_warps / num_stages of its custom call."""
+def _triton_spills():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("triton_spills", ROOT / "bench/triton_spills.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_triton_spills_counts_the_instruction_mix():
+    """Opcodes are read from cuobjdump's SASS lines, predicated ones included; operands,
+    directives and encodings are not counted."""
+    sass = """
+        .headerflags    @"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0070*/                   FFMA R4, R5, R6, R4 ;          /* 0x0000000605047223 */
+        /*0080*/              @!P3 LDS.64 R8, [R54+0x400] ;       /* 0x000400083600b984 */
+        /*0090*/                   LDSM.16.M88.4 R12, [R3] ;       /* 0x000000000c0c783b */
+        /*00a0*/                   HMMA.16816.F32.BF16 R16, R12, R8, R16 ;
+        /*00b0*/               @P0 BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00c0*/                   FFMA.FTZ R4, R5, R6, R4 ;
+        /*00d0*/                   STS [R54], R85 ;  // FFMA in a comment
+    """
+    mix = _triton_spills().instruction_mix(sass)
+    assert mix == {"ffma": 2, "hmma": 1, "shared_loads": 2, "bars": 1}
+
+
+def test_triton_spills_takes_each_kernel_with_its_launch_settings():
+    """bench/triton_spills.py's capture (no triton package needed for it): every Pallas kernel
+    of the forward and the gradient, with the num_warps / num_stages of its custom call."""
+    tool = _triton_spills()
     import jax.numpy as jnp
 
     options = {"schedule": "chunk_parallel", "num_warps": 8}

@@ -20,6 +20,9 @@ TOL = 1e-5  # relative to max |oracle|; measured ~3e-7 for y, the state and ever
 # dot_precision="bf16" on fp32 inputs: measured 1e-3 .. 6e-3 for y, the state and every gradient
 # at T = 40 .. 1024 (the bf16 operand rounding, 2^-9, of the fast dots).
 BF16_TOL = 1e-2
+# state_dot_precision="bf16x3" (fp32 operands split into bf16 hi + lo): measured 2e-6 .. 1.2e-5
+# for y, the state and every gradient at T = 256 .. 4096, not growing along the sequence.
+SPLIT_TOL = 5e-5
 
 
 def _inputs(seed, batch, seq, heads, n, *, w_const=None):
@@ -172,6 +175,35 @@ def test_bf16_dots_match_reference(schedule):
         assert _rel(g, g_ref) < BF16_TOL, (name, _rel(g, g_ref))
 
 
+def test_bf16_parts_keep_sixteen_bits():
+    """hi + lo, both bf16, rebuild x to within 2^-16 |x| (the bf16x3 state dots' operands)."""
+    x = jax.random.normal(jax.random.PRNGKey(13), (4096,)) * jnp.exp(jnp.arange(4096) % 40 - 20.0)
+    hi, lo = gpu_module._bf16_parts(x)
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    rebuilt = np.asarray(hi).astype(np.float64) + np.asarray(lo).astype(np.float64)
+    err = np.abs(rebuilt - np.asarray(x, np.float64)) / np.abs(np.asarray(x))
+    assert 2.0**-20 < err.max() <= 2.0**-16  # hi alone would be off by up to 2^-9
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_split_bf16_state_dots_do_not_drift(schedule):
+    """state_dot_precision="bf16x3" on fp32 inputs with almost no decay (w = W_MAX, the most
+    room for a state error to compound), T = 512: y, the state and every gradient within
+    SPLIT_TOL, and y's error no larger at the end than at the start."""
+    seq, window = 512, 128
+    xs, state = _inputs(9, 1, seq, 1, 16, w_const=W_MAX)
+    kernel = partial(wkv7_gpu, interpret=True, schedule=schedule, state_dot_precision="bf16x3")
+    results = _outputs_and_gradients(kernel, xs, state)
+    refs = _outputs_and_gradients(wkv7_reference, xs, state)
+    errors = {name: _rel(results[name], ref) for name, ref in refs.items()}
+    # Measured 3e-6 .. 1.2e-5; "highest" state dots give <= 5e-7, so the split is really used.
+    assert 1e-6 < max(errors.values()) and all(e < SPLIT_TOL for e in errors.values()), errors
+    err = np.abs(np.asarray(results["y"] - refs["y"]))
+    first = err[:, :window].max() / np.abs(np.asarray(refs["y"][:, :window])).max()
+    last = err[:, -window:].max() / np.abs(np.asarray(refs["y"][:, -window:])).max()
+    assert last < 2 * first, (first, last)  # measured 7.8e-6 / 6.4e-6, 6.5e-6 / 6.5e-6
+
+
 @pytest.mark.parametrize(
     "w_const, schedule",
     [
@@ -230,11 +262,19 @@ def _highest(precision):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("dot_precision", ["highest", "tf32x3", "bf16"])
-def test_dot_precision_plan(dot_precision, schedule):
+@pytest.mark.parametrize(
+    "dot_precision, state_dot_precision",
+    [("highest", None), ("tf32x3", None), ("bf16", None), ("bf16", "bf16x3")],
+)
+def test_dot_precision_plan(dot_precision, state_dot_precision, schedule):
     """Which kernel dots get which operands / precision (traced for the GPU, not interpret)."""
     xs, state = _inputs(10, 1, 32, 1, 16)
-    kernel = partial(wkv7_gpu, dot_precision=dot_precision, schedule=schedule)
+    kernel = partial(
+        wkv7_gpu,
+        dot_precision=dot_precision,
+        state_dot_precision=state_dot_precision,
+        schedule=schedule,
+    )
     loss = _weighted_loss(kernel)
     fwd = _kernel_dots(jax.make_jaxpr(kernel)(*xs, state))
     both = _kernel_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 6)))(*xs, state))
@@ -253,10 +293,16 @@ def test_dot_precision_plan(dot_precision, schedule):
         # and the state path: sequential, W S^T, V^T kg, U^T bg (13); chunk-parallel,
         # W^T bg (A_c), V^T kg, U0^T bg (D_c) and the scan's S A_c (14). Fast: A_qk, A_qb,
         # A_ak, A_qb W, A_ak V, A_qk V, A_qb U0, Q S^T (8).
-        n_fast = sum(d[0] != f32 for d in fwd)
-        n_exact = 13 if schedule == "sequential" else 14
-        assert (len(fwd) - n_fast, n_fast) == (n_exact, 8)
-        assert len(fast) > 2 * n_fast  # the backward's gradient products are fast too
+        # Of the exact ones, the state dots: sequential W S^T, V^T kg, U^T bg (3);
+        # chunk-parallel L_c = W^T bg, V^T kg, U0^T bg and the scan's S L_c (4). With
+        # state_dot_precision="bf16x3" each is three bf16 dots (hi / lo operand parts).
+        n_state = 3 if schedule == "sequential" else 4
+        n_bf16 = sum(d[0] != f32 for d in fwd)
+        if state_dot_precision is None:
+            assert (len(fwd) - n_bf16, n_bf16) == (10 + n_state, 8)
+        else:
+            assert (len(fwd) - n_bf16, n_bf16) == (10, 8 + 3 * n_state)
+        assert len(fast) > 2 * n_bf16  # the backward's gradient products are bf16 too
 
 
 def test_empty_sequence():
@@ -279,10 +325,12 @@ def test_auto_value_tile():
         (jnp.float32, 64, "tf32x3", "sequential", 16),
         (jnp.float32, None, "bf16", "sequential", 16),
         (jnp.bfloat16, None, None, "sequential", 16),  # the default: "bf16" dots
+        (jnp.bfloat16, None, "state bf16x3", "sequential", 16),
         (jnp.bfloat16, 64, "tf32x3", "sequential", 16),
         (jnp.float32, None, "highest", "chunk_parallel", 16),
         (jnp.float32, 32, "tf32x3", "chunk_parallel", 32),
         (jnp.bfloat16, None, None, "chunk_parallel", 16),
+        (jnp.bfloat16, None, "state bf16x3", "chunk_parallel", 16),
         (jnp.bfloat16, 64, None, "chunk_parallel", 64),
     ],
 )
@@ -291,12 +339,12 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
     batch, seq, heads, n = 1, 4096, 4, 64
     token = jax.ShapeDtypeStruct((batch, seq, heads, n), dtype)
     args = (token,) * 6 + (jax.ShapeDtypeStruct((batch, heads, n, n), jnp.float32),)
+    # "state P": the default dot_precision with state_dot_precision P.
+    precisions = {"dot_precision": dot_precision}
+    if dot_precision and dot_precision.startswith("state "):
+        precisions = {"state_dot_precision": dot_precision.removeprefix("state ")}
     kernel = partial(
-        wkv7_gpu,
-        value_tile=value_tile,
-        dot_precision=dot_precision,
-        schedule=schedule,
-        chunk_size=chunk_size,
+        wkv7_gpu, value_tile=value_tile, schedule=schedule, chunk_size=chunk_size, **precisions
     )
 
     def loss(*args):
@@ -369,6 +417,9 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
         ({"dot_precision": "fp32"}, 32, "dot_precision"),
         ({"dot_precision": "HIGHEST"}, 32, "dot_precision"),
         ({"dot_precision": lax.Precision.HIGHEST}, 32, "dot_precision"),
+        ({"state_dot_precision": "bf16"}, 32, "state_dot_precision"),
+        ({"state_dot_precision": "BF16X3"}, 32, "state_dot_precision"),
+        ({"state_dot_precision": lax.DotAlgorithmPreset.BF16_BF16_F32_X3}, 32, "state_dot"),
         ({"schedule": "parallel"}, 32, "schedule"),
         ({"num_warps": 3}, 32, "num_warps"),
         ({"num_warps": 32}, 32, "num_warps"),

@@ -6,35 +6,43 @@ critical path, and a GPU runs only B*H x (N / value tile) programs. Here that wo
 program per (batch x head, chunk), and what is left in sequence is the chunk-to-chunk affine map
 of the state. From `gpu._chunk_terms` (U = U0 + W S^T, S' = S e^{gC} + V^T kg + U^T bg):
 
-    S_{c+1} = S_c A_c + D_c,   A_c = diag(e^{gC}) + W^T bg,   D_c = V^T kg + U0^T bg,
+    S_{c+1} = S_c A_c + D_c,   A_c = diag(e^{gC}) + L_c,   L_c = W^T bg,
+    D_c = V^T kg + U0^T bg,
 
-A_c, D_c in R^{N x N} (A_c acts on the key side, so value tiles of S stay independent). The
+L_c, D_c in R^{N x N} (A_c acts on the key side, so value tiles of S stay independent). The
 backward's carried cotangent follows the transposed map, from dS' = dS_{c+1} (the cotangent of
 chunk c's end state):
 
-    dS_c = dS_{c+1} A_c^T + E_c,   E_c = dY^T Q    (dU^T W = dS' bg^T W = dS' (A_c^T - diag)).
+    dS_c = dS_{c+1} A_c^T + E_c,   E_c = dY^T Q    (dU^T W = dS' bg^T W = dS' L_c^T).
 
-Forward, three kernels: chunk terms (A_c, D_c, Q, Y0; grid B*H x chunks), the state scan (grid
-B*H x value tiles, storing every chunk's start state) and the outputs Y = Y0 + Q S_c^T (grid
-B*H x chunks). Backward, three: chunk terms (A_c, E_c), the reverse scan (storing every chunk's
-end cotangent), and the gradients of each chunk from its S_c and dS_{c+1} (`gpu._chunk_gradients`;
-grid B*H x chunks x value tiles of `gradient_value_tile` rows, key-side partial sums added
-after). The dot precision plan is the sequential schedule's: A_c, D_c, E_c and the scan feed
-the carried state or its cotangent and take exact dots. With scan_group = g > 1, XLA composes
-the maps of g consecutive chunks before each scan (IEEE fp32 products) and recovers the inner
-chunks' states after it (`_scan`), so the scans take g times fewer sequential steps.
+A map is kept as its two parts (`ChunkMaps`): the scans apply the decay elementwise in fp32 and
+only L_c through a state dot, so the decay is never rounded to a dot's operand precision (with
+state_dot_precision="bf16x3" a decay near 1 would otherwise be off by ~2^-17 in every chunk,
+the same way each time for a slowly varying w, and compound over the channel's memory).
 
-Memory: A_c and D_c (or E_c) are N^2 fp32 each per chunk and head (2 x N^2 * 4 / C bytes per
+Forward, three kernels: chunk terms (e^{gC}, L_c, D_c, Q, Y0; grid B*H x chunks), the state
+scan (grid B*H x value tiles, storing every chunk's start state) and the outputs
+Y = Y0 + Q S_c^T (grid B*H x chunks). Backward, three: chunk terms (e^{gC}, L_c, E_c), the
+reverse scan (storing every chunk's end cotangent), and the gradients of each chunk from its
+S_c and dS_{c+1} (`gpu._chunk_gradients`; grid B*H x chunks x value tiles of
+`gradient_value_tile` rows, key-side partial sums added after). The dot precision plan is the
+sequential schedule's: L_c, D_c, E_c and the scan feed the carried state or its cotangent and
+take state dots. With scan_group = g > 1, XLA composes the maps of g consecutive chunks before
+each scan (IEEE fp32 products) and recovers the inner chunks' states after it (`_scan`), so
+the scans take g times fewer sequential steps.
+
+Memory: L_c and D_c (or E_c) are N^2 fp32 each per chunk and head (2 x N^2 * 4 / C bytes per
 token and head, transient), and the start states, as in the sequential schedule, are the
 residual the backward keeps. With more than one gradient tile, the five key-side gradients
 are first written per tile (5 x tiles x N * 4 bytes per token and head, transient), as the
 sequential schedule's backward does with its value tiles. Scan groups add the composed maps
-(1 / g of A_c and D_c) and, while the inner states are recovered, up to one more copy of them.
+(1 / g of L_c and D_c) and, while the inner states are recovered, up to one more copy of them.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +53,11 @@ from pallas_kernels.wkv7.gpu import (
     _chunk_gradients,
     _chunk_terms,
     _compiler_params,
-    _iota,
     _value_terms,
     sum_tiles,
 )
 
-# The scan's loads (A_c, D_c) do not depend on the carried state: two stages let Triton fetch
+# The scan's loads (L_c, D_c) do not depend on the carried state: two stages let Triton fetch
 # the next chunk's while the current dot runs.
 SCAN_NUM_STAGES = 2
 
@@ -59,10 +66,12 @@ def _load(*refs):
     return tuple(ref[...].astype(jnp.float32) for ref in refs)
 
 
-def _transition(dots, t, n):
-    """A_c = diag(e^{gC}) + W^T bg [N, N] (exact: it multiplies the carried state)."""
-    eye = _iota(n, 0) == _iota(n, 1)
-    return jnp.where(eye, t.e_gc, 0.0) + dots.exact(t.wm, t.bg, ta=True)
+class ChunkMaps(NamedTuple):
+    """Each chunk's transition A_c = diag(decay) + low, the map x -> x A_c of the state's rows
+    (x A_c^T for the cotangent's)."""
+
+    decay: jax.Array  # e^{gC} [BH, chunks, 1, N]
+    low: jax.Array  # L_c = W^T bg [BH, chunks, N, N]
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,27 +79,30 @@ def _transition(dots, t, n):
 
 
 def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref,
-                          trans_ref, drive_ref, q_ref, y0_ref, *, dots):  # fmt: skip
+                          decay_ref, low_ref, drive_ref, q_ref, y0_ref, *, dots):  # fmt: skip
     r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
     t = _chunk_terms(dots, r, w, k, a, b)
     u0, y0 = _value_terms(dots, t, v)
-    trans_ref[...] = _transition(dots, t, r.shape[1])
-    drive_ref[...] = dots.exact(v, t.kg, ta=True) + dots.exact(u0, t.bg, ta=True)
+    decay_ref[...] = t.e_gc
+    low_ref[...] = dots.state(t.wm, t.bg, ta=True)
+    drive_ref[...] = dots.state(v, t.kg, ta=True) + dots.state(u0, t.bg, ta=True)
     q_ref[...] = t.q
     y0_ref[...] = y0
 
 
-def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, dy_ref, trans_ref, drive_ref,
-                           *, dots):  # fmt: skip
+def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, dy_ref, decay_ref, low_ref,
+                           drive_ref, *, dots):  # fmt: skip
     r, w, k, a, b = _load(r_ref, w_ref, k_ref, a_ref, b_ref)
     t = _chunk_terms(dots, r, w, k, a, b)
-    trans_ref[...] = _transition(dots, t, r.shape[1])
-    drive_ref[...] = dots.exact(dy_ref[...], t.q, ta=True)
+    decay_ref[...] = t.e_gc
+    low_ref[...] = dots.state(t.wm, t.bg, ta=True)
+    drive_ref[...] = dots.state(dy_ref[...], t.q, ta=True)
 
 
-def _scan_kernel(trans_ref, drive_ref, x0_ref, x_out_ref, before_ref, *, n_chunks, reverse,
-                 dots):  # fmt: skip
-    """x <- x A_c + D_c over the chunks (x A_c^T + E_c, last chunk first, when reverse).
+def _scan_kernel(decay_ref, low_ref, drive_ref, x0_ref, x_out_ref, before_ref, *, n_chunks,
+                 reverse, dots):  # fmt: skip
+    """x <- x A_c + D_c over the chunks (x A_c^T + E_c, last chunk first, when reverse), with
+    x A_c = x diag(decay) + x L_c: the decay elementwise in fp32, L_c a state dot.
 
     before_ref[c] receives the x that chunk c's map is applied to: the start state S_c forward,
     the end cotangent dS_{c+1} in reverse.
@@ -99,7 +111,8 @@ def _scan_kernel(trans_ref, drive_ref, x0_ref, x_out_ref, before_ref, *, n_chunk
     def step(j, x):
         i = n_chunks - 1 - j if reverse else j
         before_ref[i, :, :] = x
-        return dots.exact(x, trans_ref[i, :, :], tb=reverse) + drive_ref[i, :, :]
+        low = dots.state(x, low_ref[i, :, :], tb=reverse)
+        return x * decay_ref[i, :, :] + low + drive_ref[i, :, :]
 
     x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
 
@@ -130,15 +143,17 @@ def _over_chunks(cfg, kernel, name, args, out_kinds):
     """pallas_call of kernel over the grid (BH, chunks).
 
     [BH, Tp, N] arguments come in as one chunk of tokens [C, N], [BH, chunks, N, N] ones as
-    one chunk's matrix [N, N]; the outputs are fp32, of out_kinds ("tokens" / "matrix").
+    one chunk's matrix [N, N]; the outputs are fp32, of out_kinds ("tokens" / "matrix" /
+    "row", [BH, chunks, 1, N] as one chunk's [1, N]).
     """
     bh, seq, n = args[0].shape
     n_chunks = seq // cfg.chunk
     specs = {
         "tokens": pl.BlockSpec((None, cfg.chunk, n), lambda i, j: (i, j, 0)),
         "matrix": pl.BlockSpec((None, None, n, n), lambda i, j: (i, j, 0, 0)),
+        "row": pl.BlockSpec((None, None, 1, n), lambda i, j: (i, j, 0, 0)),
     }
-    shapes = {"tokens": (bh, seq, n), "matrix": (bh, n_chunks, n, n)}
+    shapes = {"tokens": (bh, seq, n), "matrix": (bh, n_chunks, n, n), "row": (bh, n_chunks, 1, n)}
     kind = lambda x: "tokens" if x.ndim == 3 else "matrix"
     return pl.pallas_call(
         partial(kernel, dots=cfg.dots),
@@ -153,31 +168,36 @@ def _over_chunks(cfg, kernel, name, args, out_kinds):
 
 
 def _forward_terms_call(cfg, xs):
-    """(A_c, D_c [BH, chunks, N, N], Q, Y0 [BH, Tp, N])."""
-    kinds = ("matrix", "matrix", "tokens", "tokens")
-    return _over_chunks(cfg, _forward_terms_kernel, "wkv7_gpu_forward_terms", xs, kinds)
+    """(ChunkMaps, D_c [BH, chunks, N, N], Q, Y0 [BH, Tp, N])."""
+    kinds = ("row", "matrix", "matrix", "tokens", "tokens")
+    decay, low, drive, q, y0 = _over_chunks(
+        cfg, _forward_terms_kernel, "wkv7_gpu_forward_terms", xs, kinds
+    )
+    return ChunkMaps(decay, low), drive, q, y0
 
 
 def _backward_terms_call(cfg, xs, dy):
-    """(A_c, E_c [BH, chunks, N, N])."""
+    """(ChunkMaps, E_c [BH, chunks, N, N])."""
     r, w, k, _, a, b = xs
     args = (r, w, k, a, b, dy)
-    return _over_chunks(
-        cfg, _backward_terms_kernel, "wkv7_gpu_backward_terms", args, ("matrix",) * 2
+    decay, low, drive = _over_chunks(
+        cfg, _backward_terms_kernel, "wkv7_gpu_backward_terms", args, ("row", "matrix", "matrix")
     )
+    return ChunkMaps(decay, low), drive
 
 
-def _scan_call(cfg, trans, drive, x0, *, reverse):
+def _scan_call(cfg, maps, drive, x0, *, reverse):
     """(final x [BH, N, N], x before each chunk's map [BH, chunks, N, N]); see _scan_kernel."""
-    bh, n_chunks, n, _ = trans.shape
+    bh, n_chunks, n, _ = maps.low.shape
     vt = cfg.value_tile
+    decays = pl.BlockSpec((None, n_chunks, 1, n), lambda i, j: (i, 0, 0, 0))
     full = pl.BlockSpec((None, n_chunks, n, n), lambda i, j: (i, 0, 0, 0))
     rows = pl.BlockSpec((None, n_chunks, vt, n), lambda i, j: (i, 0, j, 0))
     state = pl.BlockSpec((None, vt, n), lambda i, j: (i, j, 0))
     return pl.pallas_call(
         partial(_scan_kernel, n_chunks=n_chunks, reverse=reverse, dots=cfg.dots),
         grid=(bh, n // vt),
-        in_specs=[full, rows, state],
+        in_specs=[decays, full, rows, state],
         out_specs=[state, rows],
         out_shape=[
             jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
@@ -186,7 +206,7 @@ def _scan_call(cfg, trans, drive, x0, *, reverse):
         compiler_params=_compiler_params(cfg, SCAN_NUM_STAGES),
         interpret=cfg.interpret,
         name="wkv7_gpu_reverse_scan" if reverse else "wkv7_gpu_scan",
-    )(trans, drive, x0)
+    )(maps.decay, maps.low, drive, x0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,47 +218,59 @@ def _mm(x, y):
     return jnp.einsum("...ij,...jk->...ik", x, y, precision=lax.Precision.HIGHEST)
 
 
-def _compose(a, d, *, reverse):
-    """The maps of each group of chunks as one: a, d [BH, G, group, N, N] -> [BH, G, N, N].
+def _apply(x, maps, *, reverse):
+    """x A (x A^T when reverse) for x [..., R, N] and maps of matching batch dims."""
+    low = jnp.swapaxes(maps.low, -1, -2) if reverse else maps.low
+    return x * maps.decay + _mm(x, low)
+
+
+def _product(first, second):
+    """A_first A_second, still as diag(decay) + low: the decays multiply elementwise and
+    (D1 + L1)(D2 + L2) = D1 D2 + (L1 D2 + D1 L2 + L1 L2)."""
+    low = first.low * second.decay + jnp.swapaxes(first.decay, -1, -2) * second.low
+    return ChunkMaps(first.decay * second.decay, low + _mm(first.low, second.low))
+
+
+def _chunk(maps, j):
+    return ChunkMaps(maps.decay[:, :, j], maps.low[:, :, j])
+
+
+def _compose(maps, d, *, reverse):
+    """The maps of each group of chunks as one: fields [BH, G, group, ...] -> [BH, G, ...].
 
     Both directions compose the transition as A_first ... A_last (the reverse scan applies its
     transpose). Forward, x -> x A + D over the group gives D_grp = (D_first A_2 + D_2) A_3 ...;
     in reverse, x -> x A^T + E from the last chunk down gives E_grp = (E_last A^T_{-2} + E_{-2}) ...
     """
-    group = a.shape[2]
-    a_grp = a[:, :, 0]
+    group = d.shape[2]
+    maps_grp = _chunk(maps, 0)
     for j in range(1, group):
-        a_grp = _mm(a_grp, a[:, :, j])
-    if reverse:
-        d_grp = d[:, :, group - 1]
-        for j in range(group - 2, -1, -1):
-            d_grp = _mm(d_grp, jnp.swapaxes(a[:, :, j], -1, -2)) + d[:, :, j]
-    else:
-        d_grp = d[:, :, 0]
-        for j in range(1, group):
-            d_grp = _mm(d_grp, a[:, :, j]) + d[:, :, j]
-    return a_grp, d_grp
+        maps_grp = _product(maps_grp, _chunk(maps, j))
+    order = range(group - 2, -1, -1) if reverse else range(1, group)
+    d_grp = d[:, :, group - 1] if reverse else d[:, :, 0]
+    for j in order:
+        d_grp = _apply(d_grp, _chunk(maps, j), reverse=reverse) + d[:, :, j]
+    return maps_grp, d_grp
 
 
-def _expand(a, d, group_before, *, reverse):
+def _expand(maps, d, group_before, *, reverse):
     """Every chunk's `before` x from each group's: [BH, G, N, N] -> [BH, G, group, N, N].
 
     Forward, group_before holds each group's start state and the inner starts follow by
     x_{c+1} = x_c A_c + D_c; in reverse it holds the cotangent at each group's end, and the
     inner chunks' end cotangents follow by x_c = x_{c+1} A_c^T + E_c, last chunk first.
     """
-    group = a.shape[2]
+    group = d.shape[2]
     befores = [group_before]
     for step in range(group - 1):
         j = group - 1 - step if reverse else step
-        a_j = jnp.swapaxes(a[:, :, j], -1, -2) if reverse else a[:, :, j]
-        befores.append(_mm(befores[-1], a_j) + d[:, :, j])
+        befores.append(_apply(befores[-1], _chunk(maps, j), reverse=reverse) + d[:, :, j])
     if reverse:
         befores.reverse()
     return jnp.stack(befores, axis=2)
 
 
-def _scan(cfg, trans, drive, x0, *, reverse):
+def _scan(cfg, maps, drive, x0, *, reverse):
     """_scan_call's result, over groups of cfg.scan_group chunks when that is > 1.
 
     The scan kernel's steps are sequential and each costs one N x N map whatever the chunk
@@ -247,18 +279,21 @@ def _scan(cfg, trans, drive, x0, *, reverse):
     """
     group = cfg.scan_group
     if group == 1:
-        return _scan_call(cfg, trans, drive, x0, reverse=reverse)
-    bh, n_chunks, n, _ = trans.shape
+        return _scan_call(cfg, maps, drive, x0, reverse=reverse)
+    bh, n_chunks, n, _ = drive.shape
     pad = -n_chunks % group
     if pad:
-        eye = jnp.broadcast_to(jnp.eye(n, dtype=trans.dtype), (bh, pad, n, n))
-        trans = jnp.concatenate([trans, eye], axis=1)
-        drive = jnp.concatenate([drive, jnp.zeros_like(eye)], axis=1)
-    grouped = (bh, trans.shape[1] // group, group, n, n)
-    a, d = trans.reshape(grouped), drive.reshape(grouped)
-    a_grp, d_grp = _compose(a, d, reverse=reverse)
-    x_out, group_before = _scan_call(cfg, a_grp, d_grp, x0, reverse=reverse)
-    before = _expand(a, d, group_before, reverse=reverse).reshape(bh, -1, n, n)
+        maps = ChunkMaps(
+            jnp.concatenate([maps.decay, jnp.ones((bh, pad, 1, n), maps.decay.dtype)], axis=1),
+            jnp.concatenate([maps.low, jnp.zeros((bh, pad, n, n), maps.low.dtype)], axis=1),
+        )
+        drive = jnp.concatenate([drive, jnp.zeros((bh, pad, n, n), drive.dtype)], axis=1)
+    n_groups = drive.shape[1] // group
+    grouped = lambda x: x.reshape(bh, n_groups, group, *x.shape[2:])
+    maps, d = ChunkMaps(*map(grouped, maps)), grouped(drive)
+    maps_grp, d_grp = _compose(maps, d, reverse=reverse)
+    x_out, group_before = _scan_call(cfg, maps_grp, d_grp, x0, reverse=reverse)
+    before = _expand(maps, d, group_before, reverse=reverse).reshape(bh, -1, n, n)
     return x_out, before[:, :n_chunks]
 
 
@@ -301,8 +336,8 @@ def _gradient_call(cfg, xs, dy, starts, end_cots):
 
 
 def _forward(cfg, xs, s0):
-    trans, drive, q, y0 = _forward_terms_call(cfg, xs)
-    s_final, starts = _scan(cfg, trans, drive, s0, reverse=False)
+    maps, drive, q, y0 = _forward_terms_call(cfg, xs)
+    s_final, starts = _scan(cfg, maps, drive, s0, reverse=False)
     return _output_call(cfg, y0, q, starts), s_final, starts
 
 
@@ -326,8 +361,8 @@ def _vjp_forward(cfg, xs, s0):
 def _vjp_backward(cfg, res, cot):
     xs, starts = res
     dy, ds_final = (x.astype(jnp.float32) for x in cot)
-    trans, e = _backward_terms_call(cfg, xs, dy)
-    ds0, end_cots = _scan(cfg, trans, e, ds_final, reverse=True)
+    maps, e = _backward_terms_call(cfg, xs, dy)
+    ds0, end_cots = _scan(cfg, maps, e, ds_final, reverse=True)
     grads = _gradient_call(cfg, xs, dy, starts, end_cots)
     grads = tuple(g.astype(x.dtype) for g, x in zip(grads, xs, strict=True))
     return grads, ds0
