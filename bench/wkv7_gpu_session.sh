@@ -5,11 +5,12 @@
 # and timeout_s 595:
 #
 #   bash bench/wkv7_gpu_session.sh measure
-#       1. the sequential kernel (baseline; also with split-bf16 tensor-core state dots,
-#          state_dot_precision=bf16x3) and chunk-parallel variants (the default; with bf16x3
-#          state dots; with those and scan groups of 4 chunks), bf16, T 16K / 64K x B*H 8 / 64,
-#          the fp32 errors of the two chunk-parallel variants, and the gradient check;
-#       2. the per-kernel times (--stages) of the chunk-parallel variants at T = 64K;
+#       1. the sequential kernel (baseline; also with 8 warps and split-bf16 tensor-core state
+#          dots, state_dot_precision=bf16x3) and chunk-parallel variants (the default; with
+#          bf16x3 state dots; with those and chunk 32), bf16, T 16K / 64K x B*H 8 / 64, the
+#          fp32 errors of the bf16x3 chunk-parallel variant, and the gradient check;
+#       2. the per-kernel times (--stages) of the chunk-parallel variants at T = 64K, and of
+#          bf16x3 with scan groups of 4 chunks;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
 #          time, fla against the fastest of step 1's variants (bench/wkv7_best.py).
@@ -106,18 +107,21 @@ case "$phase" in
     # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
     # sequential baseline: docs/BENCHMARKS.md. Split-bf16 state dots move the state path from
     # the FMA units to tensor cores (bench/triton_spills.py: the scan step's 256 FFMA and 99
-    # shared loads per thread become 12 HMMA and 38 loads, and the gradient kernel stops
-    # spilling); groups of 4 chunks quarter the scans' sequential steps (the suspected cost at
-    # B*H = 8).
+    # shared loads per thread become 12 HMMA and 38 loads; the chunk-parallel gradient kernel
+    # stops spilling, the sequential backward at 8 warps spills 24 B; at chunk 32, which halves
+    # the scans' steps and the N x N maps' memory traffic, only the gradient kernel spills,
+    # 608 B against 32.9 KB with IEEE state dots, full rows and 4 warps). Groups of 4 chunks
+    # quarter the scans' steps (the suspected cost at B*H = 8): in the stages step.
     split="state_dot_precision=bf16x3"
-    cp_variants="$CP,$CP;$split,$CP;$split;scan_group=4"
+    cp_variants="$CP;$split,$CP,$CP;$split;chunk_size=32"
     # shellcheck disable=SC2086
     bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 \
-      --impls "pallas,pallas@$split,$cp_variants" --impls-fp32 "$CP,$CP;$split" --repeats 3
+      --impls "pallas,pallas@num_warps=8;$split,$cp_variants" --impls-fp32 "$CP;$split" \
+      --repeats 3
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
-    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --impls "$cp_variants" \
-      --repeats 3 --skip-gradient-check --stages
+    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 \
+      --impls "$cp_variants,$CP;$split;scan_group=4" --repeats 3 --skip-gradient-check --stages
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi
     ;;
