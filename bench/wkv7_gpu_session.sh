@@ -5,9 +5,9 @@
 # and timeout_s 595:
 #
 #   bash bench/wkv7_gpu_session.sh measure
-#       1. the sequential kernel (baseline; also with 8 warps and split-bf16 tensor-core state
-#          dots, state_dot_precision=bf16x3) and chunk-parallel variants (the default; with
-#          bf16x3 state dots; with those and chunk 32), bf16, T 16K / 64K x B*H 8 / 64, the
+#       1. the sequential kernel (baseline; also with 8 warps and split-bf16 tensor-core exact
+#          dots, exact_dot_precision=bf16x3) and chunk-parallel variants (the default; with
+#          bf16x3 exact dots; with those and chunk 32), bf16, T 16K / 64K x B*H 8 / 64, the
 #          fp32 errors of the bf16x3 chunk-parallel variant, and the gradient check;
 #       2. the per-kernel times (--stages) of the chunk-parallel variants at T = 64K, and of
 #          bf16x3 with scan groups of 4 chunks;
@@ -105,14 +105,15 @@ case "$phase" in
   measure)
     # Five variants fill ~300 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
     # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
-    # sequential baseline: docs/BENCHMARKS.md. Split-bf16 state dots move the state path from
-    # the FMA units to tensor cores (bench/triton_spills.py: the scan step's 256 FFMA and 99
-    # shared loads per thread become 12 HMMA and 38 loads; the chunk-parallel gradient kernel
-    # stops spilling, the sequential backward at 8 warps spills 24 B; at chunk 32, which halves
-    # the scans' steps and the N x N maps' memory traffic, only the gradient kernel spills,
-    # 608 B against 32.9 KB with IEEE state dots, full rows and 4 warps). Groups of 4 chunks
-    # quarter the scans' steps (the suspected cost at B*H = 8): in the stages step.
-    split="state_dot_precision=bf16x3"
+    # sequential baseline: docs/BENCHMARKS.md. Split-bf16 exact dots move the state path and
+    # the chunk inverse from the FMA units to tensor cores (bench/triton_spills.py: the scan
+    # step's 256 FFMA and 99 shared loads per thread become 12 HMMA and 38 loads, the
+    # sequential forward's 1200 FFMA 192 at 8 warps, where its backward stops spilling; no
+    # chunk-parallel kernel spills at chunk 16; at chunk 32, which halves the scans' steps and
+    # the N x N maps' memory traffic, only the gradient kernel does, 196 B against 32.9 KB with
+    # IEEE dots, full rows and 4 warps). Groups of 4 chunks quarter the scans' steps (the
+    # suspected cost at B*H = 8): in the stages step.
+    split="exact_dot_precision=bf16x3"
     cp_variants="$CP;$split,$CP,$CP;$split;chunk_size=32"
     # shellcheck disable=SC2086
     bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 \

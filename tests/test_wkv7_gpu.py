@@ -20,7 +20,7 @@ TOL = 1e-5  # relative to max |oracle|; measured ~3e-7 for y, the state and ever
 # dot_precision="bf16" on fp32 inputs: measured 1e-3 .. 6e-3 for y, the state and every gradient
 # at T = 40 .. 1024 (the bf16 operand rounding, 2^-9, of the fast dots).
 BF16_TOL = 1e-2
-# state_dot_precision="bf16x3" (fp32 operands split into bf16 hi + lo): measured 2e-6 .. 1.2e-5
+# exact_dot_precision="bf16x3" (fp32 operands split into bf16 hi + lo): measured 2e-6 .. 1.2e-5
 # for y, the state and every gradient at T = 256 .. 4096, not growing along the sequence.
 SPLIT_TOL = 5e-5
 
@@ -176,7 +176,7 @@ def test_bf16_dots_match_reference(schedule):
 
 
 def test_bf16_parts_keep_sixteen_bits():
-    """hi + lo, both bf16, rebuild x to within 2^-16 |x| (the bf16x3 state dots' operands)."""
+    """hi + lo, both bf16, rebuild x to within 2^-16 |x| (the bf16x3 exact dots' operands)."""
     x = jax.random.normal(jax.random.PRNGKey(13), (4096,)) * jnp.exp(jnp.arange(4096) % 40 - 20.0)
     hi, lo = gpu_module._bf16_parts(x)
     assert hi.dtype == lo.dtype == jnp.bfloat16
@@ -186,17 +186,17 @@ def test_bf16_parts_keep_sixteen_bits():
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_split_bf16_state_dots_do_not_drift(schedule):
-    """state_dot_precision="bf16x3" on fp32 inputs with almost no decay (w = W_MAX, the most
+def test_split_bf16_exact_dots_do_not_drift(schedule):
+    """exact_dot_precision="bf16x3" on fp32 inputs with almost no decay (w = W_MAX, the most
     room for a state error to compound), T = 512: y, the state and every gradient within
     SPLIT_TOL, and y's error no larger at the end than at the start."""
     seq, window = 512, 128
     xs, state = _inputs(9, 1, seq, 1, 16, w_const=W_MAX)
-    kernel = partial(wkv7_gpu, interpret=True, schedule=schedule, state_dot_precision="bf16x3")
+    kernel = partial(wkv7_gpu, interpret=True, schedule=schedule, exact_dot_precision="bf16x3")
     results = _outputs_and_gradients(kernel, xs, state)
     refs = _outputs_and_gradients(wkv7_reference, xs, state)
     errors = {name: _rel(results[name], ref) for name, ref in refs.items()}
-    # Measured 3e-6 .. 1.2e-5; "highest" state dots give <= 5e-7, so the split is really used.
+    # Measured 3e-6 .. 1.2e-5; "highest" exact dots give <= 5e-7, so the split is really used.
     assert 1e-6 < max(errors.values()) and all(e < SPLIT_TOL for e in errors.values()), errors
     err = np.abs(np.asarray(results["y"] - refs["y"]))
     first = err[:, :window].max() / np.abs(np.asarray(refs["y"][:, :window])).max()
@@ -263,16 +263,16 @@ def _highest(precision):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize(
-    "dot_precision, state_dot_precision",
+    "dot_precision, exact_dot_precision",
     [("highest", None), ("tf32x3", None), ("bf16", None), ("bf16", "bf16x3")],
 )
-def test_dot_precision_plan(dot_precision, state_dot_precision, schedule):
+def test_dot_precision_plan(dot_precision, exact_dot_precision, schedule):
     """Which kernel dots get which operands / precision (traced for the GPU, not interpret)."""
     xs, state = _inputs(10, 1, 32, 1, 16)
     kernel = partial(
         wkv7_gpu,
         dot_precision=dot_precision,
-        state_dot_precision=state_dot_precision,
+        exact_dot_precision=exact_dot_precision,
         schedule=schedule,
     )
     loss = _weighted_loss(kernel)
@@ -289,19 +289,17 @@ def test_dot_precision_plan(dot_precision, state_dot_precision, schedule):
         exact = [d for d in both if d[0] == d[1] == f32 and _highest(d[2])]
         fast = [d for d in both if d[0] == d[1] == jnp.dtype(jnp.bfloat16)]
         assert len(exact) + len(fast) == len(both)
-        # Forward with C = 16: exact = decay sum, A_ab, 3 x 2 inverse steps, W, P X0 (10)
-        # and the state path: sequential, W S^T, V^T kg, U^T bg (13); chunk-parallel,
-        # W^T bg (A_c), V^T kg, U0^T bg (D_c) and the scan's S A_c (14). Fast: A_qk, A_qb,
-        # A_ak, A_qb W, A_ak V, A_qk V, A_qb U0, Q S^T (8).
-        # Of the exact ones, the state dots: sequential W S^T, V^T kg, U^T bg (3);
-        # chunk-parallel L_c = W^T bg, V^T kg, U0^T bg and the scan's S L_c (4). With
-        # state_dot_precision="bf16x3" each is three bf16 dots (hi / lo operand parts).
-        n_state = 3 if schedule == "sequential" else 4
+        # Forward with C = 16: IEEE fp32 = the decay sum (1) and the exact dots: A_ab, 3 x 2
+        # inverse steps, W, P X0 and the state path, sequential W S^T, V^T kg, U^T bg (12),
+        # chunk-parallel L_c = W^T bg, V^T kg, U0^T bg and the scan's S L_c (13). Fast: A_qk,
+        # A_qb, A_ak, A_qb W, A_ak V, A_qk V, A_qb U0, Q S^T (8). With
+        # exact_dot_precision="bf16x3" each exact dot is three bf16 dots (hi / lo parts).
+        n_exact = 12 if schedule == "sequential" else 13
         n_bf16 = sum(d[0] != f32 for d in fwd)
-        if state_dot_precision is None:
-            assert (len(fwd) - n_bf16, n_bf16) == (10 + n_state, 8)
+        if exact_dot_precision is None:
+            assert (len(fwd) - n_bf16, n_bf16) == (1 + n_exact, 8)
         else:
-            assert (len(fwd) - n_bf16, n_bf16) == (10, 8 + 3 * n_state)
+            assert (len(fwd) - n_bf16, n_bf16) == (1, 8 + 3 * n_exact)
         assert len(fast) > 2 * n_bf16  # the backward's gradient products are bf16 too
 
 
@@ -325,12 +323,12 @@ def test_auto_value_tile():
         (jnp.float32, 64, "tf32x3", "sequential", 16),
         (jnp.float32, None, "bf16", "sequential", 16),
         (jnp.bfloat16, None, None, "sequential", 16),  # the default: "bf16" dots
-        (jnp.bfloat16, None, "state bf16x3", "sequential", 16),
+        (jnp.bfloat16, None, "exact bf16x3", "sequential", 16),
         (jnp.bfloat16, 64, "tf32x3", "sequential", 16),
         (jnp.float32, None, "highest", "chunk_parallel", 16),
         (jnp.float32, 32, "tf32x3", "chunk_parallel", 32),
         (jnp.bfloat16, None, None, "chunk_parallel", 16),
-        (jnp.bfloat16, None, "state bf16x3", "chunk_parallel", 16),
+        (jnp.bfloat16, None, "exact bf16x3", "chunk_parallel", 16),
         (jnp.bfloat16, 64, None, "chunk_parallel", 64),
     ],
 )
@@ -339,10 +337,10 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
     batch, seq, heads, n = 1, 4096, 4, 64
     token = jax.ShapeDtypeStruct((batch, seq, heads, n), dtype)
     args = (token,) * 6 + (jax.ShapeDtypeStruct((batch, heads, n, n), jnp.float32),)
-    # "state P": the default dot_precision with state_dot_precision P.
+    # "exact P": the default dot_precision with exact_dot_precision P.
     precisions = {"dot_precision": dot_precision}
-    if dot_precision and dot_precision.startswith("state "):
-        precisions = {"state_dot_precision": dot_precision.removeprefix("state ")}
+    if dot_precision and dot_precision.startswith("exact "):
+        precisions = {"exact_dot_precision": dot_precision.removeprefix("exact ")}
     kernel = partial(
         wkv7_gpu, value_tile=value_tile, schedule=schedule, chunk_size=chunk_size, **precisions
     )
@@ -417,9 +415,9 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
         ({"dot_precision": "fp32"}, 32, "dot_precision"),
         ({"dot_precision": "HIGHEST"}, 32, "dot_precision"),
         ({"dot_precision": lax.Precision.HIGHEST}, 32, "dot_precision"),
-        ({"state_dot_precision": "bf16"}, 32, "state_dot_precision"),
-        ({"state_dot_precision": "BF16X3"}, 32, "state_dot_precision"),
-        ({"state_dot_precision": lax.DotAlgorithmPreset.BF16_BF16_F32_X3}, 32, "state_dot"),
+        ({"exact_dot_precision": "bf16"}, 32, "exact_dot_precision"),
+        ({"exact_dot_precision": "BF16X3"}, 32, "exact_dot_precision"),
+        ({"exact_dot_precision": lax.DotAlgorithmPreset.BF16_BF16_F32_X3}, 32, "exact_dot"),
         ({"schedule": "parallel"}, 32, "schedule"),
         ({"num_warps": 3}, 32, "num_warps"),
         ({"num_warps": 32}, 32, "num_warps"),

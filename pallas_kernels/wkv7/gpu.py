@@ -18,14 +18,15 @@ so a program holding rows [j*VT, (j+1)*VT) is exact on its own. The key-side gra
 them up. Key-side chunk terms (the C x C matrices, the inverse) are recomputed per tile, so
 tiles smaller than N trade duplicated work for more programs on a GPU with few heads.
 
-Dot precision (see `_Dots`): every dot is "exact" (decay sums, the inverse P and its
-products), "state" (every dot that multiplies the carried state S or its cotangent dS, or makes
-their increments) or "fast" (the intra-chunk C x C matrices and the products that only reach y
-or a per-token gradient). Rounding a fast dot's operands perturbs one chunk's contribution
-once; an error on the state path perturbs the chunk-to-chunk transition and compounds over T,
-so `state_dot_precision` offers only near-fp32 choices, IEEE fp32 on the FMA units or split
-bf16 / TF32 operands on tensor cores. The decay e^{gC} is applied to the state elementwise in
-fp32 in every mode, never through a dot.
+Dot precision (see `_Dots`): every dot is a "sum" (the decay sums), "exact" (A_ab, the
+inverse P and its products, and every dot that multiplies the carried state S or its cotangent
+dS or makes their increments) or "fast" (the intra-chunk C x C matrices and the products that
+only reach y or a per-token gradient). Rounding a fast dot's operands perturbs one chunk's
+contribution once; an error in an exact dot perturbs the chunk-to-chunk transition and
+compounds over T, so `exact_dot_precision` offers only near-fp32 choices: IEEE fp32 on the FMA
+units, or split bf16 / TF32 operands on tensor cores. The decay sums stay fp32 (an error there
+lands in an exponent), and the decay e^{gC} is applied to the state elementwise in fp32 in every
+mode, never through a dot.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.wkv7.reference import check_wkv7_shapes
 
 DOT_PRECISIONS = ("highest", "tf32x3", "bf16")
-STATE_DOT_PRECISIONS = ("highest", "tf32x3", "bf16x3")
+EXACT_DOT_PRECISIONS = ("highest", "tf32x3", "bf16x3")
 # "sequential": one program per (batch x head, value tile) walks the chunks (this module);
 # "chunk_parallel": the chunk work in parallel, an N x N scan in order (gpu_chunk_parallel).
 SCHEDULES = ("sequential", "chunk_parallel")
@@ -90,41 +91,51 @@ def _bf16_parts(x):
 class _Dots:
     """The three kinds of in-kernel 2-D dot (fp32 results) for one precision plan.
 
-    `mode` (wkv7_gpu's dot_precision) sets the "exact" and "fast" kinds:
-    "highest": both IEEE fp32 (Precision.HIGHEST: Triton's FMA path, no tensor cores).
-    "tf32x3": both TF32_TF32_F32_X3 (three TF32 tensor-core passes, near-fp32); interpret
+    "sum": the decay sums, ones-triangle products whose error lands in an exponent.
+    "exact": A_ab, the inverse (I - A_ab)^{-1} and its products, and every dot that multiplies
+        the carried state or its cotangent or makes their increments: errors that reach the
+        chunk-to-chunk transition and compound over T.
+    "fast": the intra-chunk C x C matrices and the products that reach only y or a per-token
+        gradient.
+    `mode` (wkv7_gpu's dot_precision) sets "sum" and "fast", and the default of "exact":
+    "highest": all IEEE fp32 (Precision.HIGHEST: Triton's FMA path, no tensor cores).
+    "tf32x3": all TF32_TF32_F32_X3 (three TF32 tensor-core passes, near-fp32); interpret
         mode maps it to HIGHEST, since the CPU cannot run that algorithm.
-    "bf16": exact dots HIGHEST; fast dots cast both operands to bf16 and accumulate in fp32
-        (tensor cores).
-    `state_mode` (state_dot_precision) sets the "state" kind: the dots that multiply the
-    carried state or its cotangent, or make their increments. "highest" and "tf32x3" as above;
+    "bf16": fast dots cast both operands to bf16 and accumulate in fp32 (tensor cores); the
+        others IEEE fp32.
+    `exact_mode` (exact_dot_precision) sets "exact": "highest" or "tf32x3" as above, or
     "bf16x3": each fp32 operand split into bf16 hi + lo parts and three tensor-core products,
     lo·hi + hi·lo + hi·hi (lo·lo, below 2^-16 relative, dropped), written out here so that
     interpret mode runs exactly the GPU's operand rounding.
     """
 
     mode: str
-    state_mode: str
+    exact_mode: str
     interpret: bool
 
     def _dot(self, x, y, precision, ta, tb):
+        if precision == "bf16x3":
+            (x_hi, x_lo), (y_hi, y_lo) = _bf16_parts(x), _bf16_parts(y)
+            dot = partial(plgpu.dot, trans_a=ta, trans_b=tb)
+            # The small products first, as XLA's own BF16_BF16_F32_X3 orders them.
+            return dot(x_lo, y_hi) + dot(x_hi, y_lo) + dot(x_hi, y_hi)
         if precision == "tf32x3" and not self.interpret:
             algorithm = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
             return plgpu.dot(x, y, trans_a=ta, trans_b=tb, precision=algorithm)
         return plgpu.dot(x, y, trans_a=ta, trans_b=tb, precision=lax.Precision.HIGHEST)
 
-    def exact(self, x, y, *, ta=False, tb=False):
-        """Dot for decay sums and the inverse (I - A_ab)^{-1} and its products."""
-        return self._dot(x, y, self.mode, ta, tb)
+    @property
+    def _full(self):
+        """The near-fp32 precision of `mode`: what its sums (and non-bf16 fast dots) take."""
+        return "tf32x3" if self.mode == "tf32x3" else "highest"
 
-    def state(self, x, y, *, ta=False, tb=False):
-        """Dot on the carried state's path: its error compounds from chunk to chunk."""
-        if self.state_mode != "bf16x3":
-            return self._dot(x, y, self.state_mode, ta, tb)
-        (x_hi, x_lo), (y_hi, y_lo) = _bf16_parts(x), _bf16_parts(y)
-        dot = partial(plgpu.dot, trans_a=ta, trans_b=tb)
-        # The small products first, as XLA's own BF16_BF16_F32_X3 orders them.
-        return dot(x_lo, y_hi) + dot(x_hi, y_lo) + dot(x_hi, y_hi)
+    def sum(self, x, y, *, ta=False, tb=False):
+        """Dot for the decay sums (a ones triangle times log-decays)."""
+        return self._dot(x, y, self._full, ta, tb)
+
+    def exact(self, x, y, *, ta=False, tb=False):
+        """Dot for A_ab, the inverse and its products, and the carried state's path."""
+        return self._dot(x, y, self.exact_mode, ta, tb)
 
     def operand(self, x):
         """x as fast dots take it: bf16 in "bf16" mode, else unchanged. A value used only by
@@ -135,7 +146,7 @@ class _Dots:
     def fast(self, x, y, *, ta=False, tb=False):
         """Dot for intra-chunk matrices and products that reach only y or per-token grads."""
         if self.mode != "bf16":
-            return self.exact(x, y, ta=ta, tb=tb)
+            return self._dot(x, y, self._full, ta, tb)
         x, y = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
         return plgpu.dot(x, y, trans_a=ta, trans_b=tb)
 
@@ -148,14 +159,14 @@ class _Config:
     value_tile: int
     interpret: bool
     dot_precision: str
-    state_dot_precision: str
+    exact_dot_precision: str
     num_warps: int
     gradient_value_tile: int  # chunk-parallel gradient kernel's value rows per program
     scan_group: int  # chunk-parallel: chunks per step of the state scans
 
     @property
     def dots(self):
-        return _Dots(self.dot_precision, self.state_dot_precision, self.interpret)
+        return _Dots(self.dot_precision, self.exact_dot_precision, self.interpret)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,14 +240,14 @@ class _Terms(NamedTuple):
 def _chunk_terms(dots, r, w, k, a, b):
     """Key-side terms of one chunk from its fp32 inputs [C, N].
 
-    A_qk, A_qb, A_ak and Q take fast dots; the decay sum, A_ab, P and W = P ag take exact
-    ones (W S^T, the transition part of U, is a state dot).
+    A_qk, A_qb, A_ak and Q take fast dots; A_ab, P and W = P ag exact ones (W feeds the
+    transition part of U, W S^T); the decay sum is a sum dot.
     """
     c = w.shape[0]
     row, col = _iota(c, 0), _iota(c, 1)
     # Inclusive cumulative log-decay as a ones-triangle dot: exact in fp32 at these sizes and
     # the same form the backward's reverse sum uses.
-    gi = dots.exact(jnp.where(col <= row, 1.0, 0.0), w)
+    gi = dots.sum(jnp.where(col <= row, 1.0, 0.0), w)
     ge = gi - w
     rows = lax.broadcasted_iota(jnp.int32, w.shape, 0)
     gc = _pick_row(gi, rows, c - 1)
@@ -273,8 +284,8 @@ def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
     rows; with VT < N the key-side gradients are this tile's partial sums). Returns
     ((dr, dw, dk, dv, da, db), dU) with dU = bg dS'^T [C, VT] (for the carried dS).
 
-    State dots: U's state part and dU (they feed dS); exact ones: the P^T products and the
-    reverse decay sum; every other product ends in a per-token gradient and takes a fast dot.
+    Exact dots: U's state part and dU (they feed dS) and the P^T products; the reverse decay
+    sum is a sum dot; every other product ends in a per-token gradient and takes a fast dot.
     """
     c = r.shape[0]
     row, col = _iota(c, 0), _iota(c, 1)
@@ -282,8 +293,8 @@ def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
     suffix_ones = jnp.where(col >= row, 1.0, 0.0)  # suffix_ones @ x: reverse cumsum over time
     u0, _ = _value_terms(dots, t, v)
     # State path: U = U0 + W S^T; S' = S e^{gC} + V^T kg + U^T bg; Y = Y0 + Q S^T.
-    u = u0 + dots.state(t.wm, s, tb=True)
-    du = dots.state(t.bg, ds_next, tb=True)
+    u = u0 + dots.exact(t.wm, s, tb=True)
+    du = dots.exact(t.bg, ds_next, tb=True)
     dbg = dots.fast(u, ds_next)
     dwm = dots.fast(du, s)
     dq = dots.fast(dy, s)
@@ -317,7 +328,7 @@ def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
     last = lax.broadcasted_iota(jnp.int32, r.shape, 0) == c - 1
     d_gi = r * dr - k * dk - b * db + jnp.where(last, dgc, 0.0)
     d_ge = a * da
-    dw = dots.exact(suffix_ones, d_gi + d_ge) - d_ge
+    dw = dots.sum(suffix_ones, d_gi + d_ge) - d_ge
     return (dr, dw, dk, dv, da, db), du
 
 
@@ -341,10 +352,10 @@ def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_o
             starts_ref[0][i, :, :] = s
         t = _chunk_terms(dots, r, w, k, a, b)
         u0, y0 = _value_terms(dots, t, v)
-        # Q S^T reaches only y (fast); the new state's dots are state dots.
+        # Q S^T reaches only y (fast); the new state's dots are exact.
         y_ref[rows, :] = y0 + dots.fast(t.q, s, tb=True)
-        u = u0 + dots.state(t.wm, s, tb=True)
-        return s * t.e_gc + dots.state(v, t.kg, ta=True) + dots.state(u, t.bg, ta=True)
+        u = u0 + dots.exact(t.wm, s, tb=True)
+        return s * t.e_gc + dots.exact(v, t.kg, ta=True) + dots.exact(u, t.bg, ta=True)
 
     s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s0_ref[...])
 
@@ -366,7 +377,7 @@ def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, starts_ref, dy_re
         for ref, grad in zip((dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref), grads, strict=True):
             ref[rows, :] = grad
         # dS = dS' e^{gC} + dU^T W + dY^T Q: exact, it is carried to every earlier chunk.
-        return ds_next * t.e_gc + dots.state(du, t.wm, ta=True) + dots.state(dy, t.q, ta=True)
+        return ds_next * t.e_gc + dots.exact(du, t.wm, ta=True) + dots.exact(dy, t.q, ta=True)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_out_ref[...])
 
@@ -534,7 +545,7 @@ def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, 
     return schedule, chunk_size, num_warps, gradient_value_tile, scan_group
 
 
-def _check_arguments(n, chunk_size, value_tile, dot_precision, state_dot_precision, num_warps,
+def _check_arguments(n, chunk_size, value_tile, dot_precision, exact_dot_precision, num_warps,
                      dtypes):  # fmt: skip
     if not _is_power_of_two(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(
@@ -556,12 +567,12 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, state_dot_precisi
             f"wkv7_gpu: dot_precision must be None or one of {DOT_PRECISIONS}, got "
             f"{dot_precision!r}"
         )
-    if state_dot_precision is not None and (
-        not isinstance(state_dot_precision, str) or state_dot_precision not in STATE_DOT_PRECISIONS
+    if exact_dot_precision is not None and (
+        not isinstance(exact_dot_precision, str) or exact_dot_precision not in EXACT_DOT_PRECISIONS
     ):
         raise ValueError(
-            f"wkv7_gpu: state_dot_precision must be None or one of {STATE_DOT_PRECISIONS}, got "
-            f"{state_dot_precision!r}"
+            f"wkv7_gpu: exact_dot_precision must be None or one of {EXACT_DOT_PRECISIONS}, got "
+            f"{exact_dot_precision!r}"
         )
     if not _is_power_of_two(num_warps) or num_warps > 16:
         raise ValueError(
@@ -577,7 +588,7 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, state_dot_precisi
 
 def wkv7_gpu(
     r, w, k, v, a, b, state=None, *, chunk_size=None, value_tile=None, dot_precision=None,
-    state_dot_precision=None, schedule=None, num_warps=None, gradient_value_tile=None,
+    exact_dot_precision=None, schedule=None, num_warps=None, gradient_value_tile=None,
     scan_group=None, interpret=False,
 ):  # fmt: skip
     """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
@@ -591,7 +602,7 @@ def wkv7_gpu(
     r = k = v = a = b = 0, w = 0, which leaves the state untouched.
 
     Inputs are loaded in their own dtype and computed in fp32 (decay sums, exponents, state);
-    `dot_precision` and `state_dot_precision` pick the dots' operand precision (always fp32
+    `dot_precision` and `exact_dot_precision` pick the dots' operand precision (always fp32
     accumulation); gradients come back in the input dtypes. The chunk's centred
     exponents stay finite for |w| * chunk_size / 2 < ~40: RWKV-7's w >= -0.6065 is safe for
     every allowed chunk.
@@ -608,15 +619,17 @@ def wkv7_gpu(
         dot_precision: static; "highest" (IEEE fp32 dots, no tensor cores: exact, slow),
             "tf32x3" (three TF32 tensor-core passes, near-fp32; interpret mode runs it as
             "highest"), "bf16" (bf16 operands, fp32 accumulation, for the intra-chunk C x C
-            matrices and the products that reach only y or a per-token gradient; decay sums,
-            the inverse (I - A_ab)^{-1} and its products, and every dot feeding the carried
-            state or its cotangent follow state_dot_precision), or None: "bf16" when any of
-            r, w, k, v, a, b is bfloat16 / float16, "highest" when all are float32.
-        state_dot_precision: static; the dots that multiply the carried state or its
-            cotangent or make their increments (their errors compound over T): "highest"
-            (IEEE fp32 on the FMA units), "tf32x3" (as above), "bf16x3" (each fp32 operand
-            split into two bf16 parts, three tensor-core products: ~2^-16 relative per
-            product), or None: "tf32x3" when dot_precision is "tf32x3", else "highest".
+            matrices and the products that reach only y or a per-token gradient; the decay
+            sums stay IEEE fp32, the other dots follow exact_dot_precision), or None: "bf16"
+            when any of r, w, k, v, a, b is bfloat16 / float16, "highest" when all are
+            float32.
+        exact_dot_precision: static; the dots whose errors reach the chunk-to-chunk
+            transition and compound over T: A_ab, the inverse (I - A_ab)^{-1} and its
+            products, and every dot that multiplies the carried state or its cotangent or
+            makes their increments. "highest" (IEEE fp32 on the FMA units), "tf32x3" (as
+            above), "bf16x3" (each fp32 operand split into two bf16 parts, three tensor-core
+            products: ~2^-16 relative per product), or None: "tf32x3" when dot_precision is
+            "tf32x3", else "highest".
         schedule: static; "sequential" (one program per batch x head and value tile walks
             the chunks, the whole chunk maths on its critical path), "chunk_parallel" (the
             chunk maths in parallel over chunks, only an N x N affine map of the state per
@@ -638,7 +651,7 @@ def wkv7_gpu(
 
     Raises:
         ValueError: on mismatched shapes, a bad chunk_size / value_tile / dot_precision /
-            state_dot_precision / schedule / num_warps / gradient_value_tile / scan_group /
+            exact_dot_precision / schedule / num_warps / gradient_value_tile / scan_group /
             head size or an unsupported dtype.
     """
     batch, seq, heads, n = check_wkv7_shapes(r, w, k, v, a, b, state)
@@ -648,7 +661,7 @@ def wkv7_gpu(
         dtypes.append(("state", state.dtype))
     schedule, cfg = resolve_config(
         n, batch * heads, dtypes, chunk_size=chunk_size, value_tile=value_tile,
-        dot_precision=dot_precision, state_dot_precision=state_dot_precision,
+        dot_precision=dot_precision, exact_dot_precision=exact_dot_precision,
         schedule=schedule, num_warps=num_warps, gradient_value_tile=gradient_value_tile,
         scan_group=scan_group, interpret=interpret,
     )  # fmt: skip
@@ -670,7 +683,7 @@ def wkv7_gpu(
 
 def resolve_config(
     n, programs_per_tile, dtypes, *, chunk_size=None, value_tile=None, dot_precision=None,
-    state_dot_precision=None, schedule=None, num_warps=None, gradient_value_tile=None,
+    exact_dot_precision=None, schedule=None, num_warps=None, gradient_value_tile=None,
     scan_group=None, interpret=False,
 ):  # fmt: skip
     """(schedule, kernel config) for wkv7_gpu's options: validated, None filled in.
@@ -682,17 +695,17 @@ def resolve_config(
         schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group
     )
     _check_arguments(
-        n, chunk_size, value_tile, dot_precision, state_dot_precision, num_warps, dtypes
+        n, chunk_size, value_tile, dot_precision, exact_dot_precision, num_warps, dtypes
     )
     if dot_precision is None:
         half = any(jnp.dtype(dt) in _HALF_DTYPES for name, dt in dtypes if name != "state")
         dot_precision = "bf16" if half else "highest"
-    if state_dot_precision is None:
-        state_dot_precision = "tf32x3" if dot_precision == "tf32x3" else "highest"
+    if exact_dot_precision is None:
+        exact_dot_precision = "tf32x3" if dot_precision == "tf32x3" else "highest"
     if value_tile is None:
         value_tile = _auto_value_tile(n, programs_per_tile)
     cfg = _Config(
-        chunk_size, value_tile, bool(interpret), dot_precision, state_dot_precision, num_warps,
+        chunk_size, value_tile, bool(interpret), dot_precision, exact_dot_precision, num_warps,
         gradient_tile, scan_group,
     )  # fmt: skip
     return schedule, cfg

@@ -16,8 +16,8 @@ chunk c's end state):
     dS_c = dS_{c+1} A_c^T + E_c,   E_c = dY^T Q    (dU^T W = dS' bg^T W = dS' L_c^T).
 
 A map is kept as its two parts (`ChunkMaps`): the scans apply the decay elementwise in fp32 and
-only L_c through a state dot, so the decay is never rounded to a dot's operand precision (with
-state_dot_precision="bf16x3" a decay near 1 would otherwise be off by ~2^-17 in every chunk,
+only L_c through an exact dot, so the decay is never rounded to a dot's operand precision (with
+exact_dot_precision="bf16x3" a decay near 1 would otherwise be off by ~2^-17 in every chunk,
 the same way each time for a slowly varying w, and compound over the channel's memory).
 
 Forward, three kernels: chunk terms (e^{gC}, L_c, D_c, Q, Y0; grid B*H x chunks), the state
@@ -27,7 +27,7 @@ reverse scan (storing every chunk's end cotangent), and the gradients of each ch
 S_c and dS_{c+1} (`gpu._chunk_gradients`; grid B*H x chunks x value tiles of
 `gradient_value_tile` rows, key-side partial sums added after). The dot precision plan is the
 sequential schedule's: L_c, D_c, E_c and the scan feed the carried state or its cotangent and
-take state dots. With scan_group = g > 1, XLA composes the maps of g consecutive chunks before
+take exact dots. With scan_group = g > 1, XLA composes the maps of g consecutive chunks before
 each scan (IEEE fp32 products) and recovers the inner chunks' states after it (`_scan`), so
 the scans take g times fewer sequential steps.
 
@@ -84,8 +84,8 @@ def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref,
     t = _chunk_terms(dots, r, w, k, a, b)
     u0, y0 = _value_terms(dots, t, v)
     decay_ref[...] = t.e_gc
-    low_ref[...] = dots.state(t.wm, t.bg, ta=True)
-    drive_ref[...] = dots.state(v, t.kg, ta=True) + dots.state(u0, t.bg, ta=True)
+    low_ref[...] = dots.exact(t.wm, t.bg, ta=True)
+    drive_ref[...] = dots.exact(v, t.kg, ta=True) + dots.exact(u0, t.bg, ta=True)
     q_ref[...] = t.q
     y0_ref[...] = y0
 
@@ -95,14 +95,14 @@ def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, dy_ref, decay_ref,
     r, w, k, a, b = _load(r_ref, w_ref, k_ref, a_ref, b_ref)
     t = _chunk_terms(dots, r, w, k, a, b)
     decay_ref[...] = t.e_gc
-    low_ref[...] = dots.state(t.wm, t.bg, ta=True)
-    drive_ref[...] = dots.state(dy_ref[...], t.q, ta=True)
+    low_ref[...] = dots.exact(t.wm, t.bg, ta=True)
+    drive_ref[...] = dots.exact(dy_ref[...], t.q, ta=True)
 
 
 def _scan_kernel(decay_ref, low_ref, drive_ref, x0_ref, x_out_ref, before_ref, *, n_chunks,
                  reverse, dots):  # fmt: skip
     """x <- x A_c + D_c over the chunks (x A_c^T + E_c, last chunk first, when reverse), with
-    x A_c = x diag(decay) + x L_c: the decay elementwise in fp32, L_c a state dot.
+    x A_c = x diag(decay) + x L_c: the decay elementwise in fp32, L_c an exact dot.
 
     before_ref[c] receives the x that chunk c's map is applied to: the start state S_c forward,
     the end cotangent dS_{c+1} in reverse.
@@ -111,7 +111,7 @@ def _scan_kernel(decay_ref, low_ref, drive_ref, x0_ref, x_out_ref, before_ref, *
     def step(j, x):
         i = n_chunks - 1 - j if reverse else j
         before_ref[i, :, :] = x
-        low = dots.state(x, low_ref[i, :, :], tb=reverse)
+        low = dots.exact(x, low_ref[i, :, :], tb=reverse)
         return x * decay_ref[i, :, :] + low + drive_ref[i, :, :]
 
     x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
