@@ -16,8 +16,9 @@ kernel with full value rows spilled 11 KB here and its backward took 9x its forw
 
 The last four columns count SASS instructions per thread in the kernel's code (`cuobjdump
 -sass`; Triton unrolls the dots, so a loop body is counted once): FFMA (fp32 dots on the FMA
-units), HMMA (tensor-core dots), shared-memory loads (LDS and LDSM, with which every dot reads
-its operands) and barriers. The FMA dot path reads each operand from shared memory once per
+units), tensor-core dots (HMMA, and HGMMA, Hopper's warpgroup form, which Triton picks for
+some larger dots), shared-memory loads (LDS and LDSM, with which every dot reads its operands)
+and barriers. The FMA dot path reads each operand from shared memory once per
 product row or column: in the chunk-parallel scan step, 256 FFMA came with 99 shared loads
 (~1 KB) per thread, which makes shared-memory bandwidth, not FMA throughput, its likely bound.
 
@@ -87,7 +88,14 @@ def kernel_sources(options: dict, seq_len: int, bh: int, dtype) -> dict[str, dic
 
 
 # SASS opcode (the mnemonic before the first '.') -> instruction mix column.
-MIX = {"FFMA": "ffma", "HMMA": "hmma", "LDS": "shared_loads", "LDSM": "shared_loads", "BAR": "bars"}
+MIX = {
+    "FFMA": "ffma",
+    "HMMA": "tensor_core",
+    "HGMMA": "tensor_core",
+    "LDS": "shared_loads",
+    "LDSM": "shared_loads",
+    "BAR": "bars",
+}
 _SASS_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
 
 
@@ -157,7 +165,7 @@ def main() -> None:
     rows = []
     columns = (
         "impl | kernel | warps | stages | registers | spill st / ld B | stack B | shared | s | "
-        "FFMA | HMMA | shared loads | barriers"
+        "FFMA | HMMA + HGMMA | shared loads | barriers"
     )
     print(f"| {columns} |")
     print("|---" * 13 + "|")
@@ -174,7 +182,8 @@ def main() -> None:
                     f"| {impl} | {name} | {row['num_warps']} | {row['num_stages']} | "
                     f"{row['registers']} | {row['spill_stores']} / {row['spill_loads']} | "
                     f"{row['stack']} | {row['shared']} | {row['compile_s']:.1f} | "
-                    f"{row['ffma']} | {row['hmma']} | {row['shared_loads']} | {row['bars']} |",
+                    f"{row['ffma']} | {row['tensor_core']} | {row['shared_loads']} | "
+                    f"{row['bars']} |",
                     flush=True,
                 )
     if args.json:

@@ -116,12 +116,13 @@ def test_triton_spills_counts_the_instruction_mix():
         /*0080*/              @!P3 LDS.64 R8, [R54+0x400] ;       /* 0x000400083600b984 */
         /*0090*/                   LDSM.16.M88.4 R12, [R3] ;       /* 0x000000000c0c783b */
         /*00a0*/                   HMMA.16816.F32.BF16 R16, R12, R8, R16 ;
+        /*00a8*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
         /*00b0*/               @P0 BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*00c0*/                   FFMA.FTZ R4, R5, R6, R4 ;
         /*00d0*/                   STS [R54], R85 ;  // FFMA in a comment
     """
     mix = _triton_spills().instruction_mix(sass)
-    assert mix == {"ffma": 2, "hmma": 1, "shared_loads": 2, "bars": 1}
+    assert mix == {"ffma": 2, "tensor_core": 2, "shared_loads": 2, "bars": 1}
 
 
 def test_triton_spills_takes_each_kernel_with_its_launch_settings():
