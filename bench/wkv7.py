@@ -275,6 +275,11 @@ def main() -> None:
         help="also time each kernel of every chunk-parallel implementation on its own",
     )
     parser.add_argument(
+        "--stages-only",
+        action="store_true",
+        help="--stages without the whole-call timings and errors (when another run did those)",
+    )
+    parser.add_argument(
         "--allow-cpu",
         action="store_true",
         help="run on CPU too, the GPU kernels in interpret mode (only to check this driver; "
@@ -283,6 +288,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seq_lens, args.bh, args.repeats = "1024", "4", 2
+    args.stages = args.stages or args.stages_only
     # Options inside one implementation are separated by ';' (commas separate implementations).
     impls = [impl.replace(";", ",") for impl in args.impls.split(",")]
     impls_fp32 = [x.replace(";", ",") for x in (args.impls_fp32 or args.impls).split(",")]
@@ -314,10 +320,11 @@ def main() -> None:
                 results.extend(gradient_rows(xs, T, bh, pallas))
             for dtype in args.dtypes.split(","):
                 chosen = impls_fp32 if dtype == "float32" else impls
-                rows = run_size(xs, T, bh, dtype, chosen, args.repeats, save)
-                for row in rows.values():
-                    print(table_row(row, rows), flush=True)
-                results.extend(rows.values())
+                if not args.stages_only:
+                    rows = run_size(xs, T, bh, dtype, chosen, args.repeats, save)
+                    for row in rows.values():
+                        print(table_row(row, rows), flush=True)
+                    results.extend(rows.values())
                 for impl in chosen if args.stages else ():
                     if impl_options(impl).get("schedule") == "chunk_parallel":
                         results.append(stage_row(impl, xs, T, bh, dtype, args.repeats))

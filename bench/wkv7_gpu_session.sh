@@ -7,10 +7,12 @@
 #   bash bench/wkv7_gpu_session.sh measure
 #       1. the sequential kernel (baseline; also with 8 warps and split-bf16 tensor-core exact
 #          dots, exact_dot_precision=bf16x3) and chunk-parallel variants (the default; with
-#          bf16x3 exact dots; with those and chunk 32), bf16, T 16K / 64K x B*H 8 / 64, the
-#          fp32 errors of the bf16x3 chunk-parallel variant, and the gradient check;
-#       2. the per-kernel times (--stages) of the chunk-parallel variants at T = 64K, and of
-#          bf16x3 with scan groups of 4 chunks;
+#          bf16x3 exact dots and full-row gradients; with bf16x3 at chunk 32), bf16, T 16K /
+#          64K x B*H 8 / 64, the fp32 errors of the bf16x3 chunk-parallel variant, and the
+#          gradient check;
+#       2. the per-kernel times alone (--stages-only) of the chunk-parallel variants at
+#          T = 64K, B*H 64 then 8, and of bf16x3 with 32-row gradient tiles (the default
+#          tile) and with scan groups of 4 chunks;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
 #          time, fla against the fastest of step 1's variants (bench/wkv7_best.py).
@@ -32,7 +34,7 @@ phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla}
 CALL_LIMIT=${CALL_LIMIT:-580}
 CP="pallas@schedule=chunk_parallel"
 SIZES=${SIZES:---seq-lens 16384,65536 --bh 8,64}
-STAGE_SIZES=${STAGE_SIZES:---seq-lens 65536 --bh 8,64}
+STAGE_SIZES=${STAGE_SIZES:---seq-lens 65536 --bh 64,8}
 BENCH_ARGS=${BENCH_ARGS:-}
 WARM_DONE=/tmp/fla_warm.done
 WARM_LOG=/tmp/fla_warm.log
@@ -111,18 +113,21 @@ case "$phase" in
     # sequential forward's 1200 FFMA 192 at 8 warps, where its backward stops spilling; no
     # chunk-parallel kernel spills at chunk 16; at chunk 32, which halves the scans' steps and
     # the N x N maps' memory traffic, only the gradient kernel does, 196 B against 32.9 KB with
-    # IEEE dots, full rows and 4 warps). Groups of 4 chunks quarter the scans' steps (the
-    # suspected cost at B*H = 8): in the stages step.
+    # IEEE dots, full rows and 4 warps). With bf16x3 at chunk 16 the full-row gradient kernel
+    # does not spill either, and full rows skip the per-tile partial sums (5 x 2 x N fp32 per
+    # token and head written, read and summed at 32-row tiles). Groups of 4 chunks quarter the
+    # scans' steps (the suspected cost at B*H = 8): in the stages step.
     split="exact_dot_precision=bf16x3"
-    cp_variants="$CP;$split,$CP,$CP;$split;chunk_size=32"
+    cp_split="$CP;$split;gradient_value_tile=64"
+    cp_variants="$cp_split,$CP,$CP;$split;chunk_size=32"
     # shellcheck disable=SC2086
     bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 \
-      --impls "pallas,pallas@num_warps=8;$split,$cp_variants" --impls-fp32 "$CP;$split" \
+      --impls "pallas,pallas@num_warps=8;$split,$cp_variants" --impls-fp32 "$cp_split" \
       --repeats 3
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
-    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 \
-      --impls "$cp_variants,$CP;$split;scan_group=4" --repeats 3 --skip-gradient-check --stages
+    bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --repeats 3 --skip-gradient-check \
+      --impls "$cp_variants,$CP;$split,$cp_split;scan_group=4" --stages-only
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi
     ;;

@@ -65,6 +65,26 @@ def test_wkv7_bench_driver(tmp_path):
                                "gradients"] and min(times.values()) > 0  # fmt: skip
 
 
+def test_wkv7_bench_stages_only(tmp_path):
+    """--stages-only: per-kernel rows of the chunk-parallel implementations and nothing else
+    (no whole-call timings, errors or gradient check)."""
+    out = tmp_path / "stages.json"
+    cp = "pallas@schedule=chunk_parallel;exact_dot_precision=bf16x3"
+    command = [
+        sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
+        "--bh", "2", "--repeats", "1", "--dtypes", "bfloat16", "--impls", f"pallas,{cp}",
+        "--skip-gradient-check", "--stages-only", "--json", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [(r["impl"], sorted(r["stages_ms"])) for r in results] == [
+        (cp.replace(";", ","), sorted(["fwd terms", "scan", "outputs", "bwd terms",
+                                       "reverse scan", "gradients"])),
+    ]  # fmt: skip
+
+
 def _best(tmp_path, rows, *args):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(rows))
