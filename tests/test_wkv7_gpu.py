@@ -185,14 +185,23 @@ def test_bf16_parts_keep_sixteen_bits():
     assert 2.0**-20 < err.max() <= 2.0**-16  # hi alone would be off by up to 2^-9
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_split_bf16_exact_dots_do_not_drift(schedule):
+@pytest.mark.parametrize(
+    "schedule, scan_group", [("sequential", None), ("chunk_parallel", None), ("chunk_parallel", 4)]
+)
+def test_split_bf16_exact_dots_do_not_drift(schedule, scan_group):
     """exact_dot_precision="bf16x3" on fp32 inputs with almost no decay (w = W_MAX, the most
     room for a state error to compound), T = 512: y, the state and every gradient within
-    SPLIT_TOL, and y's error no larger at the end than at the start."""
+    SPLIT_TOL, and y's error no larger at the end than at the start (with scan groups, XLA's
+    map products take the same split)."""
     seq, window = 512, 128
     xs, state = _inputs(9, 1, seq, 1, 16, w_const=W_MAX)
-    kernel = partial(wkv7_gpu, interpret=True, schedule=schedule, exact_dot_precision="bf16x3")
+    kernel = partial(
+        wkv7_gpu,
+        interpret=True,
+        schedule=schedule,
+        exact_dot_precision="bf16x3",
+        scan_group=scan_group,
+    )
     results = _outputs_and_gradients(kernel, xs, state)
     refs = _outputs_and_gradients(wkv7_reference, xs, state)
     errors = {name: _rel(results[name], ref) for name, ref in refs.items()}
@@ -474,6 +483,19 @@ def test_schedules_agree():
         # Measured 1.4e-7 .. 4.1e-7: fp32 rounding of the two associations.
         got = results["chunk_parallel"][name]
         assert _rel(got, ref) < 2e-6, (name, _rel(got, ref))
+
+
+def test_scan_group_products_follow_the_exact_dot_precision():
+    """XLA's map products for scan groups: IEEE fp32, or the kernels' hi / lo bf16 split with
+    exact_dot_precision="bf16x3" (so grouping does not change the precision plan)."""
+    from pallas_kernels.wkv7.gpu_chunk_parallel import _mm
+
+    keys = jax.random.split(jax.random.PRNGKey(14), 2)
+    x, y = jax.random.normal(keys[0], (3, 16, 64)), jax.random.normal(keys[1], (3, 64, 64))
+    exact = np.einsum("bij,bjk->bik", np.asarray(x, np.float64), np.asarray(y, np.float64))
+    errors = {p: _rel(_mm(x, y, p), exact) for p in ("highest", "bf16x3")}
+    # Measured 2.5e-7 (fp32) and 5.4e-6 (split; a single bf16 pass gives 2.6e-3).
+    assert errors["highest"] < 1e-6 < errors["bf16x3"] < 5e-5, errors
 
 
 def test_scan_groups_match_single_chunk_steps():

@@ -28,8 +28,9 @@ S_c and dS_{c+1} (`gpu._chunk_gradients`; grid B*H x chunks x value tiles of
 `gradient_value_tile` rows, key-side partial sums added after). The dot precision plan is the
 sequential schedule's: L_c, D_c, E_c and the scan feed the carried state or its cotangent and
 take exact dots. With scan_group = g > 1, XLA composes the maps of g consecutive chunks before
-each scan (IEEE fp32 products) and recovers the inner chunks' states after it (`_scan`), so
-the scans take g times fewer sequential steps.
+each scan (products at the exact dots' precision; "tf32x3" runs as IEEE fp32 there) and
+recovers the inner chunks' states after it (`_scan`), so the scans take g times fewer
+sequential steps.
 
 Memory: L_c and D_c (or E_c) are N^2 fp32 each per chunk and head (2 x N^2 * 4 / C bytes per
 token and head, transient), and the start states, as in the sequential schedule, are the
@@ -50,6 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.wkv7.gpu import (
+    _bf16_parts,
     _chunk_gradients,
     _chunk_terms,
     _compiler_params,
@@ -213,29 +215,36 @@ def _scan_call(cfg, maps, drive, x0, *, reverse):
 # The scan over groups of chunks (scan_group > 1), composed and expanded by XLA.
 
 
-def _mm(x, y):
-    """Batched [..., N, N] products in IEEE fp32: they feed the carried state or cotangent."""
-    return jnp.einsum("...ij,...jk->...ik", x, y, precision=lax.Precision.HIGHEST)
+def _mm(x, y, precision):
+    """Batched [..., R, N] x [..., N, N] products; they feed the carried state or cotangent, so
+    they take the kernels' exact-dot precision: the same hi / lo split for "bf16x3" (bf16
+    tensor-core GEMMs in XLA on a GPU), IEEE fp32 otherwise (also for "tf32x3", which XLA on
+    a CPU cannot run)."""
+    product = partial(jnp.einsum, "...ij,...jk->...ik", preferred_element_type=jnp.float32)
+    if precision != "bf16x3":
+        return product(x, y, precision=lax.Precision.HIGHEST)
+    (x_hi, x_lo), (y_hi, y_lo) = _bf16_parts(x), _bf16_parts(y)
+    return product(x_lo, y_hi) + product(x_hi, y_lo) + product(x_hi, y_hi)
 
 
-def _apply(x, maps, *, reverse):
+def _apply(x, maps, precision, *, reverse):
     """x A (x A^T when reverse) for x [..., R, N] and maps of matching batch dims."""
     low = jnp.swapaxes(maps.low, -1, -2) if reverse else maps.low
-    return x * maps.decay + _mm(x, low)
+    return x * maps.decay + _mm(x, low, precision)
 
 
-def _product(first, second):
+def _product(first, second, precision):
     """A_first A_second, still as diag(decay) + low: the decays multiply elementwise and
     (D1 + L1)(D2 + L2) = D1 D2 + (L1 D2 + D1 L2 + L1 L2)."""
     low = first.low * second.decay + jnp.swapaxes(first.decay, -1, -2) * second.low
-    return ChunkMaps(first.decay * second.decay, low + _mm(first.low, second.low))
+    return ChunkMaps(first.decay * second.decay, low + _mm(first.low, second.low, precision))
 
 
 def _chunk(maps, j):
     return ChunkMaps(maps.decay[:, :, j], maps.low[:, :, j])
 
 
-def _compose(maps, d, *, reverse):
+def _compose(maps, d, precision, *, reverse):
     """The maps of each group of chunks as one: fields [BH, G, group, ...] -> [BH, G, ...].
 
     Both directions compose the transition as A_first ... A_last (the reverse scan applies its
@@ -245,15 +254,15 @@ def _compose(maps, d, *, reverse):
     group = d.shape[2]
     maps_grp = _chunk(maps, 0)
     for j in range(1, group):
-        maps_grp = _product(maps_grp, _chunk(maps, j))
+        maps_grp = _product(maps_grp, _chunk(maps, j), precision)
     order = range(group - 2, -1, -1) if reverse else range(1, group)
     d_grp = d[:, :, group - 1] if reverse else d[:, :, 0]
     for j in order:
-        d_grp = _apply(d_grp, _chunk(maps, j), reverse=reverse) + d[:, :, j]
+        d_grp = _apply(d_grp, _chunk(maps, j), precision, reverse=reverse) + d[:, :, j]
     return maps_grp, d_grp
 
 
-def _expand(maps, d, group_before, *, reverse):
+def _expand(maps, d, group_before, precision, *, reverse):
     """Every chunk's `before` x from each group's: [BH, G, N, N] -> [BH, G, group, N, N].
 
     Forward, group_before holds each group's start state and the inner starts follow by
@@ -264,7 +273,8 @@ def _expand(maps, d, group_before, *, reverse):
     befores = [group_before]
     for step in range(group - 1):
         j = group - 1 - step if reverse else step
-        befores.append(_apply(befores[-1], _chunk(maps, j), reverse=reverse) + d[:, :, j])
+        x = _apply(befores[-1], _chunk(maps, j), precision, reverse=reverse)
+        befores.append(x + d[:, :, j])
     if reverse:
         befores.reverse()
     return jnp.stack(befores, axis=2)
@@ -291,9 +301,10 @@ def _scan(cfg, maps, drive, x0, *, reverse):
     n_groups = drive.shape[1] // group
     grouped = lambda x: x.reshape(bh, n_groups, group, *x.shape[2:])
     maps, d = ChunkMaps(*map(grouped, maps)), grouped(drive)
-    maps_grp, d_grp = _compose(maps, d, reverse=reverse)
+    precision = cfg.exact_dot_precision
+    maps_grp, d_grp = _compose(maps, d, precision, reverse=reverse)
     x_out, group_before = _scan_call(cfg, maps_grp, d_grp, x0, reverse=reverse)
-    before = _expand(maps, d, group_before, reverse=reverse).reshape(bh, -1, n, n)
+    before = _expand(maps, d, group_before, precision, reverse=reverse).reshape(bh, -1, n, n)
     return x_out, before[:, :n_chunks]
 
 
