@@ -275,6 +275,12 @@ def main() -> None:
         help="also time each kernel of every chunk-parallel implementation on its own",
     )
     parser.add_argument(
+        "--gradient-check-seq-len",
+        type=int,
+        help="run the gradient check at this T (B*H the smallest --bh) before the timings, "
+        "instead of at the smallest timed size",
+    )
+    parser.add_argument(
         "--stages-only",
         action="store_true",
         help="--stages without the whole-call timings and errors (when another run did those)",
@@ -312,11 +318,18 @@ def main() -> None:
             write_json(args.json, results + list(rows_so_far.values()))
 
     seq_lens, bhs = [int(x) for x in args.seq_lens.split(",")], [int(x) for x in args.bh.split(",")]
+    pallas = dict.fromkeys(i for i in impls + impls_fp32 if i.startswith("pallas"))
+    check_len = None if args.skip_gradient_check else args.gradient_check_seq_len
+    if check_len:  # a size of its own, before any timing
+        bh = min(bhs)
+        results.extend(
+            gradient_rows(make_inputs(check_len + bh, check_len, bh), check_len, bh, pallas)
+        )
     for T in seq_lens:
         for bh in bhs:
             xs = make_inputs(T + bh, T, bh)
-            if (T, bh) == (min(seq_lens), min(bhs)) and not args.skip_gradient_check:
-                pallas = dict.fromkeys(i for i in impls + impls_fp32 if i.startswith("pallas"))
+            smallest = (T, bh) == (min(seq_lens), min(bhs))
+            if smallest and not args.skip_gradient_check and not check_len:
                 results.extend(gradient_rows(xs, T, bh, pallas))
             for dtype in args.dtypes.split(","):
                 chosen = impls_fp32 if dtype == "float32" else impls

@@ -9,7 +9,7 @@
 #          dots, exact_dot_precision=bf16x3) and chunk-parallel variants (the default; with
 #          bf16x3 exact dots and full-row gradients; with bf16x3 at chunk 32), bf16, T 16K /
 #          64K x B*H 8 / 64, the fp32 errors of the bf16x3 chunk-parallel variant, and the
-#          gradient check;
+#          gradient check of all five (fp32, T = 4096, B*H = 8, against the XLA path);
 #       2. the per-kernel times alone (--stages-only) of the chunk-parallel variants at
 #          T = 64K, B*H 64 then 8, and of bf16x3 with 32-row gradient tiles (the default
 #          tile) and with scan groups of 4 chunks;
@@ -123,7 +123,7 @@ case "$phase" in
     # shellcheck disable=SC2086
     bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 \
       --impls "pallas,pallas@num_warps=8;$split,$cp_variants" --impls-fp32 "$cp_split" \
-      --repeats 3
+      --repeats 3 --gradient-check-seq-len 4096
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
     bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --repeats 3 --skip-gradient-check \

@@ -66,20 +66,24 @@ def test_wkv7_bench_driver(tmp_path):
 
 
 def test_wkv7_bench_stages_only(tmp_path):
-    """--stages-only: per-kernel rows of the chunk-parallel implementations and nothing else
-    (no whole-call timings, errors or gradient check)."""
+    """--stages-only: per-kernel rows of the chunk-parallel implementations and no whole-call
+    timings or errors; the gradient check at --gradient-check-seq-len."""
     out = tmp_path / "stages.json"
     cp = "pallas@schedule=chunk_parallel;exact_dot_precision=bf16x3"
     command = [
         sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
         "--bh", "2", "--repeats", "1", "--dtypes", "bfloat16", "--impls", f"pallas,{cp}",
-        "--skip-gradient-check", "--stages-only", "--json", str(out),
+        "--gradient-check-seq-len", "16", "--stages-only", "--json", str(out),
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert [(r["impl"], sorted(r["stages_ms"])) for r in results] == [
+    # --gradient-check-seq-len: the check at a size of its own (T = 16), once, before the rest.
+    checks = [(r["T"], r["impl"]) for r in results if "gradient_rel_diff_vs_xla" in r]
+    assert checks == [(16, "pallas"), (16, cp.replace(";", ","))], results
+    assert all(r["gradient_rel_diff_vs_xla"] < 1e-4 for r in results[:2]), results[:2]
+    assert [(r["impl"], sorted(r["stages_ms"])) for r in results[2:]] == [
         (cp.replace(";", ","), sorted(["fwd terms", "scan", "outputs", "bwd terms",
                                        "reverse scan", "gradients"])),
     ]  # fmt: skip
