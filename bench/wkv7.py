@@ -295,6 +295,8 @@ def main() -> None:
     if args.quick:
         args.seq_lens, args.bh, args.repeats = "1024", "4", 2
     args.stages = args.stages or args.stages_only
+    if args.gradient_check_seq_len is not None and args.gradient_check_seq_len < 1:
+        parser.error(f"--gradient-check-seq-len must be >= 1, got {args.gradient_check_seq_len}")
     # Options inside one implementation are separated by ';' (commas separate implementations).
     impls = [impl.replace(";", ",") for impl in args.impls.split(",")]
     impls_fp32 = [x.replace(";", ",") for x in (args.impls_fp32 or args.impls).split(",")]
