@@ -320,19 +320,13 @@ def main() -> None:
             write_json(args.json, results + list(rows_so_far.values()))
 
     seq_lens, bhs = [int(x) for x in args.seq_lens.split(",")], [int(x) for x in args.bh.split(",")]
-    pallas = dict.fromkeys(i for i in impls + impls_fp32 if i.startswith("pallas"))
-    check_len = None if args.skip_gradient_check else args.gradient_check_seq_len
-    if check_len:  # a size of its own, before any timing
-        bh = min(bhs)
-        results.extend(
-            gradient_rows(make_inputs(check_len + bh, check_len, bh), check_len, bh, pallas)
-        )
+    if not args.skip_gradient_check:  # before any timing, at the smallest size by default
+        pallas = dict.fromkeys(i for i in impls + impls_fp32 if i.startswith("pallas"))
+        T, bh = args.gradient_check_seq_len or min(seq_lens), min(bhs)
+        results.extend(gradient_rows(make_inputs(T + bh, T, bh), T, bh, pallas))
     for T in seq_lens:
         for bh in bhs:
             xs = make_inputs(T + bh, T, bh)
-            smallest = (T, bh) == (min(seq_lens), min(bhs))
-            if smallest and not args.skip_gradient_check and not check_len:
-                results.extend(gradient_rows(xs, T, bh, pallas))
             for dtype in args.dtypes.split(","):
                 chosen = impls_fp32 if dtype == "float32" else impls
                 if not args.stages_only:

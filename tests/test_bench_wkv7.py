@@ -10,6 +10,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGE_NAMES = ["fwd terms", "scan", "outputs", "bwd terms", "reverse scan", "gradients"]
+
+
+def _run_wkv7_bench(out, *args):
+    """bench/wkv7.py on the CPU at T = 32, B*H = 2, one repeat, JSON to `out`; its results.
+
+    A subprocess: the script puts bench/ on sys.path, which would shadow train.py here."""
+    command = [
+        sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
+        "--bh", "2", "--repeats", "1", "--json", str(out), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run, json.loads(out.read_text())
 
 
 def test_wkv7_bench_driver(tmp_path):
@@ -18,16 +33,7 @@ def test_wkv7_bench_driver(tmp_path):
     # chunk_size=24 is invalid: it must fail in every part and leave the rest of the run alone.
     bad = "pallas@schedule=chunk_parallel,chunk_size=24"
     impls_fp32 = bad.replace(",", ";")
-    command = [
-        sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
-        "--bh", "2", "--repeats", "1", "--impls", impls,
-        "--impls-fp32", impls_fp32, "--stages", "--json", str(out),
-    ]  # fmt: skip
-    # A subprocess: the script puts bench/ on sys.path, which would shadow train.py here.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(out.read_text())
+    run, results = _run_wkv7_bench(out, "--impls", impls, "--impls-fp32", impls_fp32, "--stages")
     checks = {
         r["impl"]: r["gradient_rel_diff_vs_xla"] for r in results if "gradient_rel_diff_vs_xla" in r
     }
@@ -61,32 +67,24 @@ def test_wkv7_bench_driver(tmp_path):
     stage_errors = [r for r in results if "stages_error" in r]
     assert [(r["dtype"], r["impl"]) for r in stage_errors] == [("float32", bad)]
     for times in stages.values():
-        assert list(times) == ["fwd terms", "scan", "outputs", "bwd terms", "reverse scan",
-                               "gradients"] and min(times.values()) > 0  # fmt: skip
+        assert list(times) == STAGE_NAMES and min(times.values()) > 0
 
 
 def test_wkv7_bench_stages_only(tmp_path):
     """--stages-only: per-kernel rows of the chunk-parallel implementations and no whole-call
     timings or errors; the gradient check at --gradient-check-seq-len."""
-    out = tmp_path / "stages.json"
     cp = "pallas@schedule=chunk_parallel;exact_dot_precision=bf16x3"
-    command = [
-        sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
-        "--bh", "2", "--repeats", "1", "--dtypes", "bfloat16", "--impls", f"pallas,{cp}",
-        "--gradient-check-seq-len", "16", "--stages-only", "--json", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(out.read_text())
+    _, results = _run_wkv7_bench(
+        tmp_path / "stages.json", "--dtypes", "bfloat16", "--impls", f"pallas,{cp}",
+        "--gradient-check-seq-len", "16", "--stages-only",
+    )  # fmt: skip
     # --gradient-check-seq-len: the check at a size of its own (T = 16), once, before the rest.
     checks = [(r["T"], r["impl"]) for r in results if "gradient_rel_diff_vs_xla" in r]
     assert checks == [(16, "pallas"), (16, cp.replace(";", ","))], results
     assert all(r["gradient_rel_diff_vs_xla"] < 1e-4 for r in results[:2]), results[:2]
-    assert [(r["impl"], sorted(r["stages_ms"])) for r in results[2:]] == [
-        (cp.replace(";", ","), sorted(["fwd terms", "scan", "outputs", "bwd terms",
-                                       "reverse scan", "gradients"])),
-    ]  # fmt: skip
+    assert [(r["impl"], list(r["stages_ms"])) for r in results[2:]] == [
+        (cp.replace(";", ","), STAGE_NAMES)
+    ]
 
 
 def _best(tmp_path, rows, *args):

@@ -87,6 +87,20 @@ def _bf16_parts(x):
     return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
+def split_bf16_dot(dot, x, y):
+    """x y for fp32 x, y as three products of bf16 parts, lo·hi + hi·lo + hi·hi (lo·lo, below
+    2^-16 relative, dropped), the small ones first as XLA's BF16_BF16_F32_X3 orders them.
+    `dot(a, b)` multiplies two bf16 operands with fp32 accumulation (in a kernel or in XLA)."""
+    (x_hi, x_lo), (y_hi, y_lo) = _bf16_parts(x), _bf16_parts(y)
+    return dot(x_lo, y_hi) + dot(x_hi, y_lo) + dot(x_hi, y_hi)
+
+
+def _check_choice(name, value, choices):
+    """A string option must be None or one of choices."""
+    if value is not None and (not isinstance(value, str) or value not in choices):
+        raise ValueError(f"wkv7_gpu: {name} must be None or one of {choices}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Dots:
     """The three kinds of in-kernel 2-D dot (fp32 results) for one precision plan.
@@ -115,10 +129,7 @@ class _Dots:
 
     def _dot(self, x, y, precision, ta, tb):
         if precision == "bf16x3":
-            (x_hi, x_lo), (y_hi, y_lo) = _bf16_parts(x), _bf16_parts(y)
-            dot = partial(plgpu.dot, trans_a=ta, trans_b=tb)
-            # The small products first, as XLA's own BF16_BF16_F32_X3 orders them.
-            return dot(x_lo, y_hi) + dot(x_hi, y_lo) + dot(x_hi, y_hi)
+            return split_bf16_dot(partial(plgpu.dot, trans_a=ta, trans_b=tb), x, y)
         if precision == "tf32x3" and not self.interpret:
             algorithm = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
             return plgpu.dot(x, y, trans_a=ta, trans_b=tb, precision=algorithm)
@@ -517,9 +528,8 @@ def _check_tile(name, tile, n):
 def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group):
     """(schedule, chunk_size, num_warps, gradient_value_tile, scan_group) with None replaced by
     the schedule's defaults; the last two are chunk-parallel options (N and 1 otherwise)."""
+    _check_choice("schedule", schedule, SCHEDULES)
     schedule = DEFAULT_SCHEDULE if schedule is None else schedule
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise ValueError(f"wkv7_gpu: schedule must be None or one of {SCHEDULES}, got {schedule!r}")
     defaults = SCHEDULE_DEFAULTS[schedule]
     chunk_size = defaults["chunk_size"] if chunk_size is None else chunk_size
     num_warps = defaults["num_warps"] if num_warps is None else num_warps
@@ -560,20 +570,8 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, exact_dot_precisi
         )
     if value_tile is not None:
         _check_tile("value_tile", value_tile, n)
-    if dot_precision is not None and (
-        not isinstance(dot_precision, str) or dot_precision not in DOT_PRECISIONS
-    ):
-        raise ValueError(
-            f"wkv7_gpu: dot_precision must be None or one of {DOT_PRECISIONS}, got "
-            f"{dot_precision!r}"
-        )
-    if exact_dot_precision is not None and (
-        not isinstance(exact_dot_precision, str) or exact_dot_precision not in EXACT_DOT_PRECISIONS
-    ):
-        raise ValueError(
-            f"wkv7_gpu: exact_dot_precision must be None or one of {EXACT_DOT_PRECISIONS}, got "
-            f"{exact_dot_precision!r}"
-        )
+    _check_choice("dot_precision", dot_precision, DOT_PRECISIONS)
+    _check_choice("exact_dot_precision", exact_dot_precision, EXACT_DOT_PRECISIONS)
     if not _is_power_of_two(num_warps) or num_warps > 16:
         raise ValueError(
             f"wkv7_gpu: num_warps must be a power of two in [1, 16], got {num_warps!r}"

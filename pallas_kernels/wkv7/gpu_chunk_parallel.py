@@ -51,11 +51,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.wkv7.gpu import (
-    _bf16_parts,
     _chunk_gradients,
     _chunk_terms,
     _compiler_params,
     _value_terms,
+    split_bf16_dot,
     sum_tiles,
 )
 
@@ -80,13 +80,18 @@ class ChunkMaps(NamedTuple):
 # Kernels. Token refs are one chunk [C, N] of one (batch x head); chunk-matrix refs [N, N].
 
 
+def _store_map(dots, t, decay_ref, low_ref):
+    """The chunk's transition as ChunkMaps stores it: e^{gC} [1, N] and L_c = W^T bg [N, N]."""
+    decay_ref[...] = t.e_gc
+    low_ref[...] = dots.exact(t.wm, t.bg, ta=True)
+
+
 def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref,
                           decay_ref, low_ref, drive_ref, q_ref, y0_ref, *, dots):  # fmt: skip
     r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
     t = _chunk_terms(dots, r, w, k, a, b)
     u0, y0 = _value_terms(dots, t, v)
-    decay_ref[...] = t.e_gc
-    low_ref[...] = dots.exact(t.wm, t.bg, ta=True)
+    _store_map(dots, t, decay_ref, low_ref)
     drive_ref[...] = dots.exact(v, t.kg, ta=True) + dots.exact(u0, t.bg, ta=True)
     q_ref[...] = t.q
     y0_ref[...] = y0
@@ -96,8 +101,7 @@ def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, dy_ref, decay_ref,
                            drive_ref, *, dots):  # fmt: skip
     r, w, k, a, b = _load(r_ref, w_ref, k_ref, a_ref, b_ref)
     t = _chunk_terms(dots, r, w, k, a, b)
-    decay_ref[...] = t.e_gc
-    low_ref[...] = dots.exact(t.wm, t.bg, ta=True)
+    _store_map(dots, t, decay_ref, low_ref)
     drive_ref[...] = dots.exact(dy_ref[...], t.q, ta=True)
 
 
@@ -221,10 +225,9 @@ def _mm(x, y, precision):
     tensor-core GEMMs in XLA on a GPU), IEEE fp32 otherwise (also for "tf32x3", which XLA on
     a CPU cannot run)."""
     product = partial(jnp.einsum, "...ij,...jk->...ik", preferred_element_type=jnp.float32)
-    if precision != "bf16x3":
-        return product(x, y, precision=lax.Precision.HIGHEST)
-    (x_hi, x_lo), (y_hi, y_lo) = _bf16_parts(x), _bf16_parts(y)
-    return product(x_lo, y_hi) + product(x_hi, y_lo) + product(x_hi, y_hi)
+    if precision == "bf16x3":
+        return split_bf16_dot(product, x, y)
+    return product(x, y, precision=lax.Precision.HIGHEST)
 
 
 def _apply(x, maps, precision, *, reverse):
