@@ -174,28 +174,39 @@ def fla_case(xs, dtype, repeats):
 
 # ----------------------------------------------------------------------------- stages
 
-STAGES = ("fwd terms", "scan", "outputs", "bwd terms", "reverse scan", "gradients")
+# Each chunk-parallel schedule's kernels, in the order a forward+backward runs them.
+STAGES = {
+    "chunk_parallel": ("fwd terms", "scan", "outputs", "bwd terms", "reverse scan", "gradients"),
+    "factored": ("fwd terms", "pass", "bwd terms", "reverse pass", "gradients"),
+}
 
 
-def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
-    """Milliseconds of each kernel of a chunk-parallel implementation, on its own (B = 1).
-
-    Forward: chunk terms, state scan, outputs; backward: chunk terms, reverse scan, gradients
-    (a scan with scan_group > 1 includes XLA's composition and expansion of the maps). Their
-    sum is about the forward+backward time less the XLA glue (transposes, casts). Uses the
-    module's pallas_call wrappers directly, so the numbers say where the time goes.
-    """
-    from pallas_kernels.wkv7 import gpu
+def _stage_calls(schedule, cfg, hx, dy, ds):
+    """{stage: (jitted fn, args)} of one schedule's kernels, on inputs the earlier stages made."""
     from pallas_kernels.wkv7 import gpu_chunk_parallel as cp
+    from pallas_kernels.wkv7 import gpu_factored as fa
 
-    _, _, heads, n = xs["r"].shape
-    _, cfg = gpu.resolve_config(
-        n, heads, [(name, dtype) for name in "rwkvab"],
-        interpret=jax.default_backend() == "cpu", **impl_options(impl),
-    )  # fmt: skip
-    hx = tuple(gpu.head_major(xs[name].astype(dtype), cfg.chunk) for name in "rwkvab")
-    dy, ds = gpu.head_major(xs["dy"], cfg.chunk), xs["ds"].reshape(heads, n, n)
-    s0 = jnp.zeros((heads, n, n), jnp.float32)
+    n = hx[0].shape[-1]
+    s0 = jnp.zeros((hx[0].shape[0], n, n), jnp.float32)
+    if schedule == "factored":
+        fns = {
+            "fwd terms": jax.jit(lambda x: fa._forward_terms_call(cfg, x)),
+            "pass": jax.jit(lambda t, v, s: fa._forward_pass_call(cfg, t, v, s, save_starts=True)),
+            "bwd terms": jax.jit(lambda x: fa._backward_terms_call(cfg, x)),
+            "reverse pass": jax.jit(lambda t, g, s: fa._reverse_pass_call(cfg, t, g, s)),
+            "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
+        }
+        terms, terms_b = fns["fwd terms"](hx), fns["bwd terms"](hx)
+        starts = fns["pass"](terms, hx[3], s0)[2]
+        end_cots = fns["reverse pass"](terms_b, dy, ds)[1]
+        args = {
+            "fwd terms": (hx,),
+            "pass": (terms, hx[3], s0),
+            "bwd terms": (hx,),
+            "reverse pass": (terms_b, dy, ds),
+            "gradients": (hx, dy, starts, end_cots),
+        }
+        return {name: (fns[name], args[name]) for name in STAGES[schedule]}
     fns = {
         "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
         "scan": jax.jit(lambda m, d, s: cp._scan(cfg, m, d, s, reverse=False)),
@@ -216,7 +227,31 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
         "reverse scan": (maps_b, e, ds),
         "gradients": (hx, dy, starts, end_cots),
     }
-    return {name: median_ms(lambda f=fns[name], a=args[name]: f(*a), repeats) for name in STAGES}
+    return {name: (fns[name], args[name]) for name in STAGES[schedule]}
+
+
+def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
+    """Milliseconds of each kernel of a chunk-parallel or factored implementation, on its own
+    (B = 1).
+
+    Chunk-parallel: forward chunk terms, state scan, outputs; backward chunk terms, reverse
+    scan, gradients (a scan with scan_group > 1 includes XLA's composition and expansion of
+    the maps). Factored: forward chunk terms, the pass (state and y); backward chunk terms,
+    reverse pass, gradients. Their sum is about the forward+backward time less the XLA glue
+    (transposes, casts). Uses the modules' pallas_call wrappers directly, so the numbers say
+    where the time goes.
+    """
+    from pallas_kernels.wkv7 import gpu
+
+    _, _, heads, n = xs["r"].shape
+    schedule, cfg = gpu.resolve_config(
+        n, heads, [(name, dtype) for name in "rwkvab"],
+        interpret=jax.default_backend() == "cpu", **impl_options(impl),
+    )  # fmt: skip
+    hx = tuple(gpu.head_major(xs[name].astype(dtype), cfg.chunk) for name in "rwkvab")
+    dy, ds = gpu.head_major(xs["dy"], cfg.chunk), xs["ds"].reshape(heads, n, n)
+    calls = _stage_calls(schedule, cfg, hx, dy, ds)
+    return {name: median_ms(lambda f=fn, a=a: f(*a), repeats) for name, (fn, a) in calls.items()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -272,7 +307,7 @@ def main() -> None:
     parser.add_argument(
         "--stages",
         action="store_true",
-        help="also time each kernel of every chunk-parallel implementation on its own",
+        help="also time each kernel of every chunk-parallel or factored implementation on its own",
     )
     parser.add_argument(
         "--gradient-check-seq-len",
@@ -335,7 +370,7 @@ def main() -> None:
                         print(table_row(row, rows), flush=True)
                     results.extend(rows.values())
                 for impl in chosen if args.stages else ():
-                    if impl_options(impl).get("schedule") == "chunk_parallel":
+                    if impl_options(impl).get("schedule") in STAGES:
                         results.append(stage_row(impl, xs, T, bh, dtype, args.repeats))
                 if args.json:
                     write_json(args.json, results)
@@ -366,7 +401,8 @@ def gradient_rows(xs, T, bh, impls) -> list[dict]:
 
 
 def stage_row(impl, xs, T, bh, dtype, repeats) -> dict:
-    """The --stages row of one chunk-parallel implementation; a failure records its error."""
+    """The --stages row of one chunk-parallel or factored implementation; a failure records
+    its error."""
     row = {"T": T, "bh": bh, "dtype": dtype, "impl": impl}
     try:
         row["stages_ms"] = stage_times(impl, xs, dtype, repeats)
@@ -374,9 +410,9 @@ def stage_row(impl, xs, T, bh, dtype, repeats) -> dict:
         row["stages_error"] = _error_text(error)
         text = f"failed: {row['stages_error'][:300]}"
     else:
-        cells = " | ".join(f"{row['stages_ms'][name]:.2f}" for name in STAGES)
+        cells = " | ".join(f"{name} {ms:.2f}" for name, ms in row["stages_ms"].items())
         text = f"{cells} | sum {sum(row['stages_ms'].values()):.2f}"
-    print(f"  stages ms ({' | '.join(STAGES)}) T={T} B*H={bh} {dtype} {impl}: {text}", flush=True)
+    print(f"  stages ms T={T} B*H={bh} {dtype} {impl}: {text}", flush=True)
     return row
 
 

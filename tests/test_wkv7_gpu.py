@@ -11,7 +11,12 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from pallas_kernels.wkv7 import gpu as gpu_module
-from pallas_kernels.wkv7.gpu import SCHEDULES, _auto_value_tile, wkv7_gpu
+from pallas_kernels.wkv7.gpu import (
+    CHUNK_GRADIENT_SCHEDULES,
+    SCHEDULES,
+    _auto_value_tile,
+    wkv7_gpu,
+)
 from pallas_kernels.wkv7.reference import wkv7_reference
 
 # RWKV-7's per-token log-decay range: w = -exp(x) with w in (-0.6065, -1e-4).
@@ -93,8 +98,9 @@ def _weighted_loss(fn):
 @pytest.mark.parametrize(
     "seq, value_tile, with_state",
     [
-        # Two value tiles: sequential, key-side gradients summed over tiles; chunk-parallel,
-        # two tiles in each scan and in the gradient kernel (key-side partials summed).
+        # Two value tiles: sequential, key-side gradients summed over tiles; chunk-parallel and
+        # factored, two tiles in each scan / pass and in the gradient kernel (key-side
+        # partials summed).
         (40, 16, True),
         (16, 32, False),  # full rows, no initial state
     ],
@@ -103,7 +109,7 @@ def test_gradients_match_reference(seq, value_tile, with_state, schedule):
     xs, state = _inputs(1, 1, seq, 2, 32)
     args = (*xs, state) if with_state else xs
     argnums = tuple(range(len(args)))
-    tiles = {"gradient_value_tile": value_tile} if schedule == "chunk_parallel" else {}
+    tiles = {"gradient_value_tile": value_tile} if schedule in CHUNK_GRADIENT_SCHEDULES else {}
     kernel = partial(wkv7_gpu, interpret=True, value_tile=value_tile, schedule=schedule, **tiles)
     grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*args)
     grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*args)
@@ -186,7 +192,8 @@ def test_bf16_parts_keep_sixteen_bits():
 
 
 @pytest.mark.parametrize(
-    "schedule, scan_group", [("sequential", None), ("chunk_parallel", None), ("chunk_parallel", 4)]
+    "schedule, scan_group",
+    [("sequential", None), ("chunk_parallel", None), ("chunk_parallel", 4), ("factored", None)],
 )
 def test_split_bf16_exact_dots_do_not_drift(schedule, scan_group):
     """exact_dot_precision="bf16x3" on fp32 inputs with almost no decay (w = W_MAX, the most
@@ -300,10 +307,11 @@ def test_dot_precision_plan(dot_precision, exact_dot_precision, schedule):
         assert len(exact) + len(fast) == len(both)
         # Forward with C = 16: IEEE fp32 = the decay sum (1) and the exact dots: A_ab, 3 x 2
         # inverse steps, W, P X0 and the state path, sequential W S^T, V^T kg, U^T bg (12),
-        # chunk-parallel L_c = W^T bg, V^T kg, U0^T bg and the scan's S L_c (13). Fast: A_qk,
+        # chunk-parallel L_c = W^T bg, V^T kg, U0^T bg and the scan's S L_c (13); factored as
+        # sequential, its pass taking W S^T, V^T kg and U^T bg (12). Fast: A_qk,
         # A_qb, A_ak, A_qb W, A_ak V, A_qk V, A_qb U0, Q S^T (8). With
         # exact_dot_precision="bf16x3" each exact dot is three bf16 dots (hi / lo parts).
-        n_exact = 12 if schedule == "sequential" else 13
+        n_exact = 13 if schedule == "chunk_parallel" else 12
         n_bf16 = sum(d[0] != f32 for d in fwd)
         if exact_dot_precision is None:
             assert (len(fwd) - n_bf16, n_bf16) == (1 + n_exact, 8)
@@ -339,6 +347,9 @@ def test_auto_value_tile():
         (jnp.bfloat16, None, None, "chunk_parallel", 16),
         (jnp.bfloat16, None, "exact bf16x3", "chunk_parallel", 16),
         (jnp.bfloat16, 64, None, "chunk_parallel", 64),
+        (jnp.float32, None, "highest", "factored", 16),
+        (jnp.bfloat16, None, "exact bf16x3", "factored", 16),
+        (jnp.bfloat16, 32, None, "factored", 64),
     ],
 )
 def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk_size):
@@ -360,10 +371,12 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
 
     # Sequential: the forward (saving chunk starts) and the backward kernel. Chunk-parallel:
     # chunk terms, scan and outputs forward; chunk terms, reverse scan and gradients backward.
-    n_forward = 1 if schedule == "sequential" else 3
+    # Factored: chunk terms and the pass forward; chunk terms, reverse pass and gradients.
+    n_forward = {"sequential": 1, "chunk_parallel": 3, "factored": 2}[schedule]
+    n_backward = {"sequential": 1, "chunk_parallel": 3, "factored": 3}[schedule]
     for fn, n_kernels in (
         (kernel, n_forward),
-        (jax.grad(loss, argnums=tuple(range(7))), 2 * n_forward),
+        (jax.grad(loss, argnums=tuple(range(7))), n_forward + n_backward),
     ):
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("__gpu$xla.gpu.triton") == n_kernels
@@ -371,14 +384,16 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_launch_parameters_reach_triton(schedule):
-    """num_warps reaches every kernel; the chunk-parallel scan alone pipelines its loads."""
+    """num_warps reaches every kernel; only the in-order scans / passes whose loads do not
+    depend on the state (chunk-parallel, factored) pipeline them."""
     token = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     for num_warps in (4, 8):
         kernel = partial(wkv7_gpu, schedule=schedule, num_warps=num_warps)
         text = jax.jit(kernel).trace(*(token,) * 6).lower(lowering_platforms=("cuda",)).as_text()
         assert set(re.findall(r"num_warps = (\d+)", text)) == {str(num_warps)}
         stages = sorted(re.findall(r"num_stages = (\d+)", text))
-        assert stages == (["1"] if schedule == "sequential" else ["1", "1", "2"])
+        expected = {"sequential": ["1"], "chunk_parallel": ["1", "1", "2"], "factored": ["1", "2"]}
+        assert stages == expected[schedule]
 
 
 def test_defaults_follow_the_schedule_table(monkeypatch):
@@ -434,7 +449,9 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
         ({"schedule": "chunk_parallel", "gradient_value_tile": 8}, 32, "gradient_value_tile"),
         ({"schedule": "chunk_parallel", "gradient_value_tile": 24}, 32, "gradient_value_tile"),
         ({"schedule": "chunk_parallel", "gradient_value_tile": 64}, 32, "gradient_value_tile"),
-        ({"gradient_value_tile": 16}, 32, "chunk_parallel' only"),
+        ({"schedule": "factored", "gradient_value_tile": 24}, 32, "gradient_value_tile"),
+        ({"gradient_value_tile": 16}, 32, "'chunk_parallel' / 'factored' only"),
+        ({"schedule": "factored", "scan_group": 2}, 32, "'chunk_parallel' only"),
         ({"schedule": "chunk_parallel", "scan_group": 3}, 32, "scan_group"),
         ({"schedule": "chunk_parallel", "scan_group": 0}, 32, "scan_group"),
         ({"schedule": "chunk_parallel", "scan_group": 32}, 32, "scan_group"),
@@ -470,8 +487,9 @@ def _outputs_and_gradients(kernel, xs, state):
 
 
 def test_schedules_agree():
-    """N = 64, chunk 16, value tiles of 16: the chunk-parallel schedule vs the sequential one
-    (same maths, different association of the state products), forward and gradients."""
+    """N = 64, chunk 16, value tiles of 16: the chunk-parallel and factored schedules vs the
+    sequential one (same maths, other associations of the state products), forward and
+    gradients."""
     xs, state = _inputs(11, 1, 48, 2, 64)
     results = {
         schedule: _outputs_and_gradients(
@@ -479,10 +497,12 @@ def test_schedules_agree():
         )
         for schedule in SCHEDULES
     }
-    for name, ref in results["sequential"].items():
-        # Measured 1.4e-7 .. 4.1e-7: fp32 rounding of the two associations.
-        got = results["chunk_parallel"][name]
-        assert _rel(got, ref) < 2e-6, (name, _rel(got, ref))
+    for schedule in SCHEDULES[1:]:
+        for name, ref in results["sequential"].items():
+            # Measured 1.4e-7 .. 4.1e-7 (chunk-parallel), 6.9e-8 .. 3.4e-7 (factored): fp32
+            # rounding of the associations.
+            got = results[schedule][name]
+            assert _rel(got, ref) < 2e-6, (schedule, name, _rel(got, ref))
 
 
 def test_scan_group_products_follow_the_exact_dot_precision():

@@ -46,8 +46,12 @@ from pallas_kernels.wkv7.reference import check_wkv7_shapes
 DOT_PRECISIONS = ("highest", "tf32x3", "bf16")
 EXACT_DOT_PRECISIONS = ("highest", "tf32x3", "bf16x3")
 # "sequential": one program per (batch x head, value tile) walks the chunks (this module);
-# "chunk_parallel": the chunk work in parallel, an N x N scan in order (gpu_chunk_parallel).
-SCHEDULES = ("sequential", "chunk_parallel")
+# "chunk_parallel": the chunk work in parallel, an N x N scan in order (gpu_chunk_parallel);
+# "factored": the chunk work in parallel, then a pass in order through each chunk's rank-C
+# factors (gpu_factored).
+SCHEDULES = ("sequential", "chunk_parallel", "factored")
+# The schedules whose backward runs the chunk-parallel gradient kernel (gradient_value_tile).
+CHUNK_GRADIENT_SCHEDULES = ("chunk_parallel", "factored")
 MIN_CHUNK_SIZE = 16
 MAX_CHUNK_SIZE = 64
 DEFAULT_CHUNK_SIZE = 16
@@ -68,6 +72,9 @@ SCHEDULE_DEFAULTS = {
         "gradient_value_tile": 32,
         "scan_group": 1,
     },
+    # Not yet timed on a GPU: the chunk-parallel schedule's settings (offline, its passes do
+    # not spill at 8 warps; bench/triton_spills.py).
+    "factored": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 8, "gradient_value_tile": 32},
 }
 MAX_SCAN_GROUP = 16
 MIN_VALUE_TILE = 16
@@ -527,26 +534,30 @@ def _check_tile(name, tile, n):
 
 def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group):
     """(schedule, chunk_size, num_warps, gradient_value_tile, scan_group) with None replaced by
-    the schedule's defaults; the last two are chunk-parallel options (N and 1 otherwise)."""
+    the schedule's defaults; gradient_value_tile applies to CHUNK_GRADIENT_SCHEDULES (N
+    otherwise), scan_group to "chunk_parallel" (1 otherwise)."""
     _check_choice("schedule", schedule, SCHEDULES)
     schedule = DEFAULT_SCHEDULE if schedule is None else schedule
     defaults = SCHEDULE_DEFAULTS[schedule]
     chunk_size = defaults["chunk_size"] if chunk_size is None else chunk_size
     num_warps = defaults["num_warps"] if num_warps is None else num_warps
-    if schedule != "chunk_parallel":
-        given = {"gradient_value_tile": gradient_value_tile, "scan_group": scan_group}
-        for name, value in given.items():
-            if value is not None:
-                raise ValueError(
-                    f"wkv7_gpu: {name} applies to schedule='chunk_parallel' only; got "
-                    f"schedule={schedule!r}"
-                )
+    options = (
+        ("gradient_value_tile", gradient_value_tile, CHUNK_GRADIENT_SCHEDULES),
+        ("scan_group", scan_group, ("chunk_parallel",)),
+    )
+    for name, value, schedules in options:
+        if value is not None and schedule not in schedules:
+            only = " / ".join(repr(s) for s in schedules)
+            raise ValueError(
+                f"wkv7_gpu: {name} applies to schedule={only} only; got schedule={schedule!r}"
+            )
+    if schedule not in CHUNK_GRADIENT_SCHEDULES:
         return schedule, chunk_size, num_warps, n, 1
     if gradient_value_tile is None:
         gradient_value_tile = min(defaults["gradient_value_tile"], n)
     _check_tile("gradient_value_tile", gradient_value_tile, n)
     if scan_group is None:
-        scan_group = defaults["scan_group"]
+        scan_group = defaults.get("scan_group", 1)
     elif not (_is_power_of_two(scan_group) and scan_group <= MAX_SCAN_GROUP):
         raise ValueError(
             f"wkv7_gpu: scan_group must be None or a power of two in [1, {MAX_SCAN_GROUP}], got "
@@ -673,6 +684,10 @@ def wkv7_gpu(
         from pallas_kernels.wkv7.gpu_chunk_parallel import wkv7_heads_chunk_parallel
 
         y, s_final = wkv7_heads_chunk_parallel(cfg, xs, s0)
+    elif schedule == "factored":
+        from pallas_kernels.wkv7.gpu_factored import wkv7_heads_factored
+
+        y, s_final = wkv7_heads_factored(cfg, xs, s0)
     else:
         y, s_final = _wkv7_heads(cfg, xs, s0)
     y = y[:, :seq].reshape(batch, heads, seq, n).transpose(0, 2, 1, 3)

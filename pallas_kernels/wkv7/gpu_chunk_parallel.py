@@ -145,12 +145,12 @@ def _gradient_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, start_ref
 # pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
 
 
-def _over_chunks(cfg, kernel, name, args, out_kinds):
+def _over_chunks(cfg, kernel, name, args, out_kinds, out_dtypes=None):
     """pallas_call of kernel over the grid (BH, chunks).
 
     [BH, Tp, N] arguments come in as one chunk of tokens [C, N], [BH, chunks, N, N] ones as
-    one chunk's matrix [N, N]; the outputs are fp32, of out_kinds ("tokens" / "matrix" /
-    "row", [BH, chunks, 1, N] as one chunk's [1, N]).
+    one chunk's matrix [N, N]; the outputs are of out_kinds ("tokens" / "matrix" / "row",
+    [BH, chunks, 1, N] as one chunk's [1, N]) and out_dtypes (None: all fp32).
     """
     bh, seq, n = args[0].shape
     n_chunks = seq // cfg.chunk
@@ -161,12 +161,15 @@ def _over_chunks(cfg, kernel, name, args, out_kinds):
     }
     shapes = {"tokens": (bh, seq, n), "matrix": (bh, n_chunks, n, n), "row": (bh, n_chunks, 1, n)}
     kind = lambda x: "tokens" if x.ndim == 3 else "matrix"
+    dtypes = out_dtypes or (jnp.float32,) * len(out_kinds)
     return pl.pallas_call(
         partial(kernel, dots=cfg.dots),
         grid=(bh, n_chunks),
         in_specs=[specs[kind(x)] for x in args],
         out_specs=[specs[k] for k in out_kinds],
-        out_shape=[jax.ShapeDtypeStruct(shapes[k], jnp.float32) for k in out_kinds],
+        out_shape=[
+            jax.ShapeDtypeStruct(shapes[k], dt) for k, dt in zip(out_kinds, dtypes, strict=True)
+        ],
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name=name,

@@ -1,0 +1,220 @@
+"""WKV-7 on GPU, factored schedule: chunk terms in parallel, then one pass over the chunks in
+order that carries the state through each chunk's rank-C factors.
+
+The chunk-parallel schedule (`gpu_chunk_parallel`) hands its scan each chunk's transition as
+N x N matrices (L_c = W^T bg, D_c), 2 x N^2 fp32 per chunk written and read again (~2 KB per
+token and head at chunk 16 and N = 64), and needs a third kernel for the outputs. Here the
+parallel kernel stores the chunk's terms as they come out of `gpu._chunk_terms`, [C, N] per
+chunk (N floats per token each), and the in-order pass applies them to the state rows it
+holds, exactly the sequential schedule's step without its chunk maths:
+
+    Y = Y0 + Q S^T,   U = U0 + W S^T,   S' = S e^{gC} + V^T kg + U^T bg.
+
+Per chunk that is two dependent exact dots on the state's path ([C, N] x [N, VT], then
+[VT, C] x [C, N]), one independent exact dot (V^T kg) and a fast one for y, with loads that do
+not depend on the state (so they can be fetched a chunk ahead). The backward mirrors it: a
+parallel kernel recomputes e^{gC}, W, bg and Q, a reverse pass carries the cotangent,
+
+    dU = bg dS'^T,   dS = dS' e^{gC} + dU^T W + dY^T Q,
+
+storing each chunk's end cotangent, and the chunk-parallel schedule's gradient kernel makes
+the input gradients from S_c and dS_{c+1} (grid B*H x chunks x value tiles).
+
+Memory, per token and head: the forward's terms are 6 x N fp32 (Q in bf16 with "bf16" dots,
+since only a fast dot reads it there), the backward's 3 x N, both transient; the residual is
+the start state of every chunk (N^2 fp32 / C), as in the other schedules. The dot precision
+plan is the sequential schedule's, dot for dot.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.wkv7.gpu import _chunk_terms, _compiler_params, _value_terms
+from pallas_kernels.wkv7.gpu_chunk_parallel import _gradient_call, _load, _over_chunks
+
+# The passes' loads (the chunk's terms) do not depend on the carried state: two stages let
+# Triton fetch the next chunk's while the current dots run.
+PASS_NUM_STAGES = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Terms kernels: one chunk [C, N] of one (batch x head). Passes: one (batch x head)'s
+# whole sequence, key-side terms [Tp, N], value-side ones and y / dy [Tp, VT], states [VT, N].
+
+
+def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, decay_ref, wm_ref, bg_ref,
+                          kg_ref, q_ref, u0_ref, y0_ref, *, dots):  # fmt: skip
+    r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
+    t = _chunk_terms(dots, r, w, k, a, b)
+    u0, y0 = _value_terms(dots, t, v)
+    decay_ref[...] = t.e_gc
+    wm_ref[...] = t.wm
+    bg_ref[...] = t.bg
+    kg_ref[...] = t.kg
+    q_ref[...] = dots.operand(t.q)  # only Q S^T, a fast dot, reads it
+    u0_ref[...] = u0
+    y0_ref[...] = y0
+
+
+def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, decay_ref, wm_ref, bg_ref, q_ref,
+                           *, dots):  # fmt: skip
+    r, w, k, a, b = _load(r_ref, w_ref, k_ref, a_ref, b_ref)
+    t = _chunk_terms(dots, r, w, k, a, b)
+    decay_ref[...] = t.e_gc
+    wm_ref[...] = t.wm
+    bg_ref[...] = t.bg
+    q_ref[...] = t.q  # dY^T Q feeds the carried cotangent: kept in fp32
+
+
+def _forward_pass_kernel(decay_ref, wm_ref, bg_ref, kg_ref, q_ref, u0_ref, y0_ref, v_ref, s0_ref,
+                         y_ref, s_out_ref, *starts_ref, chunk, n_chunks, dots):  # fmt: skip
+    """S <- S e^{gC} + V^T kg + U^T bg over the chunks in order, writing y; optionally stores
+    each chunk's start state for the backward."""
+
+    def step(i, s):
+        rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+        if starts_ref:
+            starts_ref[0][i, :, :] = s
+        # Q S^T reaches only y (fast); the new state's dots are exact.
+        y_ref[rows, :] = y0_ref[rows, :] + dots.fast(q_ref[rows, :], s, tb=True)
+        u = u0_ref[rows, :] + dots.exact(wm_ref[rows, :], s, tb=True)
+        v = v_ref[rows, :].astype(jnp.float32)
+        drive = dots.exact(v, kg_ref[rows, :], ta=True) + dots.exact(u, bg_ref[rows, :], ta=True)
+        return s * decay_ref[i, :, :] + drive
+
+    s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s0_ref[...])
+
+
+def _reverse_pass_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, ds_final_ref, ds0_ref,
+                         end_cot_ref, *, chunk, n_chunks, dots):  # fmt: skip
+    """dS <- dS' e^{gC} + dU^T W + dY^T Q over the chunks, last first; end_cot_ref[c] receives
+    the cotangent dS_{c+1} at chunk c's end."""
+
+    def step(j, ds_next):
+        i = n_chunks - 1 - j
+        rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+        end_cot_ref[i, :, :] = ds_next
+        du = dots.exact(bg_ref[rows, :], ds_next, tb=True)
+        drive = dots.exact(du, wm_ref[rows, :], ta=True)
+        drive = drive + dots.exact(dy_ref[rows, :], q_ref[rows, :], ta=True)
+        return ds_next * decay_ref[i, :, :] + drive
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_final_ref[...])
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
+
+
+def _forward_terms_call(cfg, xs):
+    """(decay [BH, chunks, 1, N]; W, bg, kg, Q, U0, Y0 [BH, Tp, N])."""
+    kinds = ("row",) + ("tokens",) * 6
+    q_dtype = cfg.dots.operand(jnp.zeros((), jnp.float32)).dtype
+    dtypes = (jnp.float32,) * 4 + (q_dtype, jnp.float32, jnp.float32)
+    return _over_chunks(
+        cfg, _forward_terms_kernel, "wkv7_gpu_factored_forward_terms", xs, kinds, dtypes
+    )
+
+
+def _backward_terms_call(cfg, xs):
+    """(decay [BH, chunks, 1, N]; W, bg, Q [BH, Tp, N])."""
+    r, w, k, _, a, b = xs
+    kinds = ("row",) + ("tokens",) * 3
+    name = "wkv7_gpu_factored_backward_terms"
+    return _over_chunks(cfg, _backward_terms_kernel, name, (r, w, k, a, b), kinds)
+
+
+def _pass_specs(n_chunks, seq, n, vt):
+    """BlockSpecs over the grid (BH, N // VT): decays, key-side terms, value-side tokens,
+    a state's rows and every chunk's state rows."""
+    decays = pl.BlockSpec((None, n_chunks, 1, n), lambda i, j: (i, 0, 0, 0))
+    keys = pl.BlockSpec((None, seq, n), lambda i, j: (i, 0, 0))
+    values = pl.BlockSpec((None, seq, vt), lambda i, j: (i, 0, j))
+    state = pl.BlockSpec((None, vt, n), lambda i, j: (i, j, 0))
+    chunk_states = pl.BlockSpec((None, n_chunks, vt, n), lambda i, j: (i, 0, j, 0))
+    return decays, keys, values, state, chunk_states
+
+
+def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
+    """(y [BH, Tp, N], final state [BH, N, N]) and, with save_starts, every chunk's start
+    state [BH, chunks, N, N]; all fp32."""
+    decay, wm, bg, kg, q, u0, y0 = terms
+    bh, seq, n = wm.shape
+    n_chunks, vt = seq // cfg.chunk, cfg.value_tile
+    decays, keys, values, state, chunk_states = _pass_specs(n_chunks, seq, n, vt)
+    out_specs = [values, state]
+    out_shape = [
+        jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
+        jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
+    ]
+    if save_starts:
+        out_specs.append(chunk_states)
+        out_shape.append(jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32))
+    return pl.pallas_call(
+        partial(_forward_pass_kernel, chunk=cfg.chunk, n_chunks=n_chunks, dots=cfg.dots),
+        grid=(bh, n // vt),
+        in_specs=[decays, keys, keys, keys, keys, values, values, values, state],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_factored_forward_pass",
+    )(decay, wm, bg, kg, q, u0, y0, v, s0)
+
+
+def _reverse_pass_call(cfg, terms, dy, ds_final):
+    """(dS_0 [BH, N, N], every chunk's end cotangent [BH, chunks, N, N]); fp32."""
+    decay, wm, bg, q = terms
+    bh, seq, n = wm.shape
+    n_chunks, vt = seq // cfg.chunk, cfg.value_tile
+    decays, keys, values, state, chunk_states = _pass_specs(n_chunks, seq, n, vt)
+    return pl.pallas_call(
+        partial(_reverse_pass_kernel, chunk=cfg.chunk, n_chunks=n_chunks, dots=cfg.dots),
+        grid=(bh, n // vt),
+        in_specs=[decays, keys, keys, keys, values, state],
+        out_specs=[state, chunk_states],
+        out_shape=[
+            jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
+            jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32),
+        ],
+        compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
+        interpret=cfg.interpret,
+        name="wkv7_gpu_factored_reverse_pass",
+    )(decay, wm, bg, q, dy, ds_final)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def wkv7_heads_factored(cfg, xs, s0):
+    """(y [BH, Tp, N], final state [BH, N, N]) fp32 for head-major xs = (r, w, k, v, a, b).
+
+    cfg is `gpu._Config`; Tp is a multiple of cfg.chunk; s0 [BH, N, N] fp32.
+    """
+    terms = _forward_terms_call(cfg, xs)
+    return _forward_pass_call(cfg, terms, xs[3], s0, save_starts=False)
+
+
+def _vjp_forward(cfg, xs, s0):
+    terms = _forward_terms_call(cfg, xs)
+    y, s_final, starts = _forward_pass_call(cfg, terms, xs[3], s0, save_starts=True)
+    # Residuals: the inputs (alive anyway) and each chunk's start state; the chunk terms are
+    # recomputed in the backward's parallel kernels.
+    return (y, s_final), (xs, starts)
+
+
+def _vjp_backward(cfg, res, cot):
+    xs, starts = res
+    dy, ds_final = (x.astype(jnp.float32) for x in cot)
+    terms = _backward_terms_call(cfg, xs)
+    ds0, end_cots = _reverse_pass_call(cfg, terms, dy, ds_final)
+    grads = _gradient_call(cfg, xs, dy, starts, end_cots)
+    grads = tuple(g.astype(x.dtype) for g, x in zip(grads, xs, strict=True))
+    return grads, ds0
+
+
+wkv7_heads_factored.defvjp(_vjp_forward, _vjp_backward)
