@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurement of the chunk-parallel WKV-7 schedule, planned for one lent H100
+# Issue 5's GPU measurement of the parallel WKV-7 schedules, planned for one lent H100
 # (15 device minutes, start-up included) as at most two calls on one warm machine; call `run`
 # with carry [".whl"] (the fla-core wheel; add ".triton_cache" when a saved one exists, below)
 # and timeout_s 595:
 #
 #   bash bench/wkv7_gpu_session.sh measure
-#       1. the sequential kernel (baseline; also with 8 warps and split-bf16 tensor-core exact
-#          dots, exact_dot_precision=bf16x3) and chunk-parallel variants (the default; with
-#          bf16x3 exact dots and full-row gradients; with bf16x3 at chunk 32), bf16, T 16K /
-#          64K x B*H 8 / 64, the fp32 errors of the bf16x3 chunk-parallel variant, and the
-#          gradient check of all five (fp32, T = 4096, B*H = 8, against the XLA path);
-#       2. the per-kernel times alone (--stages-only) of the chunk-parallel variants at
-#          T = 64K, B*H 64 then 8, and of bf16x3 with 32-row gradient tiles (the default
-#          tile) and with scan groups of 4 chunks;
+#       1. the sequential kernel (baseline), the factored schedule (its defaults; with
+#          split-bf16 tensor-core exact dots, exact_dot_precision=bf16x3, and full-row
+#          gradients; that at chunk 32) and the chunk-parallel one (bf16x3, full-row
+#          gradients), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of the bf16x3 factored
+#          variant, and the gradient check of all five (fp32, T = 4096, B*H = 8, against the
+#          XLA path);
+#       2. the per-kernel times alone (--stages-only) of the factored and chunk-parallel
+#          variants at T = 64K, B*H 64 then 8, and of the chunk-parallel default;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
 #          time, fla against the fastest of step 1's variants (bench/wkv7_best.py).
@@ -33,6 +33,7 @@ set -u
 phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla}
 CALL_LIMIT=${CALL_LIMIT:-580}
 CP="pallas@schedule=chunk_parallel"
+FA="pallas@schedule=factored"
 SIZES=${SIZES:---seq-lens 16384,65536 --bh 8,64}
 STAGE_SIZES=${STAGE_SIZES:---seq-lens 65536 --bh 64,8}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -95,7 +96,7 @@ wait_fla_warmup() {  # wait_fla_warmup SECONDS_TO_LEAVE: true once the autotunin
 
 compare_with_fla() {
   local best
-  best=$(python3 bench/wkv7_best.py /tmp/wkv7_schedules.json --prefix pallas) || best="$CP"
+  best=$(python3 bench/wkv7_best.py /tmp/wkv7_schedules.json --prefix pallas) || best="$FA"
   echo "== fastest variant: $best"
   # fla first in each size, before JAX's memory pool grows at that size.
   # shellcheck disable=SC2086  # SIZES is a list of arguments
@@ -105,29 +106,30 @@ compare_with_fla() {
 
 case "$phase" in
   measure)
-    # Five variants fill ~300 s (each compiles per size; chunk 32 took ~20 s a size). Chunk 32
-    # and full-row gradients (gradient_value_tile=64) were timed on 2026-11-27 against the same
-    # sequential baseline: docs/BENCHMARKS.md. Split-bf16 exact dots move the state path and
-    # the chunk inverse from the FMA units to tensor cores (bench/triton_spills.py: the scan
-    # step's 256 FFMA and 99 shared loads per thread become 12 HMMA and 38 loads, the
-    # sequential forward's 1200 FFMA 192 at 8 warps, where its backward stops spilling; no
-    # chunk-parallel kernel spills at chunk 16; at chunk 32, which halves the scans' steps and
-    # the N x N maps' memory traffic, only the gradient kernel does, 196 B against 32.9 KB with
-    # IEEE dots, full rows and 4 warps). With bf16x3 at chunk 16 the full-row gradient kernel
-    # does not spill either, and full rows skip the per-tile partial sums (5 x 2 x N fp32 per
-    # token and head written, read and summed at 32-row tiles). Groups of 4 chunks quarter the
-    # scans' steps (the suspected cost at B*H = 8): in the stages step.
+    # Five variants fill ~300 s (each compiles per size; chunk 32 took ~20 s a size).
+    # The factored schedule is fla's structure with this project's maths and dot plan: the
+    # chunk terms in parallel, stored as [C, N] factors, then an in-order pass per (B*H, value
+    # tile) with two dependent [C, N]-sized dots per chunk on the state's path; against the
+    # chunk-parallel schedule it drops the N x N maps (~2 KB per token and head at chunk 16,
+    # written and read) and the outputs kernel. Offline (bench/triton_spills.py, sm_90) none
+    # of its passes spills, and with bf16x3 a pass step is 22 HMMA, 4 FFMA and 62 shared loads
+    # per thread. Split-bf16 exact dots move the state path and the chunk inverse from the FMA
+    # units (bound by shared-memory reads there) to tensor cores; with them the full-row
+    # gradient kernel does not spill at chunk 16 (11.5 KB with IEEE dots), and full rows skip
+    # the per-tile partial sums of the key-side gradients. At chunk 32, which halves the
+    # passes' steps and the stored start states, only the gradient kernel spills (196 B).
     split="exact_dot_precision=bf16x3"
+    fa_split="$FA;$split;gradient_value_tile=64"
     cp_split="$CP;$split;gradient_value_tile=64"
-    cp_variants="$cp_split,$CP,$CP;$split;chunk_size=32"
+    variants="$FA,$fa_split,$fa_split;chunk_size=32,$cp_split"
     # shellcheck disable=SC2086
     bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 \
-      --impls "pallas,pallas@num_warps=8;$split,$cp_variants" --impls-fp32 "$cp_split" \
+      --impls "pallas,$variants" --impls-fp32 "$fa_split" \
       --repeats 3 --gradient-check-seq-len 4096
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
     bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --repeats 3 --skip-gradient-check \
-      --impls "$cp_variants,$CP;$split,$cp_split;scan_group=4" --stages-only
+      --impls "$variants,$CP" --stages-only
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi
     ;;
