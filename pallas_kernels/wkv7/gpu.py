@@ -642,14 +642,17 @@ def wkv7_gpu(
         schedule: static; "sequential" (one program per batch x head and value tile walks
             the chunks, the whole chunk maths on its critical path), "chunk_parallel" (the
             chunk maths in parallel over chunks, only an N x N affine map of the state per
-            chunk in order; see `gpu_chunk_parallel`), or None: `DEFAULT_SCHEDULE`
-            ("sequential"). Same maths and dot precision plan; with "chunk_parallel",
-            value_tile applies to the state scan.
+            chunk in order; see `gpu_chunk_parallel`), "factored" (the chunk maths in
+            parallel, stored as [C, N] factors per chunk, then one pass in order that applies
+            them to the state and writes y; see `gpu_factored`), or None: `DEFAULT_SCHEDULE`
+            ("sequential"). Same maths and dot precision plan; with "chunk_parallel" /
+            "factored", value_tile applies to the state scans / passes.
         num_warps: static; Triton warps per program, every kernel of the call, or None: the
-            schedule's default (4 sequential, 8 chunk-parallel).
-        gradient_value_tile: static, "chunk_parallel" only; the state rows per program of
-            the backward's gradient kernel (grid B*H x chunks x N / tile; key-side gradients
-            are summed over the tiles), a power of two in [16, N], or None: 32 (at most N).
+            schedule's default (4 sequential, 8 chunk-parallel and factored).
+        gradient_value_tile: static, "chunk_parallel" / "factored" only; the state rows per
+            program of the backward's gradient kernel (grid B*H x chunks x N / tile; key-side
+            gradients are summed over the tiles), a power of two in [16, N], or None: 32 (at
+            most N).
         scan_group: static, "chunk_parallel" only; chunks whose maps XLA composes into one
             step of the state scans (fewer sequential steps for ~N^3 parallel work per chunk
             each way), a power of two in [1, 16], or None: 1.
