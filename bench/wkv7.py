@@ -243,13 +243,14 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     """
     from pallas_kernels.wkv7 import gpu
 
-    _, _, heads, n = xs["r"].shape
+    _, seq, heads, n = xs["r"].shape
     schedule, cfg = gpu.resolve_config(
-        n, heads, [(name, dtype) for name in "rwkvab"],
+        n, heads, [(name, dtype) for name in "rwkvab"], seq_len=seq,
         interpret=jax.default_backend() == "cpu", **impl_options(impl),
     )  # fmt: skip
-    hx = tuple(gpu.head_major(xs[name].astype(dtype), cfg.chunk) for name in "rwkvab")
-    dy, ds = gpu.head_major(xs["dy"], cfg.chunk), xs["ds"].reshape(heads, n, n)
+    pad = cfg.chunk * cfg.segments  # wkv7_gpu's padding
+    hx = tuple(gpu.head_major(xs[name].astype(dtype), pad) for name in "rwkvab")
+    dy, ds = gpu.head_major(xs["dy"], pad), xs["ds"].reshape(heads, n, n)
     calls = _stage_calls(schedule, cfg, hx, dy, ds)
     return {name: median_ms(lambda f=fn, a=a: f(*a), repeats) for name, (fn, a) in calls.items()}
 

@@ -12,7 +12,9 @@
 #          variant, and the gradient check of all five (fp32, T = 4096, B*H = 8, against the
 #          XLA path);
 #       2. the per-kernel times alone (--stages-only) of the factored and chunk-parallel
-#          variants at T = 64K, B*H 64 then 8, and of the chunk-parallel default;
+#          variants at T = 64K, B*H 64 then 8, of the factored bf16x3 variant without
+#          segments (at B*H = 8 the default cuts T into 8 parallel segments) and of the
+#          chunk-parallel default;
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
 #          time, fla against the fastest of step 1's variants (bench/wkv7_best.py).
@@ -118,6 +120,9 @@ case "$phase" in
     # gradient kernel does not spill at chunk 16 (11.5 KB with IEEE dots), and full rows skip
     # the per-tile partial sums of the key-side gradients. At chunk 32, which halves the
     # passes' steps and the stored start states, only the gradient kernel spills (196 B).
+    # At B*H = 8 the passes run only 32 programs (16-row value tiles), so the factored default
+    # cuts the sequence into 8 segments walked in parallel (a carry pass finds each segment's
+    # map, XLA chains them): two walks of T / 8 chunks instead of one of T.
     split="exact_dot_precision=bf16x3"
     fa_split="$FA;$split;gradient_value_tile=64"
     cp_split="$CP;$split;gradient_value_tile=64"
@@ -129,7 +134,7 @@ case "$phase" in
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     # shellcheck disable=SC2086
     bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --repeats 3 --skip-gradient-check \
-      --impls "$variants,$CP" --stages-only
+      --impls "$variants,$fa_split;segments=1,$CP" --stages-only
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi
     ;;

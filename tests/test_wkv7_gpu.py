@@ -192,22 +192,24 @@ def test_bf16_parts_keep_sixteen_bits():
 
 
 @pytest.mark.parametrize(
-    "schedule, scan_group",
-    [("sequential", None), ("chunk_parallel", None), ("chunk_parallel", 4), ("factored", None)],
+    "schedule, options",
+    [
+        ("sequential", {}),
+        ("chunk_parallel", {}),
+        ("chunk_parallel", {"scan_group": 4}),
+        ("factored", {"segments": 4}),
+    ],
 )
-def test_split_bf16_exact_dots_do_not_drift(schedule, scan_group):
+def test_split_bf16_exact_dots_do_not_drift(schedule, options):
     """exact_dot_precision="bf16x3" on fp32 inputs with almost no decay (w = W_MAX, the most
     room for a state error to compound), T = 512: y, the state and every gradient within
     SPLIT_TOL, and y's error no larger at the end than at the start (with scan groups, XLA's
-    map products take the same split)."""
+    map products take the same split; segment maps are made by split dots and chained in
+    IEEE fp32)."""
     seq, window = 512, 128
     xs, state = _inputs(9, 1, seq, 1, 16, w_const=W_MAX)
     kernel = partial(
-        wkv7_gpu,
-        interpret=True,
-        schedule=schedule,
-        exact_dot_precision="bf16x3",
-        scan_group=scan_group,
+        wkv7_gpu, interpret=True, schedule=schedule, exact_dot_precision="bf16x3", **options
     )
     results = _outputs_and_gradients(kernel, xs, state)
     refs = _outputs_and_gradients(wkv7_reference, xs, state)
@@ -327,6 +329,34 @@ def test_empty_sequence():
     np.testing.assert_array_equal(s, state)
 
 
+def test_auto_segments():
+    """Segments double while the factored passes run fewer than TARGET_PROGRAMS programs and
+    each segment keeps MIN_SEGMENT_CHUNKS chunks."""
+    from pallas_kernels.wkv7.gpu import _auto_segments
+
+    assert _auto_segments(32, 1024) == 8  # B*H = 8, 16-row tiles, T = 16K: 256 programs
+    assert _auto_segments(32, None) == 8
+    assert _auto_segments(256, 1024) == 1  # enough programs already
+    assert _auto_segments(1, None) == 16  # MAX_SEGMENTS
+    assert _auto_segments(32, 64) == 2  # 64 chunks: two segments of 32
+    assert _auto_segments(32, 63) == 1
+
+
+@pytest.mark.parametrize("segments", [2, 4])
+def test_segments_match_reference(segments):
+    """Factored passes over 2 / 4 segments (T = 100: 7 chunks padded to 8), two value tiles:
+    forward and every gradient within TOL of the oracle."""
+    xs, state = _inputs(15, 1, 100, 2, 32)
+    kernel = partial(
+        wkv7_gpu, interpret=True, schedule="factored", segments=segments, value_tile=16
+    )
+    results = _outputs_and_gradients(kernel, xs, state)
+    refs = _outputs_and_gradients(wkv7_reference, xs, state)
+    for name, ref in refs.items():
+        # Measured 1.8e-7 .. 4.2e-7, as with one segment.
+        assert _rel(results[name], ref) < TOL, (segments, name, _rel(results[name], ref))
+
+
 def test_auto_value_tile():
     assert _auto_value_tile(64, 4) == 16  # B * H = 4: split to the smallest tile
     assert _auto_value_tile(64, 66) == 32
@@ -371,9 +401,10 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
 
     # Sequential: the forward (saving chunk starts) and the backward kernel. Chunk-parallel:
     # chunk terms, scan and outputs forward; chunk terms, reverse scan and gradients backward.
-    # Factored: chunk terms and the pass forward; chunk terms, reverse pass and gradients.
-    n_forward = {"sequential": 1, "chunk_parallel": 3, "factored": 2}[schedule]
-    n_backward = {"sequential": 1, "chunk_parallel": 3, "factored": 3}[schedule]
+    # Factored: chunk terms, carry and pass forward; chunk terms, reverse carry, reverse pass
+    # and gradients (B*H = 4 with 16-row value tiles: 16 programs, so 8 segments and carries).
+    n_forward = {"sequential": 1, "chunk_parallel": 3, "factored": 3}[schedule]
+    n_backward = {"sequential": 1, "chunk_parallel": 3, "factored": 4}[schedule]
     for fn, n_kernels in (
         (kernel, n_forward),
         (jax.grad(loss, argnums=tuple(range(7))), n_forward + n_backward),
@@ -452,6 +483,10 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
         ({"schedule": "factored", "gradient_value_tile": 24}, 32, "gradient_value_tile"),
         ({"gradient_value_tile": 16}, 32, "'chunk_parallel' / 'factored' only"),
         ({"schedule": "factored", "scan_group": 2}, 32, "'chunk_parallel' only"),
+        ({"schedule": "factored", "segments": 3}, 32, "segments"),
+        ({"schedule": "factored", "segments": 32}, 32, "segments"),
+        ({"schedule": "factored", "segments": 0}, 32, "segments"),
+        ({"segments": 2}, 32, "'factored' only"),
         ({"schedule": "chunk_parallel", "scan_group": 3}, 32, "scan_group"),
         ({"schedule": "chunk_parallel", "scan_group": 0}, 32, "scan_group"),
         ({"schedule": "chunk_parallel", "scan_group": 32}, 32, "scan_group"),

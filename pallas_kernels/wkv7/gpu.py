@@ -77,6 +77,9 @@ SCHEDULE_DEFAULTS = {
     "factored": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 8, "gradient_value_tile": 32},
 }
 MAX_SCAN_GROUP = 16
+MAX_SEGMENTS = 16
+# segments=None never cuts a sequence into segments shorter than this many chunks.
+MIN_SEGMENT_CHUNKS = 32
 MIN_VALUE_TILE = 16
 # No software pipelining of the chunk loop's loads: the loop body is dominated by dependent
 # dots on register-resident state, and pipelining only adds register pressure.
@@ -181,6 +184,7 @@ class _Config:
     num_warps: int
     gradient_value_tile: int  # chunk-parallel gradient kernel's value rows per program
     scan_group: int  # chunk-parallel: chunks per step of the state scans
+    segments: int  # factored: parts of the sequence whose passes run in parallel
 
     @property
     def dots(self):
@@ -523,6 +527,23 @@ def _auto_value_tile(n, programs_per_tile):
     return vt
 
 
+def _auto_segments(programs, n_chunks):
+    """Segments for the factored schedule's passes: doubled while the passes' programs
+    (B*H x value tiles x segments) stay below TARGET_PROGRAMS, up to MAX_SEGMENTS and while
+    segments keep >= MIN_SEGMENT_CHUNKS chunks (n_chunks None: no such bound).
+
+    Below TARGET_PROGRAMS most SMs idle while the passes walk T / C chunks in order, one
+    latency-bound step each; segments shorten that walk at three times the pass work."""
+    segments = 1
+    while (
+        programs * segments < TARGET_PROGRAMS
+        and segments < MAX_SEGMENTS
+        and (n_chunks is None or n_chunks // (2 * segments) >= MIN_SEGMENT_CHUNKS)
+    ):
+        segments *= 2
+    return segments
+
+
 def _check_tile(name, tile, n):
     """A value tile (state rows per program) must be a power of two in [MIN_VALUE_TILE, N]."""
     if not (_is_power_of_two(tile) and MIN_VALUE_TILE <= tile <= n):
@@ -598,7 +619,7 @@ def _check_arguments(n, chunk_size, value_tile, dot_precision, exact_dot_precisi
 def wkv7_gpu(
     r, w, k, v, a, b, state=None, *, chunk_size=None, value_tile=None, dot_precision=None,
     exact_dot_precision=None, schedule=None, num_warps=None, gradient_value_tile=None,
-    scan_group=None, interpret=False,
+    scan_group=None, segments=None, interpret=False,
 ):  # fmt: skip
     """WKV-7 on GPU (Pallas-Triton): same result as `wkv7_reference`, differentiable.
 
@@ -656,6 +677,13 @@ def wkv7_gpu(
         scan_group: static, "chunk_parallel" only; chunks whose maps XLA composes into one
             step of the state scans (fewer sequential steps for ~N^3 parallel work per chunk
             each way), a power of two in [1, 16], or None: 1.
+        segments: static, "factored" only; parts of the sequence (padded to a multiple of
+            chunk_size x segments) whose in-order passes run in parallel: a first pass finds
+            each part's map and the state it makes from zero, XLA chains them into the
+            parts' start states, and the pass proper runs from those (two walks over
+            T / segments chunks instead of one over T, for three times the pass work). A
+            power of two in [1, 16], or None: doubled from 1 while the passes run fewer than
+            TARGET_PROGRAMS programs and each part keeps >= MIN_SEGMENT_CHUNKS chunks.
         interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
@@ -664,7 +692,7 @@ def wkv7_gpu(
     Raises:
         ValueError: on mismatched shapes, a bad chunk_size / value_tile / dot_precision /
             exact_dot_precision / schedule / num_warps / gradient_value_tile / scan_group /
-            head size or an unsupported dtype.
+            segments / head size or an unsupported dtype.
     """
     batch, seq, heads, n = check_wkv7_shapes(r, w, k, v, a, b, state)
     named = (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b))
@@ -675,13 +703,13 @@ def wkv7_gpu(
         n, batch * heads, dtypes, chunk_size=chunk_size, value_tile=value_tile,
         dot_precision=dot_precision, exact_dot_precision=exact_dot_precision,
         schedule=schedule, num_warps=num_warps, gradient_value_tile=gradient_value_tile,
-        scan_group=scan_group, interpret=interpret,
+        scan_group=scan_group, segments=segments, seq_len=seq, interpret=interpret,
     )  # fmt: skip
     if state is None:
         state = jnp.zeros((batch, heads, n, n), jnp.float32)
     if seq == 0:
         return jnp.zeros(r.shape, jnp.float32), state.astype(jnp.float32)
-    xs = tuple(head_major(x, cfg.chunk) for _, x in named)
+    xs = tuple(head_major(x, cfg.chunk * cfg.segments) for _, x in named)
     s0 = state.astype(jnp.float32).reshape(batch * heads, n, n)
     if schedule == "chunk_parallel":
         from pallas_kernels.wkv7.gpu_chunk_parallel import wkv7_heads_chunk_parallel
@@ -700,12 +728,13 @@ def wkv7_gpu(
 def resolve_config(
     n, programs_per_tile, dtypes, *, chunk_size=None, value_tile=None, dot_precision=None,
     exact_dot_precision=None, schedule=None, num_warps=None, gradient_value_tile=None,
-    scan_group=None, interpret=False,
+    scan_group=None, segments=None, seq_len=None, interpret=False,
 ):  # fmt: skip
     """(schedule, kernel config) for wkv7_gpu's options: validated, None filled in.
 
     n: head size; programs_per_tile: B * H; dtypes: [(name, dtype)] of the inputs (and the
-    state, named "state"). Also used by bench/wkv7.py to run single kernels as wkv7_gpu would.
+    state, named "state"); seq_len: T (bounds the automatic segments; None: no bound). Also
+    used by bench/wkv7.py to run single kernels as wkv7_gpu would.
     """
     schedule, chunk_size, num_warps, gradient_tile, scan_group = _schedule_settings(
         schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group
@@ -720,9 +749,22 @@ def resolve_config(
         exact_dot_precision = "tf32x3" if dot_precision == "tf32x3" else "highest"
     if value_tile is None:
         value_tile = _auto_value_tile(n, programs_per_tile)
+    if segments is not None and schedule != "factored":
+        raise ValueError(
+            f"wkv7_gpu: segments applies to schedule='factored' only; got schedule={schedule!r}"
+        )
+    if segments is None:
+        n_chunks = None if seq_len is None else -(-seq_len // chunk_size)
+        programs = programs_per_tile * (n // value_tile)
+        segments = _auto_segments(programs, n_chunks) if schedule == "factored" else 1
+    elif not (_is_power_of_two(segments) and segments <= MAX_SEGMENTS):
+        raise ValueError(
+            f"wkv7_gpu: segments must be None or a power of two in [1, {MAX_SEGMENTS}], got "
+            f"{segments!r}"
+        )
     cfg = _Config(
         chunk_size, value_tile, bool(interpret), dot_precision, exact_dot_precision, num_warps,
-        gradient_tile, scan_group,
+        gradient_tile, scan_group, segments,
     )  # fmt: skip
     return schedule, cfg
 

@@ -20,6 +20,13 @@ parallel kernel recomputes e^{gC}, W, bg and Q, a reverse pass carries the cotan
 storing each chunk's end cotangent, and the chunk-parallel schedule's gradient kernel makes
 the input gradients from S_c and dS_{c+1} (grid B*H x chunks x value tiles).
 
+The passes run B*H x N / VT programs (32 at B*H = 8 with 16-row tiles, a quarter of an H100's
+SMs), each walking T / C chunks in order. `segments` = G > 1 cuts the sequence into G parts
+walked in parallel: a carry pass over rows [zeros; identity] gives each part's map M_g and the
+state L_g it makes from zero (x_end = x_start M_g + L_g), XLA chains those into every part's
+start state, and the pass proper runs from them; the reverse pass likewise. Two walks of T / G
+chunks instead of one of T, for three times the pass work (`gpu._auto_segments` picks G).
+
 Memory, per token and head: the forward's terms are 6 x N fp32 (Q in bf16 with "bf16" dots,
 since only a fast dot reads it there), the backward's 3 x N, both transient; the residual is
 the start state of every chunk (N^2 fp32 / C), as in the other schedules. The dot precision
@@ -29,6 +36,7 @@ plan is the sequential schedule's, dot for dot.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +116,40 @@ def _reverse_pass_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, ds_final_ref,
     ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_final_ref[...])
 
 
+def _carry_kernel(decay_ref, wm_ref, bg_ref, kg_ref, u0_ref, v_ref, x0_ref, x_out_ref, *, chunk,
+                  n_chunks, n_tiles, dots):  # fmt: skip
+    """The forward pass's state step over one segment without outputs, from x0_ref's rows;
+    grid rows j >= n_tiles carry no drive (V^T kg, U0), so from identity rows they make the
+    segment's map."""
+    driven = pl.program_id(1) < n_tiles
+
+    def step(i, x):
+        rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+        u = dots.exact(wm_ref[rows, :], x, tb=True) + jnp.where(driven, u0_ref[rows, :], 0.0)
+        drive = dots.exact(v_ref[rows, :].astype(jnp.float32), kg_ref[rows, :], ta=True)
+        low = dots.exact(u, bg_ref[rows, :], ta=True)
+        return x * decay_ref[i, :, :] + low + jnp.where(driven, drive, 0.0)
+
+    x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
+
+
+def _reverse_carry_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, x0_ref, x_out_ref, *, chunk,
+                          n_chunks, n_tiles, dots):  # fmt: skip
+    """The reverse pass's step over one segment, last chunk first, without outputs; grid rows
+    j >= n_tiles carry no drive (dY^T Q)."""
+    driven = pl.program_id(1) < n_tiles
+
+    def step(j, x):
+        i = n_chunks - 1 - j
+        rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+        du = dots.exact(bg_ref[rows, :], x, tb=True)
+        drive = dots.exact(dy_ref[rows, :], q_ref[rows, :], ta=True)
+        low = dots.exact(du, wm_ref[rows, :], ta=True)
+        return x * decay_ref[i, :, :] + low + jnp.where(driven, drive, 0.0)
+
+    x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
+
+
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
 
@@ -130,63 +172,146 @@ def _backward_terms_call(cfg, xs):
     return _over_chunks(cfg, _backward_terms_kernel, name, (r, w, k, a, b), kinds)
 
 
-def _pass_specs(n_chunks, seq, n, vt):
-    """BlockSpecs over the grid (BH, N // VT): decays, key-side terms, value-side tokens,
-    a state's rows and every chunk's state rows."""
-    decays = pl.BlockSpec((None, n_chunks, 1, n), lambda i, j: (i, 0, 0, 0))
-    keys = pl.BlockSpec((None, seq, n), lambda i, j: (i, 0, 0))
-    values = pl.BlockSpec((None, seq, vt), lambda i, j: (i, 0, j))
-    state = pl.BlockSpec((None, vt, n), lambda i, j: (i, j, 0))
-    chunk_states = pl.BlockSpec((None, n_chunks, vt, n), lambda i, j: (i, 0, j, 0))
-    return decays, keys, values, state, chunk_states
+class _Segments(NamedTuple):
+    """The passes' grid (BH, N // VT, segments) and BlockSpecs over it: each program walks one
+    segment of `chunks` chunks (`tokens` tokens) for one value tile of the state."""
+
+    grid: tuple
+    chunks: int
+    decays: pl.BlockSpec  # the segment's e^{gC} [chunks, 1, N]
+    keys: pl.BlockSpec  # key-side terms [tokens, N]
+    values: pl.BlockSpec  # value-side tokens [tokens, VT]
+    state: pl.BlockSpec  # a state's rows [VT, N] in a [BH, segments, rows, N] array
+    chunk_states: pl.BlockSpec  # every chunk's state rows [chunks, VT, N] of [BH, chunks, N, N]
+
+
+def _segments(cfg, bh, seq, n, value_tile_of=None):
+    """_Segments for cfg.segments segments of [BH, seq, N] terms; value_tile_of(j) picks the
+    value tile that grid row j reads (default j)."""
+    vt, segments = cfg.value_tile, cfg.segments
+    chunks = seq // cfg.chunk // segments
+    tokens = chunks * cfg.chunk
+    tile = value_tile_of or (lambda j: j)
+    return _Segments(
+        grid=(bh, n // vt, segments),
+        chunks=chunks,
+        decays=pl.BlockSpec((None, chunks, 1, n), lambda i, j, s: (i, s, 0, 0)),
+        keys=pl.BlockSpec((None, tokens, n), lambda i, j, s: (i, s, 0)),
+        values=pl.BlockSpec((None, tokens, vt), lambda i, j, s: (i, s, tile(j))),
+        state=pl.BlockSpec((None, None, vt, n), lambda i, j, s: (i, s, j, 0)),
+        chunk_states=pl.BlockSpec((None, chunks, vt, n), lambda i, j, s: (i, s, j, 0)),
+    )
+
+
+def _carry_call(cfg, kernel, name, terms, value_side):
+    """Each segment's end rows of [zeros; identity] [2N, N] carried through its chunks: rows
+    [0, N) with the chunks' drive (the state, or cotangent, the segment makes from zero), rows
+    [N, 2N) without (the segment's map). [BH, segments, 2N, N] fp32."""
+    bh, seq, n = terms[1].shape
+    n_tiles = n // cfg.value_tile
+    seg = _segments(cfg, bh, seq, n, value_tile_of=lambda j: lax.rem(j, n_tiles))
+    grid = (bh, 2 * n_tiles, cfg.segments)
+    rows0 = jnp.concatenate([jnp.zeros((n, n), jnp.float32), jnp.eye(n, dtype=jnp.float32)])
+    start = pl.BlockSpec((cfg.value_tile, n), lambda i, j, s: (j, 0))
+    n_keys = len(terms) - 1
+    return pl.pallas_call(
+        partial(kernel, chunk=cfg.chunk, n_chunks=seg.chunks, n_tiles=n_tiles, dots=cfg.dots),
+        grid=grid,
+        in_specs=[seg.decays] + [seg.keys] * n_keys + [seg.values] * len(value_side) + [start],
+        out_specs=seg.state,
+        out_shape=jax.ShapeDtypeStruct((bh, cfg.segments, 2 * n, n), jnp.float32),
+        compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
+        interpret=cfg.interpret,
+        name=name,
+    )(*terms, *value_side, rows0)
+
+
+def _chain(x, ends, n, order):
+    """x carried over whole segments in `order` by x <- x M_s + local_s, where ends[:, s] =
+    [local_s; M_s] (_carry_call); the x before each step, stacked in segment order.
+
+    IEEE fp32 whatever the exact-dot precision: a few [N, N] products per head, and the
+    segment maps' diagonals (products of decays) would lose bits to a split."""
+    befores = {}
+    for s in order:
+        befores[s] = x
+        product = jnp.einsum("bij,bjk->bik", x, ends[:, s, n:], precision=lax.Precision.HIGHEST)
+        x = product + ends[:, s, :n]
+    return jnp.stack([befores[s] for s in sorted(befores)], axis=1)
 
 
 def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
     """(y [BH, Tp, N], final state [BH, N, N]) and, with save_starts, every chunk's start
-    state [BH, chunks, N, N]; all fp32."""
+    state [BH, chunks, N, N]; all fp32.
+
+    With cfg.segments = G > 1 the chunks are cut into G segments walked in parallel: a first
+    pass (`_carry_kernel`) gives each segment's map and the state it makes from zero, XLA
+    chains those into each segment's start state, and the pass proper runs from them. That is
+    two passes over T / G chunks in order instead of one over T, for three times the work.
+    """
     decay, wm, bg, kg, q, u0, y0 = terms
     bh, seq, n = wm.shape
-    n_chunks, vt = seq // cfg.chunk, cfg.value_tile
-    decays, keys, values, state, chunk_states = _pass_specs(n_chunks, seq, n, vt)
-    out_specs = [values, state]
+    seg = _segments(cfg, bh, seq, n)
+    if cfg.segments > 1:
+        ends = _carry_call(
+            cfg, _carry_kernel, "wkv7_gpu_factored_forward_carry", (decay, wm, bg, kg),
+            (u0, v),
+        )  # fmt: skip
+        starts = _chain(s0, ends, n, range(cfg.segments))
+    else:
+        starts = s0[:, None]
+    n_chunks = seq // cfg.chunk
+    out_specs = [seg.values, seg.state]
     out_shape = [
         jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
-        jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
+        jax.ShapeDtypeStruct((bh, cfg.segments, n, n), jnp.float32),
     ]
     if save_starts:
-        out_specs.append(chunk_states)
+        out_specs.append(seg.chunk_states)
         out_shape.append(jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32))
-    return pl.pallas_call(
-        partial(_forward_pass_kernel, chunk=cfg.chunk, n_chunks=n_chunks, dots=cfg.dots),
-        grid=(bh, n // vt),
-        in_specs=[decays, keys, keys, keys, keys, values, values, values, state],
+    keys, values = seg.keys, seg.values
+    y, ends, *chunk_starts = pl.pallas_call(
+        partial(_forward_pass_kernel, chunk=cfg.chunk, n_chunks=seg.chunks, dots=cfg.dots),
+        grid=seg.grid,
+        in_specs=[seg.decays, keys, keys, keys, keys, values, values, values, seg.state],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
         interpret=cfg.interpret,
         name="wkv7_gpu_factored_forward_pass",
-    )(decay, wm, bg, kg, q, u0, y0, v, s0)
+    )(decay, wm, bg, kg, q, u0, y0, v, starts)
+    return (y, ends[:, -1], *chunk_starts)
 
 
 def _reverse_pass_call(cfg, terms, dy, ds_final):
-    """(dS_0 [BH, N, N], every chunk's end cotangent [BH, chunks, N, N]); fp32."""
+    """(dS_0 [BH, N, N], every chunk's end cotangent [BH, chunks, N, N]); fp32. Segments as
+    in _forward_pass_call, last first."""
     decay, wm, bg, q = terms
     bh, seq, n = wm.shape
-    n_chunks, vt = seq // cfg.chunk, cfg.value_tile
-    decays, keys, values, state, chunk_states = _pass_specs(n_chunks, seq, n, vt)
-    return pl.pallas_call(
-        partial(_reverse_pass_kernel, chunk=cfg.chunk, n_chunks=n_chunks, dots=cfg.dots),
-        grid=(bh, n // vt),
-        in_specs=[decays, keys, keys, keys, values, state],
-        out_specs=[state, chunk_states],
+    seg = _segments(cfg, bh, seq, n)
+    if cfg.segments > 1:
+        ends = _carry_call(
+            cfg, _reverse_carry_kernel, "wkv7_gpu_factored_reverse_carry", (decay, wm, bg, q),
+            (dy,),
+        )  # fmt: skip
+        end_cots = _chain(ds_final, ends, n, range(cfg.segments - 1, -1, -1))
+    else:
+        end_cots = ds_final[:, None]
+    n_chunks = seq // cfg.chunk
+    starts, chunk_end_cots = pl.pallas_call(
+        partial(_reverse_pass_kernel, chunk=cfg.chunk, n_chunks=seg.chunks, dots=cfg.dots),
+        grid=seg.grid,
+        in_specs=[seg.decays, seg.keys, seg.keys, seg.keys, seg.values, seg.state],
+        out_specs=[seg.state, seg.chunk_states],
         out_shape=[
-            jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
+            jax.ShapeDtypeStruct((bh, cfg.segments, n, n), jnp.float32),
             jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32),
         ],
         compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
         interpret=cfg.interpret,
         name="wkv7_gpu_factored_reverse_pass",
-    )(decay, wm, bg, q, dy, ds_final)
+    )(decay, wm, bg, q, dy, end_cots)
+    return starts[:, 0], chunk_end_cots
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
