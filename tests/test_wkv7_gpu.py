@@ -161,7 +161,9 @@ def test_bf16_inputs(schedule):
         assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+# The factored schedule's bf16 dots are those of the chunk-parallel terms and gradient kernels
+# and the sequential step's (its passes): test_bf16_inputs covers its bf16 path.
+@pytest.mark.parametrize("schedule", ["sequential", "chunk_parallel"])
 def test_bf16_dots_match_reference(schedule):
     """dot_precision="bf16" on fp32 inputs: forward and every gradient within BF16_TOL."""
     xs, state = _inputs(8, 1, 40, 2, 32)
@@ -342,10 +344,11 @@ def test_auto_segments():
     assert _auto_segments(32, 63) == 1
 
 
-@pytest.mark.parametrize("segments", [2, 4])
-def test_segments_match_reference(segments):
-    """Factored passes over 2 / 4 segments (T = 100: 7 chunks padded to 8), two value tiles:
-    forward and every gradient within TOL of the oracle."""
+def test_segments_match_reference():
+    """Factored passes over 4 segments (T = 100: 7 chunks padded to 8, so the last segment's
+    second chunk is padding), two value tiles: forward and every gradient within TOL of the
+    oracle."""
+    segments = 4
     xs, state = _inputs(15, 1, 100, 2, 32)
     kernel = partial(
         wkv7_gpu, interpret=True, schedule="factored", segments=segments, value_tile=16
