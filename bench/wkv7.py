@@ -186,8 +186,7 @@ def _stage_calls(schedule, cfg, hx, dy, ds):
     from pallas_kernels.wkv7 import gpu_chunk_parallel as cp
     from pallas_kernels.wkv7 import gpu_factored as fa
 
-    n = hx[0].shape[-1]
-    s0 = jnp.zeros((hx[0].shape[0], n, n), jnp.float32)
+    s0 = jnp.zeros_like(ds)
     if schedule == "factored":
         fns = {
             "fwd terms": jax.jit(lambda x: fa._forward_terms_call(cfg, x)),
@@ -248,9 +247,14 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
         n, heads, [(name, dtype) for name in "rwkvab"], seq_len=seq,
         interpret=jax.default_backend() == "cpu", **impl_options(impl),
     )  # fmt: skip
-    pad = cfg.chunk * cfg.segments  # wkv7_gpu's padding
-    hx = tuple(gpu.head_major(xs[name].astype(dtype), pad) for name in "rwkvab")
-    dy, ds = gpu.head_major(xs["dy"], pad), xs["ds"].reshape(heads, n, n)
+    # As wkv7_gpu lays them out: factored, token-major padded to chunk x segments; else
+    # head-major padded to the chunk.
+    if schedule == "factored":
+        layout = functools.partial(gpu.pad_tokens, multiple=cfg.chunk * cfg.segments)
+    else:
+        layout = functools.partial(gpu.head_major, chunk=cfg.chunk)
+    hx = tuple(layout(xs[name].astype(dtype)) for name in "rwkvab")
+    dy, ds = layout(xs["dy"]), xs["ds"].reshape(heads, n, n)
     calls = _stage_calls(schedule, cfg, hx, dy, ds)
     return {name: median_ms(lambda f=fn, a=a: f(*a), repeats) for name, (fn, a) in calls.items()}
 

@@ -346,10 +346,11 @@ def test_auto_segments():
 
 def test_segments_match_reference():
     """Factored passes over 4 segments (T = 100: 7 chunks padded to 8, so the last segment's
-    second chunk is padding), two value tiles: forward and every gradient within TOL of the
-    oracle."""
+    second chunk is padding), two value tiles, B = 2 and H = 3 (its kernels index the
+    token-major [B, T, H, N] inputs, y, dy and gradients as they are): forward and every
+    gradient within TOL of the oracle."""
     segments = 4
-    xs, state = _inputs(15, 1, 100, 2, 32)
+    xs, state = _inputs(15, 2, 100, 3, 32)
     kernel = partial(
         wkv7_gpu, interpret=True, schedule="factored", segments=segments, value_tile=16
     )

@@ -709,16 +709,19 @@ def wkv7_gpu(
         state = jnp.zeros((batch, heads, n, n), jnp.float32)
     if seq == 0:
         return jnp.zeros(r.shape, jnp.float32), state.astype(jnp.float32)
-    xs = tuple(head_major(x, cfg.chunk * cfg.segments) for _, x in named)
     s0 = state.astype(jnp.float32).reshape(batch * heads, n, n)
+    if schedule == "factored":
+        from pallas_kernels.wkv7.gpu_factored import wkv7_tokens_factored
+
+        # Its kernels read and write the token-major arrays as they are: no transposes.
+        xs = tuple(pad_tokens(x, cfg.chunk * cfg.segments) for _, x in named)
+        y, s_final = wkv7_tokens_factored(cfg, xs, s0)
+        return y[:, :seq], s_final.reshape(batch, heads, n, n)
+    xs = tuple(head_major(x, cfg.chunk) for _, x in named)
     if schedule == "chunk_parallel":
         from pallas_kernels.wkv7.gpu_chunk_parallel import wkv7_heads_chunk_parallel
 
         y, s_final = wkv7_heads_chunk_parallel(cfg, xs, s0)
-    elif schedule == "factored":
-        from pallas_kernels.wkv7.gpu_factored import wkv7_heads_factored
-
-        y, s_final = wkv7_heads_factored(cfg, xs, s0)
     else:
         y, s_final = _wkv7_heads(cfg, xs, s0)
     y = y[:, :seq].reshape(batch, heads, seq, n).transpose(0, 2, 1, 3)
@@ -767,6 +770,13 @@ def resolve_config(
         gradient_tile, scan_group, segments,
     )  # fmt: skip
     return schedule, cfg
+
+
+def pad_tokens(x, multiple):
+    """[B, T, H, N] -> [B, Tp, H, N], the tail zero-padded to Tp, a multiple of `multiple`
+    (zero inputs, w = 0 included, leave the state untouched)."""
+    pad = -x.shape[1] % multiple
+    return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
 
 
 def head_major(x, chunk):

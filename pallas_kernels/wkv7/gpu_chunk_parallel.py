@@ -142,17 +142,34 @@ def _gradient_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, start_ref
 
 
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
+# pallas_call wrappers on head-major [BH, Tp, N] arrays (or the inputs as given, token-major
+# [B, Tp, H, N]: the factored schedule reads them so), Tp a multiple of the chunk.
 
 
-def _over_chunks(cfg, kernel, name, args, out_kinds, out_dtypes=None):
+def token_major_spec(heads, rows, cols, index):
+    """BlockSpec of a [rows, cols] block of one (batch x head) in a token-major [B, Tp, H, N]
+    array; index(*grid ids) -> (batch x head, row block, column block)."""
+
+    def block(*ids):
+        bh, row, col = index(*ids)
+        return bh // heads, row, lax.rem(bh, heads), col
+
+    return pl.BlockSpec((None, rows, None, cols), block)
+
+
+def _over_chunks(cfg, kernel, name, args, out_kinds, out_dtypes=None, *, token_major=False):
     """pallas_call of kernel over the grid (BH, chunks).
 
-    [BH, Tp, N] arguments come in as one chunk of tokens [C, N], [BH, chunks, N, N] ones as
-    one chunk's matrix [N, N]; the outputs are of out_kinds ("tokens" / "matrix" / "row",
-    [BH, chunks, 1, N] as one chunk's [1, N]) and out_dtypes (None: all fp32).
+    [BH, Tp, N] arguments come in as one chunk of tokens [C, N] (with token_major, the
+    arguments are [B, Tp, H, N] inputs, read the same way), [BH, chunks, N, N] ones as one
+    chunk's matrix [N, N]; the outputs are head-major, of out_kinds ("tokens" / "matrix" /
+    "row", [BH, chunks, 1, N] as one chunk's [1, N]) and out_dtypes (None: all fp32).
     """
-    bh, seq, n = args[0].shape
+    if token_major:
+        batch, seq, heads, n = args[0].shape
+        bh = batch * heads
+    else:
+        bh, seq, n = args[0].shape
     n_chunks = seq // cfg.chunk
     specs = {
         "tokens": pl.BlockSpec((None, cfg.chunk, n), lambda i, j: (i, j, 0)),
@@ -160,12 +177,15 @@ def _over_chunks(cfg, kernel, name, args, out_kinds, out_dtypes=None):
         "row": pl.BlockSpec((None, None, 1, n), lambda i, j: (i, j, 0, 0)),
     }
     shapes = {"tokens": (bh, seq, n), "matrix": (bh, n_chunks, n, n), "row": (bh, n_chunks, 1, n)}
-    kind = lambda x: "tokens" if x.ndim == 3 else "matrix"
+    if token_major:
+        in_specs = [token_major_spec(heads, cfg.chunk, n, lambda i, j: (i, j, 0))] * len(args)
+    else:
+        in_specs = [specs["tokens" if x.ndim == 3 else "matrix"] for x in args]
     dtypes = out_dtypes or (jnp.float32,) * len(out_kinds)
     return pl.pallas_call(
         partial(kernel, dots=cfg.dots),
         grid=(bh, n_chunks),
-        in_specs=[specs[kind(x)] for x in args],
+        in_specs=in_specs,
         out_specs=[specs[k] for k in out_kinds],
         out_shape=[
             jax.ShapeDtypeStruct(shapes[k], dt) for k, dt in zip(out_kinds, dtypes, strict=True)
@@ -320,7 +340,8 @@ def _output_call(cfg, y0, q, starts):
 
 
 def _gradient_call(cfg, xs, dy, starts, end_cots):
-    """(dr, dw, dk, dv, da, db) [BH, Tp, N] fp32, over the grid (BH, chunks, value tiles).
+    """(dr, dw, dk, dv, da, db) fp32, over the grid (BH, chunks, value tiles): [BH, Tp, N]
+    for head-major xs and dy, [B, Tp, H, N] for token-major ones ([B, Tp, H, N]).
 
     With full rows the kernel holds S and dS' [N, N] beside some twenty [C, N] terms; on an
     H100 the backward with full rows took 9x the forward at B*H = 64 (docs/BENCHMARKS.md),
@@ -328,23 +349,35 @@ def _gradient_call(cfg, xs, dy, starts, end_cots):
     of cfg.gradient_value_tile rows halves S and dS' at the price of recomputing the chunk's
     key-side terms once per tile; key-side gradients are summed over tiles here.
     """
-    bh, seq, n = xs[0].shape
-    c, vt = cfg.chunk, cfg.gradient_value_tile
-    n_chunks, n_tiles = seq // c, n // vt
-    keys = pl.BlockSpec((None, c, n), lambda i, j, m: (i, j, 0))
-    values = pl.BlockSpec((None, c, vt), lambda i, j, m: (i, j, m))
+    c, vt, n = cfg.chunk, cfg.gradient_value_tile, xs[0].shape[-1]
+    n_tiles = n // vt
     rows = pl.BlockSpec((None, None, vt, n), lambda i, j, m: (i, j, m, 0))
-    partial_keys = pl.BlockSpec((None, None, c, n), lambda i, j, m: (i, m, j, 0))
-    partial_shape = jax.ShapeDtypeStruct((bh, n_tiles, seq, n), jnp.float32)
+    if xs[0].ndim == 4:
+        batch, seq, heads, _ = xs[0].shape
+        bh = batch * heads
+        keys = token_major_spec(heads, c, n, lambda i, j, m: (i, j, 0))
+        values = token_major_spec(heads, c, vt, lambda i, j, m: (i, j, m))
+        # [B, tiles, Tp, H, N]: tile m's partial sums.
+        partial_keys = pl.BlockSpec(
+            (None, None, c, None, n), lambda i, j, m: (i // heads, m, j, lax.rem(i, heads), 0)
+        )
+        partial_shape = jax.ShapeDtypeStruct((batch, n_tiles, seq, heads, n), jnp.float32)
+        dv_shape = jax.ShapeDtypeStruct(xs[0].shape, jnp.float32)
+    else:
+        bh, seq, _ = xs[0].shape
+        keys = pl.BlockSpec((None, c, n), lambda i, j, m: (i, j, 0))
+        values = pl.BlockSpec((None, c, vt), lambda i, j, m: (i, j, m))
+        partial_keys = pl.BlockSpec((None, None, c, n), lambda i, j, m: (i, m, j, 0))
+        partial_shape = jax.ShapeDtypeStruct((bh, n_tiles, seq, n), jnp.float32)
+        dv_shape = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
+    n_chunks = seq // c
     dr, dw, dk, dv, da, db = pl.pallas_call(
         partial(_gradient_kernel, dots=cfg.dots),
         # Tiles innermost: a chunk's tiles run together and share its key-side loads in L2.
         grid=(bh, n_chunks, n_tiles),
         in_specs=[keys, keys, keys, values, keys, keys, values, rows, rows],
         out_specs=[partial_keys] * 3 + [values] + [partial_keys] * 2,
-        out_shape=[partial_shape] * 3
-        + [jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)]
-        + [partial_shape] * 2,
+        out_shape=[partial_shape] * 3 + [dv_shape] + [partial_shape] * 2,
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_gradients",

@@ -44,7 +44,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.wkv7.gpu import _chunk_terms, _compiler_params, _value_terms
-from pallas_kernels.wkv7.gpu_chunk_parallel import _gradient_call, _load, _over_chunks
+from pallas_kernels.wkv7.gpu_chunk_parallel import (
+    _gradient_call,
+    _load,
+    _over_chunks,
+    token_major_spec,
+)
 
 # The passes' loads (the chunk's terms) do not depend on the carried state: two stages let
 # Triton fetch the next chunk's while the current dots run.
@@ -151,7 +156,9 @@ def _reverse_carry_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, x0_ref, x_ou
 
 
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
+# pallas_call wrappers. The inputs, y, dy and the gradients stay token-major [B, Tp, H, N]
+# (as wkv7_gpu gets and returns them: no transposes around the kernels); the chunk terms are
+# head-major [BH, Tp, N]; Tp is a multiple of the chunk x segments.
 
 
 def _forward_terms_call(cfg, xs):
@@ -159,9 +166,8 @@ def _forward_terms_call(cfg, xs):
     kinds = ("row",) + ("tokens",) * 6
     q_dtype = cfg.dots.operand(jnp.zeros((), jnp.float32)).dtype
     dtypes = (jnp.float32,) * 4 + (q_dtype, jnp.float32, jnp.float32)
-    return _over_chunks(
-        cfg, _forward_terms_kernel, "wkv7_gpu_factored_forward_terms", xs, kinds, dtypes
-    )
+    name = "wkv7_gpu_factored_forward_terms"
+    return _over_chunks(cfg, _forward_terms_kernel, name, xs, kinds, dtypes, token_major=True)
 
 
 def _backward_terms_call(cfg, xs):
@@ -169,7 +175,8 @@ def _backward_terms_call(cfg, xs):
     r, w, k, _, a, b = xs
     kinds = ("row",) + ("tokens",) * 3
     name = "wkv7_gpu_factored_backward_terms"
-    return _over_chunks(cfg, _backward_terms_kernel, name, (r, w, k, a, b), kinds)
+    args = (r, w, k, a, b)
+    return _over_chunks(cfg, _backward_terms_kernel, name, args, kinds, token_major=True)
 
 
 class _Segments(NamedTuple):
@@ -180,14 +187,15 @@ class _Segments(NamedTuple):
     chunks: int
     decays: pl.BlockSpec  # the segment's e^{gC} [chunks, 1, N]
     keys: pl.BlockSpec  # key-side terms [tokens, N]
-    values: pl.BlockSpec  # value-side tokens [tokens, VT]
+    values: pl.BlockSpec  # value-side terms [tokens, VT]
+    token_values: pl.BlockSpec  # the same block of a token-major [B, Tp, H, N] array (v, y, dy)
     state: pl.BlockSpec  # a state's rows [VT, N] in a [BH, segments, rows, N] array
     chunk_states: pl.BlockSpec  # every chunk's state rows [chunks, VT, N] of [BH, chunks, N, N]
 
 
-def _segments(cfg, bh, seq, n, value_tile_of=None):
-    """_Segments for cfg.segments segments of [BH, seq, N] terms; value_tile_of(j) picks the
-    value tile that grid row j reads (default j)."""
+def _segments(cfg, heads, bh, seq, n, value_tile_of=None):
+    """_Segments for cfg.segments segments of [BH, seq, N] terms (H = heads); value_tile_of(j)
+    picks the value tile that grid row j reads (default j)."""
     vt, segments = cfg.value_tile, cfg.segments
     chunks = seq // cfg.chunk // segments
     tokens = chunks * cfg.chunk
@@ -198,18 +206,22 @@ def _segments(cfg, bh, seq, n, value_tile_of=None):
         decays=pl.BlockSpec((None, chunks, 1, n), lambda i, j, s: (i, s, 0, 0)),
         keys=pl.BlockSpec((None, tokens, n), lambda i, j, s: (i, s, 0)),
         values=pl.BlockSpec((None, tokens, vt), lambda i, j, s: (i, s, tile(j))),
+        token_values=token_major_spec(heads, tokens, vt, lambda i, j, s: (i, s, tile(j))),
         state=pl.BlockSpec((None, None, vt, n), lambda i, j, s: (i, s, j, 0)),
         chunk_states=pl.BlockSpec((None, chunks, vt, n), lambda i, j, s: (i, s, j, 0)),
     )
 
 
-def _carry_call(cfg, kernel, name, terms, value_side):
+def _carry_call(cfg, kernel, name, terms, value_side, value_kinds):
     """Each segment's end rows of [zeros; identity] [2N, N] carried through its chunks: rows
     [0, N) with the chunks' drive (the state, or cotangent, the segment makes from zero), rows
-    [N, 2N) without (the segment's map). [BH, segments, 2N, N] fp32."""
+    [N, 2N) without (the segment's map). [BH, segments, 2N, N] fp32.
+
+    value_kinds: per value_side array, "values" (head-major terms) or "token_values"."""
     bh, seq, n = terms[1].shape
+    heads = _heads(value_side, value_kinds)
     n_tiles = n // cfg.value_tile
-    seg = _segments(cfg, bh, seq, n, value_tile_of=lambda j: lax.rem(j, n_tiles))
+    seg = _segments(cfg, heads, bh, seq, n, value_tile_of=lambda j: lax.rem(j, n_tiles))
     grid = (bh, 2 * n_tiles, cfg.segments)
     rows0 = jnp.concatenate([jnp.zeros((n, n), jnp.float32), jnp.eye(n, dtype=jnp.float32)])
     start = pl.BlockSpec((cfg.value_tile, n), lambda i, j, s: (j, 0))
@@ -217,7 +229,10 @@ def _carry_call(cfg, kernel, name, terms, value_side):
     return pl.pallas_call(
         partial(kernel, chunk=cfg.chunk, n_chunks=seg.chunks, n_tiles=n_tiles, dots=cfg.dots),
         grid=grid,
-        in_specs=[seg.decays] + [seg.keys] * n_keys + [seg.values] * len(value_side) + [start],
+        in_specs=[seg.decays]
+        + [seg.keys] * n_keys
+        + [getattr(seg, kind) for kind in value_kinds]
+        + [start],
         out_specs=seg.state,
         out_shape=jax.ShapeDtypeStruct((bh, cfg.segments, 2 * n, n), jnp.float32),
         compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
@@ -240,9 +255,14 @@ def _chain(x, ends, n, order):
     return jnp.stack([befores[s] for s in sorted(befores)], axis=1)
 
 
+def _heads(arrays, kinds):
+    """H of the first token-major [B, Tp, H, N] array among arrays."""
+    return next(x.shape[2] for x, kind in zip(arrays, kinds, strict=True) if kind != "values")
+
+
 def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
-    """(y [BH, Tp, N], final state [BH, N, N]) and, with save_starts, every chunk's start
-    state [BH, chunks, N, N]; all fp32.
+    """(y [B, Tp, H, N], final state [BH, N, N]) and, with save_starts, every chunk's start
+    state [BH, chunks, N, N]; all fp32. v is token-major [B, Tp, H, N].
 
     With cfg.segments = G > 1 the chunks are cut into G segments walked in parallel: a first
     pass (`_carry_kernel`) gives each segment's map and the state it makes from zero, XLA
@@ -251,19 +271,19 @@ def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
     """
     decay, wm, bg, kg, q, u0, y0 = terms
     bh, seq, n = wm.shape
-    seg = _segments(cfg, bh, seq, n)
+    seg = _segments(cfg, v.shape[2], bh, seq, n)
     if cfg.segments > 1:
         ends = _carry_call(
             cfg, _carry_kernel, "wkv7_gpu_factored_forward_carry", (decay, wm, bg, kg),
-            (u0, v),
+            (u0, v), ("values", "token_values"),
         )  # fmt: skip
         starts = _chain(s0, ends, n, range(cfg.segments))
     else:
         starts = s0[:, None]
     n_chunks = seq // cfg.chunk
-    out_specs = [seg.values, seg.state]
+    out_specs = [seg.token_values, seg.state]
     out_shape = [
-        jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
+        jax.ShapeDtypeStruct(v.shape, jnp.float32),
         jax.ShapeDtypeStruct((bh, cfg.segments, n, n), jnp.float32),
     ]
     if save_starts:
@@ -273,7 +293,7 @@ def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
     y, ends, *chunk_starts = pl.pallas_call(
         partial(_forward_pass_kernel, chunk=cfg.chunk, n_chunks=seg.chunks, dots=cfg.dots),
         grid=seg.grid,
-        in_specs=[seg.decays, keys, keys, keys, keys, values, values, values, seg.state],
+        in_specs=[seg.decays, keys, keys, keys, keys, values, values, seg.token_values, seg.state],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
@@ -284,15 +304,15 @@ def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
 
 
 def _reverse_pass_call(cfg, terms, dy, ds_final):
-    """(dS_0 [BH, N, N], every chunk's end cotangent [BH, chunks, N, N]); fp32. Segments as
-    in _forward_pass_call, last first."""
+    """(dS_0 [BH, N, N], every chunk's end cotangent [BH, chunks, N, N]); fp32. dy is
+    token-major [B, Tp, H, N]. Segments as in _forward_pass_call, last first."""
     decay, wm, bg, q = terms
     bh, seq, n = wm.shape
-    seg = _segments(cfg, bh, seq, n)
+    seg = _segments(cfg, dy.shape[2], bh, seq, n)
     if cfg.segments > 1:
         ends = _carry_call(
             cfg, _reverse_carry_kernel, "wkv7_gpu_factored_reverse_carry", (decay, wm, bg, q),
-            (dy,),
+            (dy,), ("token_values",),
         )  # fmt: skip
         end_cots = _chain(ds_final, ends, n, range(cfg.segments - 1, -1, -1))
     else:
@@ -301,7 +321,7 @@ def _reverse_pass_call(cfg, terms, dy, ds_final):
     starts, chunk_end_cots = pl.pallas_call(
         partial(_reverse_pass_kernel, chunk=cfg.chunk, n_chunks=seg.chunks, dots=cfg.dots),
         grid=seg.grid,
-        in_specs=[seg.decays, seg.keys, seg.keys, seg.keys, seg.values, seg.state],
+        in_specs=[seg.decays, seg.keys, seg.keys, seg.keys, seg.token_values, seg.state],
         out_specs=[seg.state, seg.chunk_states],
         out_shape=[
             jax.ShapeDtypeStruct((bh, cfg.segments, n, n), jnp.float32),
@@ -315,10 +335,11 @@ def _reverse_pass_call(cfg, terms, dy, ds_final):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def wkv7_heads_factored(cfg, xs, s0):
-    """(y [BH, Tp, N], final state [BH, N, N]) fp32 for head-major xs = (r, w, k, v, a, b).
+def wkv7_tokens_factored(cfg, xs, s0):
+    """(y [B, Tp, H, N], final state [BH, N, N]) fp32 for token-major xs = (r, w, k, v, a, b),
+    [B, Tp, H, N] each (wkv7_gpu's layout, padded).
 
-    cfg is `gpu._Config`; Tp is a multiple of cfg.chunk; s0 [BH, N, N] fp32.
+    cfg is `gpu._Config`; Tp is a multiple of cfg.chunk x cfg.segments; s0 [BH, N, N] fp32.
     """
     terms = _forward_terms_call(cfg, xs)
     return _forward_pass_call(cfg, terms, xs[3], s0, save_starts=False)
@@ -342,4 +363,4 @@ def _vjp_backward(cfg, res, cot):
     return grads, ds0
 
 
-wkv7_heads_factored.defvjp(_vjp_forward, _vjp_backward)
+wkv7_tokens_factored.defvjp(_vjp_forward, _vjp_backward)
