@@ -138,7 +138,7 @@ def _gradient_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, start_ref
         dots, t, r, k, v, a, b, dy_ref[...], start_ref[...], end_cot_ref[...]
     )
     for ref, grad in zip((dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref), grads, strict=True):
-        ref[...] = grad
+        ref[...] = grad.astype(ref.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,8 +340,9 @@ def _output_call(cfg, y0, q, starts):
 
 
 def _gradient_call(cfg, xs, dy, starts, end_cots):
-    """(dr, dw, dk, dv, da, db) fp32, over the grid (BH, chunks, value tiles): [BH, Tp, N]
-    for head-major xs and dy, [B, Tp, H, N] for token-major ones ([B, Tp, H, N]).
+    """(dr, dw, dk, dv, da, db) over the grid (BH, chunks, value tiles): [BH, Tp, N] fp32 for
+    head-major xs and dy; for token-major ones, [B, Tp, H, N] in the inputs' dtypes when the
+    kernel writes them whole (dv always, the key-side ones with one tile), else fp32 sums.
 
     With full rows the kernel holds S and dS' [N, N] beside some twenty [C, N] terms; on an
     H100 the backward with full rows took 9x the forward at B*H = 64 (docs/BENCHMARKS.md),
@@ -361,15 +362,21 @@ def _gradient_call(cfg, xs, dy, starts, end_cots):
         partial_keys = pl.BlockSpec(
             (None, None, c, None, n), lambda i, j, m: (i // heads, m, j, lax.rem(i, heads), 0)
         )
-        partial_shape = jax.ShapeDtypeStruct((batch, n_tiles, seq, heads, n), jnp.float32)
-        dv_shape = jax.ShapeDtypeStruct(xs[0].shape, jnp.float32)
+        # The final dtype where no XLA sum follows: that saves a pass of casts over them.
+        out_shape = [
+            jax.ShapeDtypeStruct(
+                (batch, n_tiles, seq, heads, n), x.dtype if n_tiles == 1 else jnp.float32
+            )
+            for x in xs
+        ]
+        out_shape[3] = jax.ShapeDtypeStruct(xs[3].shape, xs[3].dtype)
     else:
         bh, seq, _ = xs[0].shape
         keys = pl.BlockSpec((None, c, n), lambda i, j, m: (i, j, 0))
         values = pl.BlockSpec((None, c, vt), lambda i, j, m: (i, j, m))
         partial_keys = pl.BlockSpec((None, None, c, n), lambda i, j, m: (i, m, j, 0))
-        partial_shape = jax.ShapeDtypeStruct((bh, n_tiles, seq, n), jnp.float32)
-        dv_shape = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
+        out_shape = [jax.ShapeDtypeStruct((bh, n_tiles, seq, n), jnp.float32)] * 6
+        out_shape[3] = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
     n_chunks = seq // c
     dr, dw, dk, dv, da, db = pl.pallas_call(
         partial(_gradient_kernel, dots=cfg.dots),
@@ -377,7 +384,7 @@ def _gradient_call(cfg, xs, dy, starts, end_cots):
         grid=(bh, n_chunks, n_tiles),
         in_specs=[keys, keys, keys, values, keys, keys, values, rows, rows],
         out_specs=[partial_keys] * 3 + [values] + [partial_keys] * 2,
-        out_shape=[partial_shape] * 3 + [dv_shape] + [partial_shape] * 2,
+        out_shape=out_shape,
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_gradients",
