@@ -27,6 +27,12 @@ state L_g it makes from zero (x_end = x_start M_g + L_g), XLA chains those into 
 start state, and the pass proper runs from them; the reverse pass likewise. Two walks of T / G
 chunks instead of one of T, for three times the pass work (`gpu._auto_segments` picks G).
 
+Layout: the kernels read the inputs and dy and write y and the gradients token-major,
+[B, Tp, H, N], as `wkv7_gpu` takes and returns them, so no XLA transposes surround them (in
+the other schedules they cost ~2 KB per token and head forward and ~3 KB backward with bf16
+inputs), and the residuals are the inputs themselves. The chunk terms, written and read once
+each, are head-major [BH, Tp, N].
+
 Memory, per token and head: the forward's terms are 6 x N fp32 (Q in bf16 with "bf16" dots,
 since only a fast dot reads it there), the backward's 3 x N, both transient; the residual is
 the start state of every chunk (N^2 fp32 / C), as in the other schedules. The dot precision
