@@ -354,6 +354,22 @@ def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
     return (dr, dw, dk, dv, da, db), du
 
 
+def _state_step(dots, s, decay, wm, bg, kg, u0, v):
+    """The state after a chunk from S before it: S e^{gC} + V^T kg + U^T bg, U = U0 + W S^T.
+
+    s [VT, N] (a value tile's rows); decay e^{gC} [1, N]; wm, bg, kg [C, N]; u0, v [C, VT].
+    Exact dots: every one of them feeds the carried state."""
+    u = u0 + dots.exact(wm, s, tb=True)
+    return s * decay + dots.exact(v, kg, ta=True) + dots.exact(u, bg, ta=True)
+
+
+def _cotangent_step(dots, ds_next, decay, wm, q, du, dy):
+    """The state's cotangent before a chunk from dS' after it: dS' e^{gC} + dU^T W + dY^T Q,
+    with dU = bg dS'^T [C, VT] and dy [C, VT]; exact dots, it is carried to every earlier
+    chunk."""
+    return ds_next * decay + dots.exact(du, wm, ta=True) + dots.exact(dy, q, ta=True)
+
+
 def _load_chunk(refs, rows):
     return tuple(ref[rows, :].astype(jnp.float32) for ref in refs)
 
@@ -376,8 +392,7 @@ def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_o
         u0, y0 = _value_terms(dots, t, v)
         # Q S^T reaches only y (fast); the new state's dots are exact.
         y_ref[rows, :] = y0 + dots.fast(t.q, s, tb=True)
-        u = u0 + dots.exact(t.wm, s, tb=True)
-        return s * t.e_gc + dots.exact(v, t.kg, ta=True) + dots.exact(u, t.bg, ta=True)
+        return _state_step(dots, s, t.e_gc, t.wm, t.bg, t.kg, u0, v)
 
     s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s0_ref[...])
 
@@ -398,8 +413,7 @@ def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, starts_ref, dy_re
         grads, du = _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next)
         for ref, grad in zip((dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref), grads, strict=True):
             ref[rows, :] = grad
-        # dS = dS' e^{gC} + dU^T W + dY^T Q: exact, it is carried to every earlier chunk.
-        return ds_next * t.e_gc + dots.exact(du, t.wm, ta=True) + dots.exact(dy, t.q, ta=True)
+        return _cotangent_step(dots, ds_next, t.e_gc, t.wm, t.q, du, dy)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_out_ref[...])
 

@@ -49,7 +49,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.wkv7.gpu import _chunk_terms, _compiler_params, _value_terms
+from pallas_kernels.wkv7.gpu import (
+    _chunk_terms,
+    _compiler_params,
+    _cotangent_step,
+    _state_step,
+    _value_terms,
+)
 from pallas_kernels.wkv7.gpu_chunk_parallel import (
     _gradient_call,
     _load,
@@ -102,10 +108,9 @@ def _forward_pass_kernel(decay_ref, wm_ref, bg_ref, kg_ref, q_ref, u0_ref, y0_re
             starts_ref[0][i, :, :] = s
         # Q S^T reaches only y (fast); the new state's dots are exact.
         y_ref[rows, :] = y0_ref[rows, :] + dots.fast(q_ref[rows, :], s, tb=True)
-        u = u0_ref[rows, :] + dots.exact(wm_ref[rows, :], s, tb=True)
+        wm, bg, kg, u0 = (ref[rows, :] for ref in (wm_ref, bg_ref, kg_ref, u0_ref))
         v = v_ref[rows, :].astype(jnp.float32)
-        drive = dots.exact(v, kg_ref[rows, :], ta=True) + dots.exact(u, bg_ref[rows, :], ta=True)
-        return s * decay_ref[i, :, :] + drive
+        return _state_step(dots, s, decay_ref[i, :, :], wm, bg, kg, u0, v)
 
     s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s0_ref[...])
 
@@ -120,9 +125,8 @@ def _reverse_pass_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, ds_final_ref,
         rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
         end_cot_ref[i, :, :] = ds_next
         du = dots.exact(bg_ref[rows, :], ds_next, tb=True)
-        drive = dots.exact(du, wm_ref[rows, :], ta=True)
-        drive = drive + dots.exact(dy_ref[rows, :], q_ref[rows, :], ta=True)
-        return ds_next * decay_ref[i, :, :] + drive
+        wm, q, dy = (ref[rows, :] for ref in (wm_ref, q_ref, dy_ref))
+        return _cotangent_step(dots, ds_next, decay_ref[i, :, :], wm, q, du, dy)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_final_ref[...])
 
@@ -130,16 +134,16 @@ def _reverse_pass_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, ds_final_ref,
 def _carry_kernel(decay_ref, wm_ref, bg_ref, kg_ref, u0_ref, v_ref, x0_ref, x_out_ref, *, chunk,
                   n_chunks, n_tiles, dots):  # fmt: skip
     """The forward pass's state step over one segment without outputs, from x0_ref's rows;
-    grid rows j >= n_tiles carry no drive (V^T kg, U0), so from identity rows they make the
-    segment's map."""
+    grid rows j >= n_tiles carry no drive (V and U0 zeroed), so from identity rows they make
+    the segment's map."""
     driven = pl.program_id(1) < n_tiles
 
     def step(i, x):
         rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
-        u = dots.exact(wm_ref[rows, :], x, tb=True) + jnp.where(driven, u0_ref[rows, :], 0.0)
-        drive = dots.exact(v_ref[rows, :].astype(jnp.float32), kg_ref[rows, :], ta=True)
-        low = dots.exact(u, bg_ref[rows, :], ta=True)
-        return x * decay_ref[i, :, :] + low + jnp.where(driven, drive, 0.0)
+        wm, bg, kg = (ref[rows, :] for ref in (wm_ref, bg_ref, kg_ref))
+        u0 = jnp.where(driven, u0_ref[rows, :], 0.0)
+        v = jnp.where(driven, v_ref[rows, :].astype(jnp.float32), 0.0)
+        return _state_step(dots, x, decay_ref[i, :, :], wm, bg, kg, u0, v)
 
     x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
 
@@ -147,16 +151,16 @@ def _carry_kernel(decay_ref, wm_ref, bg_ref, kg_ref, u0_ref, v_ref, x0_ref, x_ou
 def _reverse_carry_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, x0_ref, x_out_ref, *, chunk,
                           n_chunks, n_tiles, dots):  # fmt: skip
     """The reverse pass's step over one segment, last chunk first, without outputs; grid rows
-    j >= n_tiles carry no drive (dY^T Q)."""
+    j >= n_tiles carry no drive (dY zeroed)."""
     driven = pl.program_id(1) < n_tiles
 
     def step(j, x):
         i = n_chunks - 1 - j
         rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
         du = dots.exact(bg_ref[rows, :], x, tb=True)
-        drive = dots.exact(dy_ref[rows, :], q_ref[rows, :], ta=True)
-        low = dots.exact(du, wm_ref[rows, :], ta=True)
-        return x * decay_ref[i, :, :] + low + jnp.where(driven, drive, 0.0)
+        wm, q = wm_ref[rows, :], q_ref[rows, :]
+        dy = jnp.where(driven, dy_ref[rows, :], 0.0)
+        return _cotangent_step(dots, x, decay_ref[i, :, :], wm, q, du, dy)
 
     x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
 
