@@ -11,10 +11,10 @@
 #          gradients), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of the bf16x3 factored
 #          variant, and the gradient check of all five (fp32, T = 4096, B*H = 8, against the
 #          XLA path);
-#       2. the per-kernel times alone (--stages-only) of the factored and chunk-parallel
-#          variants at T = 64K, B*H 64 then 8, of the factored bf16x3 variant without
-#          segments (at B*H = 8 the default cuts T into 8 parallel segments) and of the
-#          chunk-parallel default;
+#       2. the per-kernel times alone (--stages-only) at T = 64K, B*H 64 then 8: the factored
+#          bf16x3 variant first, then that without segments (at B*H = 8 the default cuts T
+#          into 8 parallel segments), the other parallel variants of step 1, and the factored
+#          bf16x3 variant at 4 warps (for its passes' times; its gradient kernel spills there);
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
 #          time, fla against the fastest of step 1's variants (bench/wkv7_best.py).
@@ -132,9 +132,10 @@ case "$phase" in
       --impls "pallas,$variants" --impls-fp32 "$fa_split" \
       --repeats 3 --gradient-check-seq-len 4096
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
+    stage_variants="$fa_split,$fa_split;segments=1,$FA,$fa_split;chunk_size=32,$cp_split"
     # shellcheck disable=SC2086
     bench wkv7_stages 120 $STAGE_SIZES --dtypes bfloat16 --repeats 3 --skip-gradient-check \
-      --impls "$variants,$fa_split;segments=1,$CP" --stages-only
+      --impls "$stage_variants,$fa_split;num_warps=4" --stages-only
     # The comparison needs ~100 s; with less left, the `fla` call does it.
     if wait_fla_warmup 100; then compare_with_fla; fi
     ;;
