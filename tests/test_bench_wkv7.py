@@ -85,9 +85,7 @@ def test_wkv7_bench_stages_only(tmp_path):
     checks = [(r["T"], r["impl"]) for r in results if "gradient_rel_diff_vs_xla" in r]
     assert checks == [(16, "pallas"), (16, fa)], results
     assert all(r["gradient_rel_diff_vs_xla"] < 1e-4 for r in results[:2]), results[:2]
-    assert [(r["impl"], list(r["stages_ms"])) for r in results[2:]] == [
-        (fa, FACTORED_STAGE_NAMES)
-    ]
+    assert [(r["impl"], list(r["stages_ms"])) for r in results[2:]] == [(fa, FACTORED_STAGE_NAMES)]
 
 
 def _best(tmp_path, rows, *args):

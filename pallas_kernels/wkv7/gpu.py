@@ -567,10 +567,20 @@ def _check_tile(name, tile, n):
         )
 
 
-def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group):
+def _check_count(name, value, limit):
+    """A count option (scan_group, segments) must be None or a power of two in [1, limit]."""
+    if value is not None and not (_is_power_of_two(value) and value <= limit):
+        raise ValueError(
+            f"wkv7_gpu: {name} must be None or a power of two in [1, {limit}], got {value!r}"
+        )
+
+
+def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group,
+                       segments):  # fmt: skip
     """(schedule, chunk_size, num_warps, gradient_value_tile, scan_group) with None replaced by
     the schedule's defaults; gradient_value_tile applies to CHUNK_GRADIENT_SCHEDULES (N
-    otherwise), scan_group to "chunk_parallel" (1 otherwise)."""
+    otherwise), scan_group to "chunk_parallel" (1 otherwise), segments (checked here, chosen
+    by resolve_config) to "factored"."""
     _check_choice("schedule", schedule, SCHEDULES)
     schedule = DEFAULT_SCHEDULE if schedule is None else schedule
     defaults = SCHEDULE_DEFAULTS[schedule]
@@ -579,6 +589,7 @@ def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, 
     options = (
         ("gradient_value_tile", gradient_value_tile, CHUNK_GRADIENT_SCHEDULES),
         ("scan_group", scan_group, ("chunk_parallel",)),
+        ("segments", segments, ("factored",)),
     )
     for name, value, schedules in options:
         if value is not None and schedule not in schedules:
@@ -591,13 +602,10 @@ def _schedule_settings(schedule, chunk_size, num_warps, n, gradient_value_tile, 
     if gradient_value_tile is None:
         gradient_value_tile = min(defaults["gradient_value_tile"], n)
     _check_tile("gradient_value_tile", gradient_value_tile, n)
+    _check_count("scan_group", scan_group, MAX_SCAN_GROUP)
+    _check_count("segments", segments, MAX_SEGMENTS)
     if scan_group is None:
         scan_group = defaults.get("scan_group", 1)
-    elif not (_is_power_of_two(scan_group) and scan_group <= MAX_SCAN_GROUP):
-        raise ValueError(
-            f"wkv7_gpu: scan_group must be None or a power of two in [1, {MAX_SCAN_GROUP}], got "
-            f"{scan_group!r}"
-        )
     return schedule, chunk_size, num_warps, gradient_value_tile, scan_group
 
 
@@ -754,7 +762,7 @@ def resolve_config(
     used by bench/wkv7.py to run single kernels as wkv7_gpu would.
     """
     schedule, chunk_size, num_warps, gradient_tile, scan_group = _schedule_settings(
-        schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group
+        schedule, chunk_size, num_warps, n, gradient_value_tile, scan_group, segments
     )
     _check_arguments(
         n, chunk_size, value_tile, dot_precision, exact_dot_precision, num_warps, dtypes
@@ -766,19 +774,10 @@ def resolve_config(
         exact_dot_precision = "tf32x3" if dot_precision == "tf32x3" else "highest"
     if value_tile is None:
         value_tile = _auto_value_tile(n, programs_per_tile)
-    if segments is not None and schedule != "factored":
-        raise ValueError(
-            f"wkv7_gpu: segments applies to schedule='factored' only; got schedule={schedule!r}"
-        )
     if segments is None:
         n_chunks = None if seq_len is None else -(-seq_len // chunk_size)
         programs = programs_per_tile * (n // value_tile)
         segments = _auto_segments(programs, n_chunks) if schedule == "factored" else 1
-    elif not (_is_power_of_two(segments) and segments <= MAX_SEGMENTS):
-        raise ValueError(
-            f"wkv7_gpu: segments must be None or a power of two in [1, {MAX_SEGMENTS}], got "
-            f"{segments!r}"
-        )
     cfg = _Config(
         chunk_size, value_tile, bool(interpret), dot_precision, exact_dot_precision, num_warps,
         gradient_tile, scan_group, segments,

@@ -222,14 +222,14 @@ def _segments(cfg, heads, bh, seq, n, value_tile_of=None):
     )
 
 
-def _carry_call(cfg, kernel, name, terms, value_side, value_kinds):
+def _carry_call(cfg, kernel, name, terms, value_side, value_kinds, heads):
     """Each segment's end rows of [zeros; identity] [2N, N] carried through its chunks: rows
     [0, N) with the chunks' drive (the state, or cotangent, the segment makes from zero), rows
     [N, 2N) without (the segment's map). [BH, segments, 2N, N] fp32.
 
-    value_kinds: per value_side array, "values" (head-major terms) or "token_values"."""
+    value_kinds: per value_side array, "values" (head-major terms) or "token_values"
+    (token-major, H = heads)."""
     bh, seq, n = terms[1].shape
-    heads = _heads(value_side, value_kinds)
     n_tiles = n // cfg.value_tile
     seg = _segments(cfg, heads, bh, seq, n, value_tile_of=lambda j: lax.rem(j, n_tiles))
     grid = (bh, 2 * n_tiles, cfg.segments)
@@ -265,11 +265,6 @@ def _chain(x, ends, n, order):
     return jnp.stack([befores[s] for s in sorted(befores)], axis=1)
 
 
-def _heads(arrays, kinds):
-    """H of the first token-major [B, Tp, H, N] array among arrays."""
-    return next(x.shape[2] for x, kind in zip(arrays, kinds, strict=True) if kind != "values")
-
-
 def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
     """(y [B, Tp, H, N], final state [BH, N, N]) and, with save_starts, every chunk's start
     state [BH, chunks, N, N]; all fp32. v is token-major [B, Tp, H, N].
@@ -281,11 +276,12 @@ def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
     """
     decay, wm, bg, kg, q, u0, y0 = terms
     bh, seq, n = wm.shape
-    seg = _segments(cfg, v.shape[2], bh, seq, n)
+    heads = v.shape[2]
+    seg = _segments(cfg, heads, bh, seq, n)
     if cfg.segments > 1:
         ends = _carry_call(
             cfg, _carry_kernel, "wkv7_gpu_factored_forward_carry", (decay, wm, bg, kg),
-            (u0, v), ("values", "token_values"),
+            (u0, v), ("values", "token_values"), heads,
         )  # fmt: skip
         starts = _chain(s0, ends, n, range(cfg.segments))
     else:
@@ -318,11 +314,12 @@ def _reverse_pass_call(cfg, terms, dy, ds_final):
     token-major [B, Tp, H, N]. Segments as in _forward_pass_call, last first."""
     decay, wm, bg, q = terms
     bh, seq, n = wm.shape
-    seg = _segments(cfg, dy.shape[2], bh, seq, n)
+    heads = dy.shape[2]
+    seg = _segments(cfg, heads, bh, seq, n)
     if cfg.segments > 1:
         ends = _carry_call(
             cfg, _reverse_carry_kernel, "wkv7_gpu_factored_reverse_carry", (decay, wm, bg, q),
-            (dy,), ("token_values",),
+            (dy,), ("token_values",), heads,
         )  # fmt: skip
         end_cots = _chain(ds_final, ends, n, range(cfg.segments - 1, -1, -1))
     else:
