@@ -94,15 +94,16 @@ def _weighted_loss(fn):
     return loss
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize(
-    "seq, value_tile, with_state",
+    "seq, value_tile, with_state, schedule",
     [
         # Two value tiles: sequential, key-side gradients summed over tiles; chunk-parallel and
         # factored, two tiles in each scan / pass and in the gradient kernel (key-side
         # partials summed).
-        (40, 16, True),
-        (16, 32, False),  # full rows, no initial state
+        *((40, 16, True, schedule) for schedule in SCHEDULES),
+        # Full rows, no initial state (the factored schedule's full rows: its segments test).
+        (16, 32, False, "sequential"),
+        (16, 32, False, "chunk_parallel"),
     ],
 )
 def test_gradients_match_reference(seq, value_tile, with_state, schedule):
