@@ -205,27 +205,27 @@ def _stage_calls(schedule, cfg, hx, dy, ds):
             "reverse pass": (terms_b, dy, ds),
             "gradients": (hx, dy, starts, end_cots),
         }
-        return {name: (fns[name], args[name]) for name in STAGES[schedule]}
-    fns = {
-        "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
-        "scan": jax.jit(lambda m, d, s: cp._scan(cfg, m, d, s, reverse=False)),
-        "outputs": jax.jit(lambda y0, q, starts: cp._output_call(cfg, y0, q, starts)),
-        "bwd terms": jax.jit(lambda x, g: cp._backward_terms_call(cfg, x, g)),
-        "reverse scan": jax.jit(lambda m, e, s: cp._scan(cfg, m, e, s, reverse=True)),
-        "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
-    }
-    maps, drive, q, y0 = fns["fwd terms"](hx)
-    starts = fns["scan"](maps, drive, s0)[1]
-    maps_b, e = fns["bwd terms"](hx, dy)
-    end_cots = fns["reverse scan"](maps_b, e, ds)[1]
-    args = {
-        "fwd terms": (hx,),
-        "scan": (maps, drive, s0),
-        "outputs": (y0, q, starts),
-        "bwd terms": (hx, dy),
-        "reverse scan": (maps_b, e, ds),
-        "gradients": (hx, dy, starts, end_cots),
-    }
+    else:
+        fns = {
+            "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
+            "scan": jax.jit(lambda m, d, s: cp._scan(cfg, m, d, s, reverse=False)),
+            "outputs": jax.jit(lambda y0, q, starts: cp._output_call(cfg, y0, q, starts)),
+            "bwd terms": jax.jit(lambda x, g: cp._backward_terms_call(cfg, x, g)),
+            "reverse scan": jax.jit(lambda m, e, s: cp._scan(cfg, m, e, s, reverse=True)),
+            "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
+        }
+        maps, drive, q, y0 = fns["fwd terms"](hx)
+        starts = fns["scan"](maps, drive, s0)[1]
+        maps_b, e = fns["bwd terms"](hx, dy)
+        end_cots = fns["reverse scan"](maps_b, e, ds)[1]
+        args = {
+            "fwd terms": (hx,),
+            "scan": (maps, drive, s0),
+            "outputs": (y0, q, starts),
+            "bwd terms": (hx, dy),
+            "reverse scan": (maps_b, e, ds),
+            "gradients": (hx, dy, starts, end_cots),
+        }
     return {name: (fns[name], args[name]) for name in STAGES[schedule]}
 
 

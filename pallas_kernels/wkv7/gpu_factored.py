@@ -59,6 +59,7 @@ from pallas_kernels.wkv7.gpu import (
 from pallas_kernels.wkv7.gpu_chunk_parallel import (
     _gradient_call,
     _load,
+    _mm,
     _over_chunks,
     token_major_spec,
 )
@@ -260,9 +261,19 @@ def _chain(x, ends, n, order):
     befores = {}
     for s in order:
         befores[s] = x
-        product = jnp.einsum("bij,bjk->bik", x, ends[:, s, n:], precision=lax.Precision.HIGHEST)
-        x = product + ends[:, s, :n]
+        x = _mm(x, ends[:, s, n:], "highest") + ends[:, s, :n]
     return jnp.stack([befores[s] for s in sorted(befores)], axis=1)
+
+
+def _segment_starts(cfg, x, carry, heads, *, reverse):
+    """Each segment's starting x [BH, segments, N, N]: x itself with one segment; else chained
+    (_chain) from the segments' maps and local ends, carry = (kernel, name, terms, value_side,
+    value_kinds) of _carry_call, first segment first (last first when reverse)."""
+    if cfg.segments == 1:
+        return x[:, None]
+    ends = _carry_call(cfg, *carry, heads)
+    order = range(cfg.segments - 1, -1, -1) if reverse else range(cfg.segments)
+    return _chain(x, ends, x.shape[-1], order)
 
 
 def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
@@ -278,14 +289,11 @@ def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
     bh, seq, n = wm.shape
     heads = v.shape[2]
     seg = _segments(cfg, heads, bh, seq, n)
-    if cfg.segments > 1:
-        ends = _carry_call(
-            cfg, _carry_kernel, "wkv7_gpu_factored_forward_carry", (decay, wm, bg, kg),
-            (u0, v), ("values", "token_values"), heads,
-        )  # fmt: skip
-        starts = _chain(s0, ends, n, range(cfg.segments))
-    else:
-        starts = s0[:, None]
+    carry = (
+        _carry_kernel, "wkv7_gpu_factored_forward_carry", (decay, wm, bg, kg), (u0, v),
+        ("values", "token_values"),
+    )  # fmt: skip
+    starts = _segment_starts(cfg, s0, carry, heads, reverse=False)
     n_chunks = seq // cfg.chunk
     out_specs = [seg.token_values, seg.state]
     out_shape = [
@@ -316,14 +324,11 @@ def _reverse_pass_call(cfg, terms, dy, ds_final):
     bh, seq, n = wm.shape
     heads = dy.shape[2]
     seg = _segments(cfg, heads, bh, seq, n)
-    if cfg.segments > 1:
-        ends = _carry_call(
-            cfg, _reverse_carry_kernel, "wkv7_gpu_factored_reverse_carry", (decay, wm, bg, q),
-            (dy,), ("token_values",), heads,
-        )  # fmt: skip
-        end_cots = _chain(ds_final, ends, n, range(cfg.segments - 1, -1, -1))
-    else:
-        end_cots = ds_final[:, None]
+    carry = (
+        _reverse_carry_kernel, "wkv7_gpu_factored_reverse_carry", (decay, wm, bg, q), (dy,),
+        ("token_values",),
+    )  # fmt: skip
+    end_cots = _segment_starts(cfg, ds_final, carry, heads, reverse=True)
     n_chunks = seq // cfg.chunk
     starts, chunk_end_cots = pl.pallas_call(
         partial(_reverse_pass_kernel, chunk=cfg.chunk, n_chunks=seg.chunks, dots=cfg.dots),
