@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import rwkvx_jax
 from rwkvx_jax.config import ConfigError, preset
 from rwkvx_jax.convert import params_from_state_dict
 from rwkvx_jax.decode import DecodeConfig, Decoder, greedy_tokens
@@ -27,7 +28,7 @@ def decoder(tiny_params):
 
 
 def _forward(params, tokens):
-    return np.asarray(RWKVX(TINY).apply({"params": params}, jnp.asarray(tokens)))
+    return np.asarray(rwkvx_jax.forward(TINY, params, tokens))
 
 
 def _rel(a, b):
@@ -127,7 +128,7 @@ def test_rwkv7_only_model_decodes():
     logits, state = decoder.prefill(tokens[:, :30])
     for t in range(30, 39):
         logits, state = decoder.step(tokens[:, t], state)
-    expected = np.asarray(RWKVX(config).apply({"params": params}, jnp.asarray(tokens)))
+    expected = np.asarray(rwkvx_jax.forward(config, params, tokens))
     assert _rel(logits, expected[:, 38]) < TOL
 
 
