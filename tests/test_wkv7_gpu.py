@@ -2,6 +2,7 @@
 
 import re
 from functools import partial
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -343,6 +344,7 @@ def test_auto_segments():
     assert _auto_segments(1, None) == 16  # MAX_SEGMENTS
     assert _auto_segments(32, 64) == 2  # 64 chunks: two segments of 32
     assert _auto_segments(32, 63) == 1
+    assert _auto_segments(32, 1024, target=108) == 4  # an A100's SMs
 
 
 def test_segments_match_reference():
@@ -366,6 +368,28 @@ def test_auto_value_tile():
     assert _auto_value_tile(64, 4) == 16  # B * H = 4: split to the smallest tile
     assert _auto_value_tile(64, 66) == 32
     assert _auto_value_tile(64, 132) == 64  # enough programs with full rows
+    assert _auto_value_tile(64, 64, target=108) == 32  # an A100's SMs: 128 programs
+    assert _auto_value_tile(64, 64, target=64) == 64
+
+
+def test_tiles_and_segments_follow_the_gpus_sm_count(monkeypatch):
+    """Compiled on a GPU, the automatic value tile and segments fill its SMs (JAX's
+    Device.core_count); interpreted or lowered without one, they fill an H100's 132."""
+    gpu = gpu_module
+
+    def settings(**kw):  # (value tile, segments) at B*H = 8, T = 16K
+        dtypes = [("r", jnp.bfloat16)]
+        _, cfg = gpu.resolve_config(64, 8, dtypes, schedule="factored", seq_len=16384, **kw)
+        return cfg.value_tile, cfg.segments
+
+    assert settings() == (16, 8) and settings(interpret=True) == (16, 8)  # 32 programs x 8
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [SimpleNamespace(core_count=40)])
+    assert gpu.target_programs() == 40
+    assert settings() == (16, 2)  # 32 programs x 2 segments >= 40 SMs
+    assert settings(interpret=True) == (16, 8)
+    monkeypatch.setattr(jax, "devices", lambda *a: [SimpleNamespace()])  # count not reported
+    assert gpu.target_programs() == gpu.TARGET_PROGRAMS
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,8 @@ MIN_VALUE_TILE = 16
 # No software pipelining of the chunk loop's loads: the loop body is dominated by dependent
 # dots on register-resident state, and pipelining only adds register pressure.
 NUM_STAGES = 1
-# An H100 has 132 SMs; below this many programs, value tiles are split (see _auto_value_tile).
+# The programs that fill the GPU: its SM count (`target_programs`); an H100's 132 where the
+# kernels are not compiled on a GPU (interpret mode, cross-lowering on a host without one).
 TARGET_PROGRAMS = 132
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -529,28 +530,38 @@ def _is_power_of_two(x):
     return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
 
 
-def _auto_value_tile(n, programs_per_tile):
-    """Largest value tile (>= 16) that gives at least TARGET_PROGRAMS programs, else 16.
+def target_programs(interpret=False):
+    """How many programs fill the GPU: the SM count of JAX's first device when JAX's default
+    backend is a GPU and the kernels are compiled (not interpreted), else TARGET_PROGRAMS
+    (an H100's 132), so interpret-mode runs and cross-lowering pick the same tiles anywhere."""
+    if interpret or jax.default_backend() != "gpu":
+        return TARGET_PROGRAMS
+    count = getattr(jax.devices()[0], "core_count", None)
+    return count if isinstance(count, int) and count > 0 else TARGET_PROGRAMS
+
+
+def _auto_value_tile(n, programs_per_tile, target=TARGET_PROGRAMS):
+    """Largest value tile (>= 16) that gives at least `target` programs, else 16.
 
     Halving the tile doubles the programs but also the (duplicated) key-side chunk work, so
     full rows are kept whenever batch x heads alone fills the GPU.
     """
     vt = n
-    while vt > MIN_VALUE_TILE and programs_per_tile * (n // vt) < TARGET_PROGRAMS:
+    while vt > MIN_VALUE_TILE and programs_per_tile * (n // vt) < target:
         vt //= 2
     return vt
 
 
-def _auto_segments(programs, n_chunks):
+def _auto_segments(programs, n_chunks, target=TARGET_PROGRAMS):
     """Segments for the factored schedule's passes: doubled while the passes' programs
-    (B*H x value tiles x segments) stay below TARGET_PROGRAMS, up to MAX_SEGMENTS and while
+    (B*H x value tiles x segments) stay below `target`, up to MAX_SEGMENTS and while
     segments keep >= MIN_SEGMENT_CHUNKS chunks (n_chunks None: no such bound).
 
-    Below TARGET_PROGRAMS most SMs idle while the passes walk T / C chunks in order, one
+    Below `target` (the SM count) most SMs idle while the passes walk T / C chunks in order, one
     latency-bound step each; segments shorten that walk at three times the pass work."""
     segments = 1
     while (
-        programs * segments < TARGET_PROGRAMS
+        programs * segments < target
         and segments < MAX_SEGMENTS
         and (n_chunks is None or n_chunks // (2 * segments) >= MIN_SEGMENT_CHUNKS)
     ):
@@ -667,7 +678,7 @@ def wkv7_gpu(
             (`SCHEDULE_DEFAULTS`; 16 for both). On an H100 the chunk-parallel schedule's
             gradient at chunk 64 had not compiled after ~2 minutes (docs/BENCHMARKS.md).
         value_tile: static power of two in [16, N], the state rows per program; None picks N
-            when B * H fills the GPU's SMs, smaller tiles otherwise.
+            when B * H fills the GPU's SMs (`target_programs`), smaller tiles otherwise.
         dot_precision: static; "highest" (IEEE fp32 dots, no tensor cores: exact, slow),
             "tf32x3" (three TF32 tensor-core passes, near-fp32; interpret mode runs it as
             "highest"), "bf16" (bf16 operands, fp32 accumulation, for the intra-chunk C x C
@@ -704,8 +715,9 @@ def wkv7_gpu(
             each part's map and the state it makes from zero, XLA chains them into the
             parts' start states, and the pass proper runs from those (two walks over
             T / segments chunks instead of one over T, for three times the pass work). A
-            power of two in [1, 16], or None: doubled from 1 while the passes run fewer than
-            TARGET_PROGRAMS programs and each part keeps >= MIN_SEGMENT_CHUNKS chunks.
+            power of two in [1, 16], or None: doubled from 1 while the passes run fewer
+            programs than the GPU has SMs (`target_programs`) and each part keeps >=
+            MIN_SEGMENT_CHUNKS chunks.
         interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
@@ -772,12 +784,13 @@ def resolve_config(
         dot_precision = "bf16" if half else "highest"
     if exact_dot_precision is None:
         exact_dot_precision = "tf32x3" if dot_precision == "tf32x3" else "highest"
+    target = target_programs(interpret)
     if value_tile is None:
-        value_tile = _auto_value_tile(n, programs_per_tile)
+        value_tile = _auto_value_tile(n, programs_per_tile, target)
     if segments is None:
         n_chunks = None if seq_len is None else -(-seq_len // chunk_size)
         programs = programs_per_tile * (n // value_tile)
-        segments = _auto_segments(programs, n_chunks) if schedule == "factored" else 1
+        segments = _auto_segments(programs, n_chunks, target) if schedule == "factored" else 1
     cfg = _Config(
         chunk_size, value_tile, bool(interpret), dot_precision, exact_dot_precision, num_warps,
         gradient_tile, scan_group, segments,
