@@ -3,14 +3,17 @@ without a GPU.
 
   pip install triton==3.6.0   # not a project dependency: ~190 MB, only this tool needs it
   python bench/triton_spills.py [--impls pallas,pallas@schedule=chunk_parallel;num_warps=8]
-                                [--seq-len 4096] [--bh 8] [--dtype bfloat16] [--json FILE]
+                                [--seq-len 4096] [--bh 8] [--dtype bfloat16] [--arch 90]
+                                [--json FILE]
 
 Each implementation (bench/wkv7.py's syntax: "pallas@KEY=VALUE;...", ';' between options) is
 cross-lowered for CUDA as JAX would run it, forward and gradient; every Pallas kernel's Triton
 IR is taken from the lowering, with the num_warps / num_stages of its custom call, compiled for
-sm_90 by the `triton` package and passed through its bundled `ptxas -v`. The table gives each
-kernel's registers per thread, spill stores / loads and stack frame in bytes, shared memory,
-and the compile time. A kernel at the 255-register ceiling with spills moves its overflow
+sm_90 by the `triton` package (for --arch: 90 an H100 / H200, 80 an A100, 89 an L4 / RTX 4090) and
+passed through its bundled `ptxas -v`. The table gives each
+kernel's registers per thread, spill stores / loads and stack frame in bytes, shared memory
+(marked "over" past what one program may take on that GPU: it would not launch there), and the
+compile time. A kernel at the 255-register ceiling with spills moves its overflow
 through local memory on every use: on the 2026-11-27 H100 run, the chunk-parallel gradient
 kernel with full value rows spilled 11 KB here and its backward took 9x its forward.
 
@@ -49,6 +52,8 @@ from pallas_kernels.wkv7.gpu import wkv7_gpu  # noqa: E402
 
 N = 64
 # The attributes after the IR in each Triton custom call's backend config (sorted by name).
+# Shared memory one program may opt in to, bytes (CUDA programming guide, per compute capability).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _LAUNCH = re.compile(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32')
 
 
@@ -108,8 +113,8 @@ def instruction_mix(sass: str) -> dict[str, int]:
     return mix
 
 
-def compile_report(name: str, source: dict, workdir: Path) -> dict:
-    """Compiles one kernel's Triton IR for sm_90; reads ptxas -v's resource report and the
+def compile_report(name: str, source: dict, workdir: Path, arch: int = 90) -> dict:
+    """Compiles one kernel's Triton IR for sm_{arch}; reads ptxas -v's resource report and the
     cubin's instruction mix."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -118,13 +123,14 @@ def compile_report(name: str, source: dict, workdir: Path) -> dict:
     path.write_text(source["ttir"])
     options = {"num_warps": source["num_warps"], "num_stages": source["num_stages"]}
     start = time.perf_counter()
-    compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = triton.compile(str(path), target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - start
     ptx = workdir / f"{name}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas_arch = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"  # 90a: Hopper's wgmma
     report = subprocess.run(
-        [str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+        [str(tools / "ptxas"), f"-arch={ptxas_arch}", "-v", str(ptx), "-o", os.devnull],
         capture_output=True, text=True, check=True,
     ).stderr  # fmt: skip
     cubin = workdir / f"{name}.cubin"
@@ -141,6 +147,7 @@ def compile_report(name: str, source: dict, workdir: Path) -> dict:
         "spill_loads": number(r"(\d+) bytes spill loads"),
         "stack": number(r"(\d+) bytes stack frame"),
         "shared": compiled.metadata.shared,
+        "shared_over_limit": compiled.metadata.shared > SHARED_LIMIT[arch],
         "compile_s": seconds,
         **instruction_mix(sass),
     }
@@ -152,6 +159,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--bh", type=int, default=8, help="B*H (B = 1); sets the auto value tile")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
+                        help="compute capability x 10 to compile for")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rows here (whole, via a rename)")
     args = parser.parse_args()
     try:
@@ -176,12 +185,13 @@ def main() -> None:
             options = impl_options(impl.replace(";", ","))
             sources = kernel_sources(options, args.seq_len, args.bh, jnp.dtype(args.dtype))
             for name, source in sources.items():
-                row = {"impl": impl, **compile_report(name, source, Path(tmp))}
+                row = {"impl": impl, **compile_report(name, source, Path(tmp), args.arch)}
                 rows.append(row)
                 print(
                     f"| {impl} | {name} | {row['num_warps']} | {row['num_stages']} | "
                     f"{row['registers']} | {row['spill_stores']} / {row['spill_loads']} | "
-                    f"{row['stack']} | {row['shared']} | {row['compile_s']:.1f} | "
+                    f"{row['stack']} | {row['shared']}{' over' * row['shared_over_limit']} | "
+                    f"{row['compile_s']:.1f} | "
                     f"{row['ffma']} | {row['tensor_core']} | {row['shared_loads']} | "
                     f"{row['bars']} |",
                     flush=True,
