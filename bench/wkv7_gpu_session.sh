@@ -8,8 +8,9 @@
 #       1. the sequential kernel (baseline), the factored schedule (its defaults; with
 #          split-bf16 tensor-core exact dots, exact_dot_precision=bf16x3, and full-row
 #          gradients; that at chunk 32) and the chunk-parallel one (bf16x3, full-row
-#          gradients), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors of the bf16x3 factored
-#          variant, and the gradient check of all five (fp32, T = 4096, B*H = 8, against the
+#          gradients), bf16, T 16K / 64K x B*H 8 / 64, the fp32 errors and times of the
+#          bf16x3 factored variant with 32-row gradient tiles (with fp32 inputs full rows spill
+#          9.6 KB offline), and the gradient check of all six (fp32, T = 4096, B*H = 8, against the
 #          XLA path);
 #       2. the per-kernel times alone (--stages-only) at T = 64K, B*H 64 then 8: the factored
 #          bf16x3 variant first, then that without segments (at B*H = 8 the default cuts T
@@ -129,7 +130,7 @@ case "$phase" in
     variants="$FA,$fa_split,$fa_split;chunk_size=32,$cp_split"
     # shellcheck disable=SC2086
     bench wkv7_schedules 340 $SIZES --dtypes bfloat16,float32 \
-      --impls "pallas,$variants" --impls-fp32 "$fa_split" \
+      --impls "pallas,$variants" --impls-fp32 "$FA;$split" \
       --repeats 3 --gradient-check-seq-len 4096
     cp "$OUT/wkv7_schedules.json" /tmp/wkv7_schedules.json  # for a second call's `fla` phase
     stage_variants="$fa_split,$fa_split;segments=1,$FA,$fa_split;chunk_size=32,$cp_split"
