@@ -12,6 +12,7 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from pallas_kernels.wkv7 import gpu as gpu_module
+from pallas_kernels.wkv7 import gpu_chunk
 from pallas_kernels.wkv7.gpu import (
     CHUNK_GRADIENT_SCHEDULES,
     SCHEDULES,
@@ -188,7 +189,7 @@ def test_bf16_dots_match_reference(schedule):
 def test_bf16_parts_keep_sixteen_bits():
     """hi + lo, both bf16, rebuild x to within 2^-16 |x| (the bf16x3 exact dots' operands)."""
     x = jax.random.normal(jax.random.PRNGKey(13), (4096,)) * jnp.exp(jnp.arange(4096) % 40 - 20.0)
-    hi, lo = gpu_module._bf16_parts(x)
+    hi, lo = gpu_chunk._bf16_parts(x)
     assert hi.dtype == lo.dtype == jnp.bfloat16
     rebuilt = np.asarray(hi).astype(np.float64) + np.asarray(lo).astype(np.float64)
     err = np.abs(rebuilt - np.asarray(x, np.float64)) / np.abs(np.asarray(x))

@@ -1,10 +1,10 @@
 """WKV-7 on GPU, chunk-parallel schedule: all chunk work in parallel, only an N x N scan in order.
 
-The sequential schedule (`gpu.py`) walks each head's chunks in one program, so every chunk's
+The sequential schedule (`gpu_sequential`) walks each head's chunks in one program, so every chunk's
 full key-side work (decay sums, the inverse (I - A_ab)^{-1}, ~20 dependent dots) lies on the
 critical path, and a GPU runs only B*H x (N / value tile) programs. Here that work runs with one
 program per (batch x head, chunk), and what is left in sequence is the chunk-to-chunk affine map
-of the state. From `gpu._chunk_terms` (U = U0 + W S^T, S' = S e^{gC} + V^T kg + U^T bg):
+of the state. From `gpu_chunk._chunk_terms` (U = U0 + W S^T, S' = S e^{gC} + V^T kg + U^T bg):
 
     S_{c+1} = S_c A_c + D_c,   A_c = diag(e^{gC}) + L_c,   L_c = W^T bg,
     D_c = V^T kg + U0^T bg,
@@ -24,7 +24,7 @@ Forward, three kernels: chunk terms (e^{gC}, L_c, D_c, Q, Y0; grid B*H x chunks)
 scan (grid B*H x value tiles, storing every chunk's start state) and the outputs
 Y = Y0 + Q S_c^T (grid B*H x chunks). Backward, three: chunk terms (e^{gC}, L_c, E_c), the
 reverse scan (storing every chunk's end cotangent), and the gradients of each chunk from its
-S_c and dS_{c+1} (`gpu._chunk_gradients`; grid B*H x chunks x value tiles of
+S_c and dS_{c+1} (`gpu_chunk._chunk_gradients`; grid B*H x chunks x value tiles of
 `gradient_value_tile` rows, key-side partial sums added after). The dot precision plan is the
 sequential schedule's: L_c, D_c, E_c and the scan feed the carried state or its cotangent and
 take exact dots. With scan_group = g > 1, XLA composes the maps of g consecutive chunks before
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.wkv7.gpu import (
+from pallas_kernels.wkv7.gpu_chunk import (
     _chunk_gradients,
     _chunk_terms,
     _compiler_params,
@@ -402,7 +402,7 @@ def _forward(cfg, xs, s0):
 def wkv7_heads_chunk_parallel(cfg, xs, s0):
     """(y [BH, Tp, N], final state [BH, N, N]) fp32 for head-major xs = (r, w, k, v, a, b).
 
-    cfg is `gpu._Config`; Tp is a multiple of cfg.chunk; s0 [BH, N, N] fp32.
+    cfg is `gpu_chunk._Config`; Tp is a multiple of cfg.chunk; s0 [BH, N, N] fp32.
     """
     y, s_final, _ = _forward(cfg, xs, s0)
     return y, s_final

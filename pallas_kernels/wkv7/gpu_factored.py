@@ -4,7 +4,7 @@ order that carries the state through each chunk's rank-C factors.
 The chunk-parallel schedule (`gpu_chunk_parallel`) hands its scan each chunk's transition as
 N x N matrices (L_c = W^T bg, D_c), 2 x N^2 fp32 per chunk written and read again (~2 KB per
 token and head at chunk 16 and N = 64), and needs a third kernel for the outputs. Here the
-parallel kernel stores the chunk's terms as they come out of `gpu._chunk_terms`, [C, N] per
+parallel kernel stores the chunk's terms as they come out of `gpu_chunk._chunk_terms`, [C, N] per
 chunk (N floats per token each), and the in-order pass applies them to the state rows it
 holds, exactly the sequential schedule's step without its chunk maths:
 
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.wkv7.gpu import (
+from pallas_kernels.wkv7.gpu_chunk import (
     _chunk_terms,
     _compiler_params,
     _cotangent_step,
@@ -351,7 +351,7 @@ def wkv7_tokens_factored(cfg, xs, s0):
     """(y [B, Tp, H, N], final state [BH, N, N]) fp32 for token-major xs = (r, w, k, v, a, b),
     [B, Tp, H, N] each (wkv7_gpu's layout, padded).
 
-    cfg is `gpu._Config`; Tp is a multiple of cfg.chunk x cfg.segments; s0 [BH, N, N] fp32.
+    cfg is `gpu_chunk._Config`; Tp is a multiple of cfg.chunk x cfg.segments; s0 [BH, N, N] fp32.
     """
     terms = _forward_terms_call(cfg, xs)
     return _forward_pass_call(cfg, terms, xs[3], s0, save_starts=False)
