@@ -24,7 +24,12 @@ def resolve_backend(backend: str, *, kernel: str) -> str:
         raise ValueError(f"{kernel}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
+    return platform_backend(jax.default_backend())
+
+
+def platform_backend(platform: str) -> str:
+    """The backend "auto" means on a JAX platform ("tpu", "gpu", "cuda", "rocm", "cpu", ...):
+    "tpu", "gpu" or "xla"."""
     if platform == "tpu":
         return "tpu"
     if platform in ("gpu", "cuda", "rocm"):

@@ -2,21 +2,96 @@
 
 Model code calls only these two functions; which implementation runs is decided here from the
 config's backend names, so kernels can change without touching the model.
+
+On a mesh of several devices the Pallas kernels run per device (`kernel_mesh`): XLA cannot
+partition a Pallas custom call. JAX refuses to lower a Mosaic (TPU) kernel on sharded
+operands, and a Triton (GPU) one would be given whole, replicated operands on every device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh
+
+from pallas_kernels.backends import platform_backend as _kernel_platform_backend
 from pallas_kernels.backends import resolve_backend as _platform_backend
 from pallas_kernels.topk_attention import topk_chunk_attention as _topk_attention
 from pallas_kernels.topk_attention import topk_chunk_attention_reference as _topk_reference
 from pallas_kernels.wkv7 import wkv7 as _wkv7
 from pallas_kernels.wkv7 import wkv7_reference as _wkv7_reference
 from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE
+from rwkvx_jax.sharding import MESH_AXES, logical_to_partition_spec
 
 # Config backend name -> `pallas_kernels` backend name.
 _KERNEL_BACKEND = {"xla_chunked": "xla", "pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 _FROM_PLATFORM = {"xla": "xla_chunked", "tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 BACKENDS = ("auto", "reference", *_KERNEL_BACKEND)
+_PALLAS = ("pallas_tpu", "pallas_gpu")
+
+_kernel_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "kernel_mesh", default=None
+)
+# Logical axes of the kernels' operands (rwkvx_jax.sharding's rules: batch over ("data",
+# "fsdp"), heads over "tensor", each kept only where it divides the dimension).
+_TOKENS = ("batch", "length", "heads", "head_dim")  # [B, T, H, N]
+_STATE = ("batch", "heads", None, None)  # [B, H, N, N]
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: Mesh | None) -> Iterator[None]:
+    """While active (during tracing), Pallas kernel calls run per device over `mesh`.
+
+    Each call goes through `jax.shard_map`: batch split over ("data", "fsdp") and heads over
+    "tensor" where they divide (rwkvx_jax.sharding's rules; other mesh axes see the whole
+    dimension and repeat the work), so every device runs the kernel on its own batch rows and
+    heads, which is exact: the recurrence and the attention never mix them. Operands sharded
+    otherwise are resharded to that by XLA first. A mesh of one device, None, or the XLA /
+    reference backends: calls are left as they are.
+
+    The training step traces the model inside this (rwkvx_jax.train_lib.block_transforms).
+
+    Raises:
+      ValueError: the mesh's axes are not ("data", "fsdp", "tensor") (sharding.make_mesh).
+    """
+    if mesh is not None and tuple(mesh.axis_names) != MESH_AXES:
+        raise ValueError(
+            f"kernel_mesh: the mesh's axes must be {MESH_AXES} (rwkvx_jax.sharding.make_mesh), "
+            f"got {tuple(mesh.axis_names)}"
+        )
+    token = _kernel_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _kernel_mesh.reset(token)
+
+
+def _per_device(
+    kernel: Callable, args: Sequence[jax.Array], in_axes: Sequence[tuple], out_axes: Sequence[tuple]
+) -> tuple:
+    """kernel(*args) (a tuple of arrays) through shard_map over the active kernel mesh, or
+    directly without one; in_axes / out_axes name each argument's / result's logical axes."""
+    mesh = _kernel_mesh.get()
+    if mesh is None or mesh.size == 1:
+        return kernel(*args)
+    outs = jax.eval_shape(kernel, *args)
+    specs = lambda axes, values: tuple(
+        logical_to_partition_spec(a, x.shape, mesh) for a, x in zip(axes, values, strict=True)
+    )
+    # check_vma=False: pallas_call has no replication rule for shard_map's check.
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=specs(in_axes, args), out_specs=specs(out_axes, outs),
+        check_vma=False,
+    )(*args)  # fmt: skip
+
+
+def platform_backend(platform: str) -> str:
+    """The backend "auto" means on a JAX platform ("tpu", "gpu", "cpu", ...), such as a
+    device's that is not this host's (ahead-of-time compilation for a TPU slice)."""
+    return _FROM_PLATFORM[_kernel_platform_backend(platform)]
 
 
 def resolve_backend(name: str) -> str:
@@ -49,8 +124,12 @@ def wkv7(
     if backend == "reference":
         return _wkv7_reference(r, w, k, v, a, b, state)
     kernel_backend = _KERNEL_BACKEND[backend]
-    chunk = chunk_size if kernel_backend == "xla" else None
-    return _wkv7(r, w, k, v, a, b, state, backend=kernel_backend, chunk_size=chunk)
+    if backend not in _PALLAS:
+        return _wkv7(r, w, k, v, a, b, state, backend=kernel_backend, chunk_size=chunk_size)
+    kernel = lambda *xs: tuple(_wkv7(*xs, backend=kernel_backend))
+    args = (r, w, k, v, a, b) if state is None else (r, w, k, v, a, b, state)
+    in_axes = (_TOKENS,) * 6 + (() if state is None else (_STATE,))
+    return _per_device(kernel, args, in_axes, (_TOKENS, _STATE))
 
 
 def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str = "auto"):
@@ -68,6 +147,9 @@ def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str =
     backend = resolve_backend(backend)
     if backend == "reference":
         return _topk_reference(q, k, v, chunk_size=chunk_size, top_k=top_k)
-    return _topk_attention(
-        q, k, v, chunk_size=chunk_size, topk=top_k, backend=_KERNEL_BACKEND[backend]
+    kernel = lambda *qkv: (
+        _topk_attention(*qkv, chunk_size=chunk_size, topk=top_k, backend=_KERNEL_BACKEND[backend]),
     )
+    if backend not in _PALLAS:
+        return kernel(q, k, v)[0]
+    return _per_device(kernel, (q, k, v), (_TOKENS,) * 3, (_TOKENS,))[0]

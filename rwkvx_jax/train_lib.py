@@ -29,6 +29,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rwkvx_jax import ops
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.expand import expand_params, load_checkpoint_params
@@ -66,7 +67,8 @@ def block_transforms(remat: str = "none", activation_sharding: NamedSharding | N
         policy; the module is the same, so parameter paths do not change. "none": no remat.
       activation_sharding: the sharding of [B, T, C] activations at block boundaries (the
         residual stream in and out, and `v_first`), batch over ("data", "fsdp"); it keeps
-        GSPMD from resharding activations along the model width between blocks.
+        GSPMD from resharding activations along the model width between blocks. Its mesh also
+        becomes the kernel mesh (`ops.kernel_mesh`): the Pallas kernels run per device.
     """
     if remat != "none" and remat not in _REMAT_POLICIES:
         raise ValueError(f"remat policy must be 'none' or one of {sorted(_REMAT_POLICIES)}")
@@ -101,7 +103,9 @@ def block_transforms(remat: str = "none", activation_sharding: NamedSharding | N
             return wrapped(context.module, *args, **kwargs)
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
+    # Pallas kernels cannot be partitioned by XLA: they run per device on the same mesh.
+    mesh = None if activation_sharding is None else activation_sharding.mesh
+    with nn.intercept_methods(interceptor), ops.kernel_mesh(mesh):
         yield
 
 
@@ -888,13 +892,24 @@ def aot_compile(config: TrainConfig, devices, model_config: RWKVXConfig | None =
     """Compiles the train step of `config` for `devices` without running (or owning) them.
 
     Checks that the config shards onto that slice and reports the per-device memory the step
-    needs. The params are abstract (`jax.eval_shape`): nothing is allocated.
+    needs. The params are abstract (`jax.eval_shape`): nothing is allocated. Kernel backends
+    "auto" become the kernels of the devices' platform (the Pallas TPU ones for a TPU slice),
+    not of this host's.
 
     Returns:
       (TrainProgram, compiled step).
     """
     mesh = shd.make_mesh(config.mesh, devices=devices)
-    program = TrainProgram.create(config, model_config or config.model, mesh)
+    model_config = model_config or config.model
+    platform_backend = ops.platform_backend(devices[0].platform)
+    model_config = model_config.replace(
+        **{
+            name: platform_backend
+            for name in ("wkv_backend", "attention_backend")
+            if getattr(model_config, name) == "auto"
+        }
+    )
+    program = TrainProgram.create(config, model_config, mesh)
     return program, program.compile(config.data.ctx)
 
 

@@ -8,3 +8,35 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["RWKV_CUDA_ON"] = "0"
 os.environ["RWKV_JIT_ON"] = "0"
 os.environ["RWKV_V7_ON"] = "1"
+
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def interpreted_kernels(monkeypatch):
+    """Makes every Pallas kernel entry run in interpret mode (which the model never asks for)
+    and records the entries called, in order; yields that list."""
+    import pallas_kernels.topk_attention.gpu as topk_gpu
+    import pallas_kernels.topk_attention.tpu as topk_tpu
+    import pallas_kernels.wkv7.gpu as wkv_gpu
+    import pallas_kernels.wkv7.tpu as wkv_tpu
+
+    calls = []
+    entries = (
+        (wkv_gpu, "wkv7_gpu"),
+        (wkv_tpu, "wkv7_tpu"),
+        (topk_gpu, "topk_chunk_attention_gpu"),
+        (topk_tpu, "topk_chunk_attention_tpu"),
+    )
+    for module, name in entries:
+        real = getattr(module, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **{**kwargs, "interpret": True})
+
+        monkeypatch.setattr(module, name, functools.wraps(real)(wrapper))
+    yield calls

@@ -27,6 +27,16 @@ def test_auto_is_xla_on_cpu():
     assert resolve_backend("gpu", kernel="x") == "gpu"
 
 
+def test_auto_of_another_platform():
+    """What "auto" means on a device that is not this host's (AOT compilation for a TPU)."""
+    from rwkvx_jax import ops
+
+    platforms = ("tpu", "gpu", "cuda", "rocm", "cpu")
+    assert [ops.platform_backend(p) for p in platforms] == [
+        "pallas_tpu", "pallas_gpu", "pallas_gpu", "pallas_gpu", "xla_chunked"
+    ]  # fmt: skip
+
+
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="backend must be one of .*'cuda'"):
         pallas_kernels.wkv7(*_wkv_inputs(), backend="cuda")
@@ -68,33 +78,13 @@ def test_topk_attention_through_the_entry_point(backend):
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
-def test_model_dispatch_reaches_the_pallas_kernels(backend, monkeypatch):
+def test_model_dispatch_reaches_the_pallas_kernels(backend, interpreted_kernels):
     """rwkvx_jax.ops maps the config's backend names onto the kernels (run here in interpret
-    mode, which the model never asks for: the call is patched to add it)."""
-    import functools
-
-    import pallas_kernels.topk_attention.gpu as topk_gpu
-    import pallas_kernels.topk_attention.tpu as topk_tpu
-    import pallas_kernels.wkv7.gpu as wkv_gpu
-    import pallas_kernels.wkv7.tpu as wkv_tpu
+    mode, which the model never asks for: the fixture patches the calls to add it)."""
     from rwkvx_jax import ops
     from rwkvx_jax.config import preset
 
-    calls = []
-
-    def interpreted(module, name):
-        real = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return real(*args, **{**kwargs, "interpret": True})
-
-        monkeypatch.setattr(module, name, functools.wraps(real)(wrapper))
-
-    interpreted(wkv_gpu, "wkv7_gpu")
-    interpreted(wkv_tpu, "wkv7_tpu")
-    interpreted(topk_gpu, "topk_chunk_attention_gpu")
-    interpreted(topk_tpu, "topk_chunk_attention_tpu")
+    calls = interpreted_kernels
     assert ops.resolve_backend("auto") == "xla_chunked"  # CPU
     preset("tiny", wkv_backend=backend, attention_backend=backend)  # accepted by the config
 

@@ -492,14 +492,21 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.aot
-def test_aot_compile_for_a_tpu_slice(tmp_path):
-    """The train step compiles for a TPU topology on a machine without TPUs.
+@pytest.mark.parametrize("backend", ["auto", "xla_chunked"])
+def test_aot_compile_for_a_tpu_slice(tmp_path, backend):
+    """The train step compiles for a TPU topology on a machine without TPUs, with the kernels
+    "auto" means on a TPU (the Pallas TPU ones, run per device: XLA cannot partition Mosaic
+    kernels, rwkvx_jax.ops.kernel_mesh), not on this CPU host, or with the chunked XLA ones.
 
     Needs the TPU compiler: `pip install -e '.[aot]'`, then `pytest -m aot`.
     """
     devices = train_lib.tpu_topology_devices("v5p:2x2x1")
-    config = small_config(tmp_path, "mesh=1,2,2", "data.batch_size=4", "model.dtype=bfloat16")
+    backends = [f"model.wkv_backend={backend}", f"model.attention_backend={backend}"]
+    config = small_config(
+        tmp_path, "mesh=1,2,2", "data.batch_size=4", "model.dtype=bfloat16", *backends
+    )
     program, compiled = train_lib.aot_compile(config, devices)
     assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert ("tpu_custom_call" in compiled.as_text()) == (backend == "auto")
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     assert "memory analysis" in train_lib.describe_memory(compiled)
