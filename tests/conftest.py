@@ -1,6 +1,9 @@
 """Test setup: 8 host CPU devices for sharding tests, set before JAX is imported anywhere."""
 
+import functools
 import os
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,11 +11,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["RWKV_CUDA_ON"] = "0"
 os.environ["RWKV_JIT_ON"] = "0"
 os.environ["RWKV_V7_ON"] = "1"
-
-
-import functools  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ under one custom VJP each:
   N x N affine map of the state per chunk in order;
 - "factored" (`gpu_factored`): the chunk maths in parallel, then a pass in order through each
   chunk's rank-C factors.
+All three follow one dot precision plan (`gpu_chunk._Dots`: which dots may round their operands
+and which stay near-fp32 because their errors compound over T).
 """
 
 from __future__ import annotations
