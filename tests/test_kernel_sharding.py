@@ -30,12 +30,14 @@ def _train_config(backend, *overrides):
     return apply_overrides(TrainConfig(), overrides)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
 @pytest.mark.parametrize("backend", PALLAS_BACKENDS)
-def test_train_step_runs_the_pallas_kernels_per_device(backend):
+def test_train_step_runs_the_pallas_kernels_per_device(backend, remat):
     """The sharded train step (mesh 2 x 2 x 2, global batch 8, 2 heads) lowers for its
     platform with every Pallas custom call on one device's share: 2 of the 8 sequences and 1
-    of the 2 heads, so head-major operands lead with B*H = 2, not 16."""
-    config = _train_config(backend, "mesh=2,2,2")
+    of the 2 heads, so head-major operands lead with B*H = 2, not 16. With remat (the stage-2
+    recipes') the backward recomputes both forward kernels, per device too."""
+    config = _train_config(backend, "mesh=2,2,2", f"remat={remat}")
     program = train_lib.TrainProgram.create(config, config.model, shd.make_mesh(config.mesh))
     tokens = (config.data.batch_size, config.data.ctx + 1)
     batch = jax.ShapeDtypeStruct(tokens, jnp.int32, sharding=program.batch_sharding)
@@ -49,8 +51,9 @@ def test_train_step_runs_the_pallas_kernels_per_device(backend):
     text = traced.lower(lowering_platforms=(platform,)).as_text()
     target = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
     calls = [line for line in text.splitlines() if target in line and "custom_call" in line]
-    # Forward and backward: WKV-7, top-k attention (select, attend; backward).
-    assert len(calls) == 5
+    # WKV-7 forward and backward, top-k attention forward and its two backward kernels; with
+    # remat the two forward kernels once more.
+    assert len(calls) == {"none": 5, "full": 7}[remat]
     types = [line.split("} :")[-1] for line in calls]
     assert {int(d) for t in types for d in re.findall(r"tensor<(\d+)x", t)} == {2}, types
 
