@@ -18,7 +18,6 @@ import jax
 from jax.sharding import Mesh
 
 from pallas_kernels.backends import platform_backend as _kernel_platform_backend
-from pallas_kernels.backends import resolve_backend as _platform_backend
 from pallas_kernels.topk_attention import topk_chunk_attention as _topk_attention
 from pallas_kernels.topk_attention import topk_chunk_attention_reference as _topk_reference
 from pallas_kernels.wkv7 import wkv7 as _wkv7
@@ -103,7 +102,7 @@ def resolve_backend(name: str) -> str:
         raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
     if name != "auto":
         return name
-    return _FROM_PLATFORM[_platform_backend("auto", kernel="rwkvx_jax.ops")]
+    return platform_backend(jax.default_backend())
 
 
 def wkv7(

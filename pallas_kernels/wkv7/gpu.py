@@ -357,7 +357,6 @@ def pad_tokens(x, multiple):
 def head_major(x, chunk):
     """[B, T, H, N] -> [B*H, Tp, N], the tail zero-padded to Tp, a multiple of chunk (zero
     inputs, w = 0 included, leave the state untouched)."""
+    x = pad_tokens(x, chunk)
     batch, seq, heads, n = x.shape
-    x = x.transpose(0, 2, 1, 3).reshape(batch * heads, seq, n)
-    pad = -seq % chunk
-    return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+    return x.transpose(0, 2, 1, 3).reshape(batch * heads, seq, n)
