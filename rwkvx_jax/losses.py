@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -60,8 +61,8 @@ def mean_cross_entropy(
     return jnp.where(count > 0, jnp.sum(losses * mask) / jnp.where(count > 0, count, 1.0), 0.0)
 
 
-@jax.custom_vjp
-def l2wrap(loss: jnp.ndarray, logits: jnp.ndarray) -> jnp.ndarray:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def l2wrap(loss: jnp.ndarray, logits: jnp.ndarray, positions: int | None = None) -> jnp.ndarray:
     """Returns `loss` unchanged; its backward pass pushes the largest logits towards zero.
 
     The backward pass (RWKV-LM's L2Wrap, SPEC §7) returns the loss's cotangent unchanged and, as
@@ -75,20 +76,24 @@ def l2wrap(loss: jnp.ndarray, logits: jnp.ndarray) -> jnp.ndarray:
       loss: the loss value, any shape (usually a scalar; [B, T] per-token losses also work).
       logits: [B, T, V], the logits the loss was computed from. Any [..., V] works, with the
         product of the leading dims in place of B*T.
+      positions: static; the B*T of the division when `logits` holds only a piece of the
+        positions (`chunked_token_cross_entropy` passes the whole sequence's count). None: the
+        positions in `logits`.
 
     Returns:
       `loss`, unchanged.
     """
-    del logits
+    del logits, positions
     return loss
 
 
-def _l2wrap_fwd(loss, logits):
+def _l2wrap_fwd(loss, logits, positions):
     return loss, logits
 
 
-def _l2wrap_bwd(logits, loss_cotangent):
-    positions = logits.size // logits.shape[-1]
+def _l2wrap_bwd(positions, logits, loss_cotangent):
+    if positions is None:
+        positions = logits.size // logits.shape[-1]
     factor = L2WRAP_COEFFICIENT / positions
     max_index = jnp.argmax(logits, axis=-1)
     max_logit = jnp.max(logits, axis=-1).astype(jnp.float32)
@@ -98,6 +103,72 @@ def _l2wrap_bwd(logits, loss_cotangent):
 
 
 l2wrap.defvjp(_l2wrap_fwd, _l2wrap_bwd)
+
+
+def chunked_token_cross_entropy(
+    hidden: jnp.ndarray,
+    targets: jnp.ndarray,
+    logits_fn: Callable[[jnp.ndarray], jnp.ndarray],
+    *,
+    chunk_tokens: int = 1024,
+    l2wrap_logits: bool = False,
+) -> jnp.ndarray:
+    """`token_cross_entropy(logits_fn(hidden), targets)` without ever holding [B, T, V] logits.
+
+    The logits of a long sequence dwarf the model: at T = 64000 and V = 65536 one fp32 copy is
+    16.8 GB per sequence, and the loss's backward pass keeps several. Here the positions are
+    cut into pieces of `chunk_tokens` along T. A scan makes each piece's logits, its losses and
+    (with `l2wrap_logits`) its L2Wrap term, and drops the logits; the backward pass remakes
+    them piece by piece (`jax.checkpoint`). So memory holds one piece's logits, at the cost of
+    running `logits_fn` twice. Each position's loss and gradient are those of the unchunked
+    expression: pieces never mix positions.
+
+    Args:
+      hidden: [B, T, C] final hidden states (anything `logits_fn` reads).
+      targets: [B, T] integer token ids in [0, V).
+      logits_fn: [B, t, C] -> [B, t, V] logits, applied piece by piece; it may close over
+        parameters (their gradients add up over the pieces).
+      chunk_tokens: positions per piece; the last piece holds the T % chunk_tokens left over.
+      l2wrap_logits: also give the logits L2Wrap's gradient term (`l2wrap`), divided by the
+        whole B*T as if the logits were one array.
+
+    Returns:
+      [B, T] fp32 per-token losses.
+    """
+    if hidden.ndim != 3 or hidden.shape[:2] != targets.shape:
+        raise ValueError(
+            f"chunked_token_cross_entropy: hidden {hidden.shape} must be targets "
+            f"{targets.shape} + [C]"
+        )
+    if chunk_tokens < 1:
+        raise ValueError(
+            f"chunked_token_cross_entropy: chunk_tokens must be >= 1, got {chunk_tokens}"
+        )
+    batch, length, channels = hidden.shape
+    positions = batch * length
+
+    @jax.checkpoint
+    def piece_losses(piece_hidden, piece_targets):
+        logits = logits_fn(piece_hidden)
+        losses = token_cross_entropy(logits, piece_targets)
+        return l2wrap(losses, logits, positions) if l2wrap_logits else losses
+
+    num_full, tail = divmod(length, chunk_tokens)
+    pieces = []
+    if num_full:
+        cut = num_full * chunk_tokens
+        # [B, n, t, ...] -> [n, B, t, ...]: the scan walks T; each piece keeps the batch axis
+        # (and its sharding) in front.
+        split = lambda x: jnp.swapaxes(
+            x[:, :cut].reshape(batch, num_full, chunk_tokens, *x.shape[2:]), 0, 1
+        )
+        _, full = jax.lax.scan(
+            lambda carry, xs: (carry, piece_losses(*xs)), None, (split(hidden), split(targets))
+        )
+        pieces.append(jnp.swapaxes(full, 0, 1).reshape(batch, cut))
+    if tail:
+        pieces.append(piece_losses(hidden[:, length - tail :], targets[:, length - tail :]))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
 
 
 def longce_weights(

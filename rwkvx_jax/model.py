@@ -33,6 +33,7 @@ class RWKVX(nn.Module):
         n_valid=None,
         cache_policy="distinct",
         last_logits_only: bool = False,
+        hidden_only: bool = False,
     ):
         """Args:
           tokens: int [B, T].
@@ -44,6 +45,8 @@ class RWKVX(nn.Module):
           cache_policy: static; the KV-cache eviction policy when decoding, or the
             `OfficialAttention` settings (attention_mode="official").
           last_logits_only: return logits of each row's last real token only, [B, V].
+          hidden_only: return the last block's output [B, T, C] instead of logits (no state,
+            no decoding); `output_logits` turns it into logits, e.g. a piece at a time.
 
         Returns:
           logits float32 [B, T, V] ([B, V] with last_logits_only); with return_state,
@@ -109,9 +112,13 @@ class RWKVX(nn.Module):
                     states[name] = SparseBlockState(**new)
                 else:
                     x, states[name] = block(x)
-        ln_out = layer_norm("ln_out", dtype, param_dtype)
-        scale = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
-        head = linear(cfg.vocab_size, "head", dtype, param_dtype, scaled_orthogonal(scale))
+        if hidden_only:
+            if decoding or return_state or last_logits_only:
+                raise ValueError(
+                    "hidden_only excludes decode_state, return_state and last_logits_only"
+                )
+            return x
+        ln_out, head = _output_layers(cfg)
         if last_logits_only:
             x = last_valid(x, n_valid)[:, None]
         logits = _map_over_tokens(lambda h: head(ln_out(h)).astype(jnp.float32), x)
@@ -120,6 +127,26 @@ class RWKVX(nn.Module):
         if decoding:
             return logits, DecodeState(decode_state.lengths + n_valid, states)
         return (logits, states) if return_state else logits
+
+
+def _output_layers(cfg: RWKVXConfig) -> tuple[nn.Module, nn.Module]:
+    """The final LayerNorm and the head; inside `RWKVX.__call__` they become its children."""
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    ln_out = layer_norm("ln_out", dtype, param_dtype)
+    scale = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
+    head = linear(cfg.vocab_size, "head", dtype, param_dtype, scaled_orthogonal(scale))
+    return ln_out, head
+
+
+def output_logits(cfg: RWKVXConfig, params, hidden: jnp.ndarray) -> jnp.ndarray:
+    """The model's logits from its `hidden_only` output: float32 [..., V] from [..., C].
+
+    The same LayerNorm and head as `RWKVX.__call__` (params["ln_out"], params["head"]), as a
+    plain function of the params, so a loss can apply it to pieces of the positions.
+    """
+    ln_out, head = _output_layers(cfg)
+    normed = ln_out.apply({"params": params["ln_out"]}, hidden)
+    return head.apply({"params": params["head"]}, normed).astype(jnp.float32)
 
 
 # Rows per step of the head. XLA:CPU runs LayerNorm + the [C, V] head matmul ~1.6x faster in

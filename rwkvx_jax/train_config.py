@@ -82,6 +82,9 @@ class LossConfig:
       l2wrap: add RWKV-LM's L2Wrap gradient on the largest logit (the loss value is unchanged).
       longce: weight each token's loss by LongCE (needs ctx > longce_start to matter).
       longce_window, longce_stride, longce_start, longce_cap: see `losses.longce_loss`.
+      chunk_tokens: the loss makes the logits this many positions at a time and never holds
+        [B, T, V] (`losses.chunked_token_cross_entropy`); a memory bound, not a change of
+        the loss.
     """
 
     l2wrap: bool = True
@@ -90,9 +93,10 @@ class LossConfig:
     longce_stride: int = 4000
     longce_start: int = 8000
     longce_cap: float = 10.0
+    chunk_tokens: int = 1024
 
     def __post_init__(self):
-        _check_positive(self, "longce_window", "longce_stride", "longce_cap")
+        _check_positive(self, "longce_window", "longce_stride", "longce_cap", "chunk_tokens")
         if self.longce_start < self.longce_window:
             raise TrainConfigError(
                 f"loss.longce_start={self.longce_start} must be >= loss.longce_window="

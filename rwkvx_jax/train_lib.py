@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,8 +34,8 @@ from rwkvx_jax import ops
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.expand import expand_params, load_checkpoint_params
-from rwkvx_jax.losses import l2wrap, longce_loss, mean_cross_entropy, token_cross_entropy
-from rwkvx_jax.model import RWKVX
+from rwkvx_jax.losses import chunked_token_cross_entropy, longce_loss
+from rwkvx_jax.model import RWKVX, output_logits
 from rwkvx_jax.optim import (
     learning_rate_schedule,
     make_optimizer,
@@ -326,24 +327,25 @@ class TrainProgram:
     # -- the step
 
     def loss_fn(self, params, tokens):
-        """Scalar training loss of int32 tokens [B, T + 1] (inputs [:, :-1], targets [:, 1:])."""
+        """Scalar training loss of int32 tokens [B, T + 1] (inputs [:, :-1], targets [:, 1:]).
+
+        The logits are made `loss.chunk_tokens` positions at a time and never held whole."""
         loss_cfg = self.config.loss
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        apply = lambda t: self.model.apply({"params": params}, t)
+
+        def per_token(tok, tgt):
+            hidden = self.model.apply({"params": params}, tok, hidden_only=True)
+            return chunked_token_cross_entropy(
+                hidden, tgt, functools.partial(output_logits, self.model_config, params),
+                chunk_tokens=loss_cfg.chunk_tokens, l2wrap_logits=loss_cfg.l2wrap,
+            )  # fmt: skip
+
         if loss_cfg.longce:
-
-            def per_token(tok, tgt):
-                logits = apply(tok)
-                losses = token_cross_entropy(logits, tgt)
-                return l2wrap(losses, logits) if loss_cfg.l2wrap else losses
-
             return longce_loss(
                 per_token, inputs, targets, window=loss_cfg.longce_window,
                 stride=loss_cfg.longce_stride, start=loss_cfg.longce_start, cap=loss_cfg.longce_cap,
             )  # fmt: skip
-        logits = apply(inputs)
-        loss = mean_cross_entropy(logits, targets)
-        return l2wrap(loss, logits) if loss_cfg.l2wrap else loss
+        return jnp.mean(per_token(inputs, targets))
 
     def step_fn(self, state: TrainState, tokens) -> tuple[TrainState, dict]:
         """One training step (not jitted): loss, gradients of the trainable params, update."""

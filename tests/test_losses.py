@@ -205,3 +205,80 @@ def test_longce_loss_is_weighted_mean_with_gradient_only_through_the_full_loss()
         jax.grad(loss)(theta), jax.grad(weighted_with_constant_weights)(theta), rtol=1e-5
     )
     np.testing.assert_allclose(jax.jit(loss)(theta), loss(theta), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- chunked loss
+
+
+def _hidden_head_problem(batch=2, length=13, channels=6, vocab=17, seed=3):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.standard_normal((batch, length, channels)), jnp.float32)
+    weight = jnp.asarray(4.0 * rng.standard_normal((channels, vocab)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("l2wrap", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 13, 64])  # a tail of 1, none, one piece
+def test_chunked_cross_entropy_matches_whole_logits_in_value_and_gradients(l2wrap, chunk_tokens):
+    hidden, weight, targets = _hidden_head_problem()
+
+    def whole(hidden, weight):
+        logits = jnp.tanh(hidden) @ weight
+        loss = losses.mean_cross_entropy(logits, targets)
+        return losses.l2wrap(loss, logits) if l2wrap else loss
+
+    def chunked(hidden, weight):
+        per_token = losses.chunked_token_cross_entropy(
+            hidden, targets, lambda h: jnp.tanh(h) @ weight,
+            chunk_tokens=chunk_tokens, l2wrap_logits=l2wrap,
+        )  # fmt: skip
+        assert per_token.shape == targets.shape and per_token.dtype == jnp.float32
+        return jnp.mean(per_token)
+
+    value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, weight)
+    expected_value, expected_grads = jax.value_and_grad(whole, argnums=(0, 1))(hidden, weight)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    if l2wrap:  # the term is there: without it the gradients differ
+        plain = jax.grad(lambda w: losses.mean_cross_entropy(jnp.tanh(hidden) @ w, targets))
+        assert np.abs(np.asarray(plain(weight) - grads[1])).max() > 1e-4
+
+
+def test_chunked_cross_entropy_never_holds_the_whole_logits():
+    """Compiled on CPU, the chunked loss's gradient needs a fraction of one [B, T, V] fp32 array
+    of temporaries (a piece's logits are 1/16 of it; ~2.3 pieces are live); the whole-logits
+    loss needs more than the array."""
+    batch, length, channels, vocab = 1, 4096, 32, 4096
+    hidden = jax.ShapeDtypeStruct((batch, length, channels), jnp.float32)
+    weight = jax.ShapeDtypeStruct((channels, vocab), jnp.float32)
+    targets = jnp.zeros((batch, length), jnp.int32)
+    logits_bytes = batch * length * vocab * 4  # 64 MiB
+
+    def whole(hidden, weight):
+        logits = hidden @ weight
+        return losses.l2wrap(losses.mean_cross_entropy(logits, targets), logits)
+
+    def chunked(hidden, weight):
+        return jnp.mean(
+            losses.chunked_token_cross_entropy(
+                hidden, targets, lambda h: h @ weight, chunk_tokens=256, l2wrap_logits=True
+            )
+        )
+
+    def temporaries(loss):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, weight).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(whole) > logits_bytes
+    assert temporaries(chunked) < logits_bytes / 4
+
+
+def test_chunked_cross_entropy_rejects_bad_shapes_and_chunks():
+    hidden, weight, targets = _hidden_head_problem()
+    logits_fn = lambda h: h @ weight
+    with pytest.raises(ValueError, match=r"hidden \(2, 13, 6\) must be targets \(2, 12\)"):
+        losses.chunked_token_cross_entropy(hidden, targets[:, 1:], logits_fn)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1, got 0"):
+        losses.chunked_token_cross_entropy(hidden, targets, logits_fn, chunk_tokens=0)
