@@ -23,7 +23,7 @@ from rwkvx_jax.config import PRESETS, RWKVXConfig, preset
 from rwkvx_jax.optim import OptimizerConfig
 
 STAGES = ("pretrain", "stage1", "stage2")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "ordered")
 EXPAND_INITS = ("copy", "zero")
 TOKENIZERS = ("auto", "bytes", "world")
 ORDERS = ("shuffle", "magic_prime", "sequential")
@@ -165,7 +165,9 @@ class TrainConfig:
         steps; schedules count updates.
       seed: parameter init and data shuffle seed.
       remat: rematerialise each block in the backward pass: "none", "full" (save nothing
-        inside a block) or "dots" (save matmul outputs without batch dims).
+        inside a block), "dots" (save matmul outputs without batch dims) or "ordered" (as
+        "full", with the backward pass finishing each block before the next; the least memory
+        with FSDP, see `train_lib.block_transforms`).
       log_every: write metrics (JSONL, TensorBoard, progress bar) every this many steps.
       workdir: where checkpoints, metrics, plots and exports go; an existing workdir resumes.
       stage: "pretrain" (all params), "stage1" (only the sparse blocks `moba_*` train; the rest
@@ -313,7 +315,9 @@ def _stage2(model: str, mesh: tuple[int, int, int]) -> TrainConfig:
         sample=SampleConfig(prompt="The Eiffel Tower is in", tokens=32),
         mesh=mesh,
         steps=_STAGE2_STEPS,
-        remat="full",
+        # Ordered remat: the 3.6b step at ctx 64K fits a v5p chip (89.6 GiB of temporaries; 98.4
+        # with one sequence per chip under "full"; docs/BENCHMARKS.md).
+        remat="ordered",
         log_every=1,
         workdir=f"runs/{model}-stage2",
         stage="stage2",

@@ -30,7 +30,7 @@ def _train_config(backend, *overrides):
     return apply_overrides(TrainConfig(), overrides)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", "full", "ordered"])
 @pytest.mark.parametrize("backend", PALLAS_BACKENDS)
 def test_train_step_runs_the_pallas_kernels_per_device(backend, remat):
     """The sharded train step (mesh 2 x 2 x 2, global batch 8, 2 heads) lowers for its
@@ -53,7 +53,7 @@ def test_train_step_runs_the_pallas_kernels_per_device(backend, remat):
     calls = [line for line in text.splitlines() if target in line and "custom_call" in line]
     # WKV-7 forward and backward, top-k attention forward and its two backward kernels; with
     # remat the two forward kernels once more.
-    assert len(calls) == {"none": 5, "full": 7}[remat]
+    assert len(calls) == {"none": 5, "full": 7, "ordered": 7}[remat]
     types = [line.split("} :")[-1] for line in calls]
     assert {int(d) for t in types for d in re.findall(r"tensor<(\d+)x", t)} == {2}, types
 

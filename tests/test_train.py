@@ -124,6 +124,7 @@ def test_recipes_follow_spec():
     assert stage1.stage == "stage1" and stage1.model.n_attn_layer == 8
     assert 512 <= stage1.data.ctx <= 1024
     assert stage2.data.ctx == 64_000 and stage2.data.batch_size == 64 and stage2.steps == 5000
+    assert stage2.remat == "ordered"  # what makes the 3.6b step fit a v5p chip (BENCHMARKS.md)
     for config in (stage1, stage2):
         opt = config.optimizer
         assert (opt.lr, opt.warmup_steps, opt.warmup_init_fraction) == (1e-5, 10, 0.01)
@@ -292,18 +293,32 @@ def test_sharded_steps_match_one_device(reference_run, mesh_shape):
 def test_remat_wraps_every_block_and_keeps_paths(reference_run):
     config, params, batches, _ = reference_run
     tokens = jnp.asarray(batches[0])
-    for policy in ("none", "full", "dots"):
+    blocks = len(config.model.block_order())
+    gradients = {}
+    for policy in ("none", "full", "dots", "ordered"):
         program = train_lib.TrainProgram.create(
             config.replace(remat=policy), config.model, single_device_mesh()
         )
-        grad_fn = lambda p, prog=program: jax.grad(prog.loss_fn)(p, tokens)
-        with train_lib.block_transforms(policy):
-            jaxpr = str(jax.make_jaxpr(grad_fn)(params))
-        blocks = len(config.model.block_order())
+
+        def grad_fn(p, prog=program, policy=policy):
+            with train_lib.block_transforms(policy):
+                return jax.grad(prog.loss_fn)(p, tokens)
+
+        jaxpr = str(jax.make_jaxpr(grad_fn)(params))
+        checkpointed = 0 if policy in ("none", "ordered") else blocks
         # Plus the loss's own: ctx 32 is one piece of `losses.chunked_token_cross_entropy`.
-        assert jaxpr.count("remat") == (0 if policy == "none" else blocks) + 1, policy
+        assert jaxpr.count("remat") == checkpointed + 1, policy
+        # "ordered": one barrier before each block's recomputation and one on its gradients.
+        assert jaxpr.count("optimization_barrier") == (2 * blocks if policy == "ordered" else 0)
         shapes = jax.eval_shape(grad_fn, params)
         assert jax.tree.structure(shapes) == jax.tree.structure(params)
+        if policy in ("none", "ordered"):  # "ordered" is our own backward pass: check values
+            gradients[policy] = jax.jit(grad_fn)(params)
+    for got, want in zip(
+        jax.tree.leaves(gradients["ordered"]), jax.tree.leaves(gradients["none"]), strict=True
+    ):
+        error, scale = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want)))
+        assert error <= 1e-5 * scale, (error, scale)
 
 
 def test_loss_makes_the_logits_in_pieces_and_matches_the_whole_logits_loss(reference_run):
