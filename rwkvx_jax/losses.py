@@ -144,7 +144,7 @@ def chunked_token_cross_entropy(
         raise ValueError(
             f"chunked_token_cross_entropy: chunk_tokens must be >= 1, got {chunk_tokens}"
         )
-    batch, length, channels = hidden.shape
+    batch, length = targets.shape
     positions = batch * length
 
     @jax.checkpoint

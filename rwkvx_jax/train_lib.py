@@ -53,7 +53,7 @@ Log = Callable[[str], None]
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "ordered": None,
+    "ordered": None,  # not a jax.checkpoint policy: `_ordered_remat_call`
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 _inside_block = contextvars.ContextVar("inside_block", default=False)

@@ -536,14 +536,20 @@ def test_two_processes_match_one_process(tmp_path):
 def test_aot_compile_for_a_tpu_slice(tmp_path, backend):
     """The train step compiles for a TPU topology on a machine without TPUs, with the kernels
     "auto" means on a TPU (the Pallas TPU ones, run per device: XLA cannot partition Mosaic
-    kernels, rwkvx_jax.ops.kernel_mesh), not on this CPU host, or with the chunked XLA ones.
+    kernels, rwkvx_jax.ops.kernel_mesh), not on this CPU host, or with the chunked XLA ones;
+    with remat=ordered, the stage-2 recipes' setting.
 
     Needs the TPU compiler: `pip install -e '.[aot]'`, then `pytest -m aot`.
     """
     devices = train_lib.tpu_topology_devices("v5p:2x2x1")
     backends = [f"model.wkv_backend={backend}", f"model.attention_backend={backend}"]
     config = small_config(
-        tmp_path, "mesh=1,2,2", "data.batch_size=4", "model.dtype=bfloat16", *backends
+        tmp_path,
+        "mesh=1,2,2",
+        "data.batch_size=4",
+        "model.dtype=bfloat16",
+        "remat=ordered",
+        *backends,
     )
     program, compiled = train_lib.aot_compile(config, devices)
     assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
