@@ -44,16 +44,16 @@ from rwkvx_jax.optim import (
 )
 from rwkvx_jax.rwkv7 import RWKVBlock
 from rwkvx_jax.sparse_attention import SparseBlock
-from rwkvx_jax.train_config import DataConfig, TrainConfig, TrainConfigError
+from rwkvx_jax.train_config import REMAT_POLICIES, DataConfig, TrainConfig, TrainConfigError
 
 TrainState = dict  # {"step": int32 [], "params": tree, "opt_state": tree}
 Log = Callable[[str], None]
 
 # ----------------------------------------------------------------------------- blocks
 
+# The jax.checkpoint policies of the remat settings that use it ("ordered" does not).
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "ordered": None,  # not a jax.checkpoint policy: `_ordered_remat_call`
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 _inside_block = contextvars.ContextVar("inside_block", default=False)
@@ -74,8 +74,8 @@ def block_transforms(remat: str = "none", activation_sharding: NamedSharding | N
         GSPMD from resharding activations along the model width between blocks. Its mesh also
         becomes the kernel mesh (`ops.kernel_mesh`): the Pallas kernels run per device.
     """
-    if remat != "none" and remat not in _REMAT_POLICIES:
-        raise ValueError(f"remat policy must be 'none' or one of {sorted(_REMAT_POLICIES)}")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {remat!r}")
     if remat == "none" and activation_sharding is None:
         yield
         return

@@ -290,6 +290,14 @@ def test_sharded_steps_match_one_device(reference_run, mesh_shape):
     assert state["params"]["blocks_0"]["ffn"]["key"]["kernel"].sharding.spec == expected_spec
 
 
+def _assert_trees_close(got_tree, want_tree, bound=1e-5):
+    """Every leaf within `bound` of that leaf's largest entry: sums taken in another order move
+    entries that nearly cancel by ~1e-6 of the largest."""
+    for got, want in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree), strict=True):
+        error, scale = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want)))
+        assert error <= bound * scale, (error, scale)
+
+
 def test_remat_wraps_every_block_and_keeps_paths(reference_run):
     config, params, batches, _ = reference_run
     tokens = jnp.asarray(batches[0])
@@ -314,11 +322,7 @@ def test_remat_wraps_every_block_and_keeps_paths(reference_run):
         assert jax.tree.structure(shapes) == jax.tree.structure(params)
         if policy in ("none", "ordered"):  # "ordered" is our own backward pass: check values
             gradients[policy] = jax.jit(grad_fn)(params)
-    for got, want in zip(
-        jax.tree.leaves(gradients["ordered"]), jax.tree.leaves(gradients["none"]), strict=True
-    ):
-        error, scale = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want)))
-        assert error <= 1e-5 * scale, (error, scale)
+    _assert_trees_close(gradients["ordered"], gradients["none"])
 
 
 def test_loss_makes_the_logits_in_pieces_and_matches_the_whole_logits_loss(reference_run):
@@ -338,11 +342,7 @@ def test_loss_makes_the_logits_in_pieces_and_matches_the_whole_logits_loss(refer
     value, grads = jax.jit(jax.value_and_grad(program.loss_fn))(params, tokens)
     expected_value, expected_grads = jax.jit(jax.value_and_grad(whole_logits_loss))(params)
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
-        # Relative to the leaf's largest entry: the head's gradient sums the pieces in another
-        # order, which moves entries that nearly cancel by ~1e-6 of the largest.
-        error, scale = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want)))
-        assert error <= 1e-5 * scale, (error, scale)
+    _assert_trees_close(grads, expected_grads)  # the head's gradient sums the pieces in turn
 
 
 def test_longce_step_traces(reference_run):
