@@ -49,7 +49,7 @@ from rwkvx_jax import sharding as shd
 from rwkvx_jax.model import RWKVX
 from rwkvx_jax.rwkv7 import ChannelMix, RWKVBlock, TimeMix
 from rwkvx_jax.sparse_attention import SparseBlock, TopKChunkAttention
-from rwkvx_jax.train_config import apply_overrides, recipe
+from rwkvx_jax.train_config import REMAT_POLICIES, apply_overrides, recipe
 from rwkvx_jax.train_lib import (
     TrainProgram,
     describe_memory,
@@ -382,7 +382,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=3, help="timed steps (at least 10 when a step takes < 2 s)"
     )
-    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="extra train-config override for every model, e.g. model.wkv_chunk_size=32",
