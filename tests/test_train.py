@@ -495,7 +495,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 2 CPU devices through jax.distributed (gloo) == 1 process, 1 device."""
     common = [
