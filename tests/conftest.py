@@ -22,7 +22,11 @@ os.environ["RWKV_V7_ON"] = "1"
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (the default, pyproject.toml): one worker per usable core, but at most one per
-    4 GiB of memory (a worker peaked at 3.9 GiB resident in a full run on 2 cores)."""
+    4 GiB of memory (a worker peaked at 3.9 GiB resident in a full run on 2 cores). One worker
+    when the tests are sent to an accelerator (JAX_PLATFORMS other than cpu): each process
+    would claim most of its memory."""
+    if os.environ["JAX_PLATFORMS"] != "cpu":
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return max(1, min(cores or 1, int(memory_gib // 4)))
