@@ -2,6 +2,7 @@
 
   python bench/train.py [--models tiny,0.1b,0.22b] [--seq-len 4096] [--batch 1] [--steps 3]
                         [--breakdown] [--set model.wkv_chunk_size=32 ...]
+  python bench/train.py --models 0.1b,0.1b+loss.chunk_tokens=0   # chunked vs whole logits
 
 Each model runs `train_lib.TrainProgram` (the step `train.py` runs: loss with L2Wrap, gradients,
 AdamW with clipping, parameter update), built from the `tiny` recipe with the model, context and
@@ -19,6 +20,8 @@ load average, every step's time and the spread of the probes; compare within one
 
 Models: `tiny` (the tiny recipe's V256 C128 L4 A2), `0.1b` (the rwkv7-world-0.1b shape: V65536
 C768 L12, no sparse blocks), `0.22b` (rwkvx-0.22b: the same plus 4 sparse blocks), or any preset.
+`NAME+KEY=VALUE[+...]` runs that model with train-config overrides of its own (after `--set`),
+so one run can time two settings of one model one after the other.
 
 `--breakdown` also times, for each model, the train step again and forward and forward+backward
 (no optimiser) of: the whole loss; embedding + head + CE/L2Wrap with every block skipped, and
@@ -136,9 +139,14 @@ def flops_terms(model_config, params, ctx: int) -> dict[str, float]:
     }
 
 
-def bench_model(name: str, args, mesh, peak: Peak) -> dict:
+def bench_model(spec: str, args, mesh, peak: Peak) -> dict:
+    """`spec`: a model name, optionally with `+KEY=VALUE` overrides of its own (`--models`)."""
+    name, *own = (part.strip() for part in spec.split("+"))
     preset_name = MODELS.get(name, name)
-    config, overrides = train_config(preset_name, args.seq_len, args.batch, args.remat, args.set)
+    config, overrides = train_config(
+        preset_name, args.seq_len, args.batch, args.remat, [*args.set, *own]
+    )
+    name = spec
     mc = config.model
     T, B = args.seq_len, args.batch
     print(f"\n## {name}: preset {preset_name} (V={mc.vocab_size}, C={mc.n_embd}, "
@@ -376,7 +384,8 @@ def breakdown(program: TrainProgram, state, batch, args, peak: Peak) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="tiny,0.1b", help=f"comma list: {sorted(MODELS)} "
-                        "or preset names")  # fmt: skip
+                        "or preset names, each optionally with +KEY=VALUE overrides of its own, "
+                        "e.g. 0.1b,0.1b+loss.chunk_tokens=0")  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument(

@@ -84,7 +84,8 @@ class LossConfig:
       longce_window, longce_stride, longce_start, longce_cap: see `losses.longce_loss`.
       chunk_tokens: the loss makes the logits this many positions at a time and never holds
         [B, T, V] (`losses.chunked_token_cross_entropy`); a memory bound, not a change of
-        the loss.
+        the loss. 0 makes them whole, in one head forward: no recomputation, for when
+        [B, T, V] fits (the chunked loss runs the head forward twice).
     """
 
     l2wrap: bool = True
@@ -96,7 +97,11 @@ class LossConfig:
     chunk_tokens: int = 1024
 
     def __post_init__(self):
-        _check_positive(self, "longce_window", "longce_stride", "longce_cap", "chunk_tokens")
+        _check_positive(self, "longce_window", "longce_stride", "longce_cap")
+        if self.chunk_tokens < 0:
+            raise TrainConfigError(
+                f"loss.chunk_tokens must be >= 0 (0: whole logits), got {self.chunk_tokens}"
+            )
         if self.longce_start < self.longce_window:
             raise TrainConfigError(
                 f"loss.longce_start={self.longce_start} must be >= loss.longce_window="

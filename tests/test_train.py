@@ -91,6 +91,7 @@ def test_overrides_are_typed():
         ("stage=stage3", "stage must be one of"),
         ("optimizer.lr_final=none", "needs lr_final"),
         ("steps", "must look like key=value"),
+        ("loss.chunk_tokens=-1", r"loss.chunk_tokens must be >= 0 \(0: whole logits\), got -1"),
     ],
 )
 def test_override_errors_name_the_key(override, message):
@@ -325,15 +326,20 @@ def test_remat_wraps_every_block_and_keeps_paths(reference_run):
     _assert_trees_close(gradients["ordered"], gradients["none"])
 
 
-def test_loss_makes_the_logits_in_pieces_and_matches_the_whole_logits_loss(reference_run):
-    """ctx 32 in pieces of 5 positions (six pieces and a tail of 2): the loss and every gradient
-    equal cross-entropy + L2Wrap of the model's whole [B, T, V] logits."""
+@pytest.mark.parametrize("chunk_tokens", [5, 0], ids=["pieces-of-5", "whole"])
+def test_loss_equals_the_whole_logits_loss(reference_run, chunk_tokens):
+    """ctx 32 in pieces of 5 positions (six pieces and a tail of 2), or whole (0): the loss and
+    every gradient equal cross-entropy + L2Wrap of the model's whole [B, T, V] logits. Only the
+    pieces are remade in the backward pass (jax.checkpoint around the scan's piece and the
+    tail's; none around whole logits)."""
     from rwkvx_jax.losses import l2wrap, mean_cross_entropy
 
     config, params, batches, _ = reference_run
     tokens = jnp.asarray(batches[0])
-    config = apply_overrides(config, ["loss.chunk_tokens=5"])
+    config = apply_overrides(config, [f"loss.chunk_tokens={chunk_tokens}"])
     program = train_lib.TrainProgram.create(config, config.model, single_device_mesh())
+    jaxpr = str(jax.make_jaxpr(jax.grad(program.loss_fn))(params, tokens))
+    assert jaxpr.count("remat") == (2 if chunk_tokens else 0)
 
     def whole_logits_loss(params):
         logits = program.model.apply({"params": params}, tokens[:, :-1])
