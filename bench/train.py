@@ -141,12 +141,12 @@ def flops_terms(model_config, params, ctx: int) -> dict[str, float]:
 
 def bench_model(spec: str, args, mesh, peak: Peak) -> dict:
     """`spec`: a model name, optionally with `+KEY=VALUE` overrides of its own (`--models`)."""
-    name, *own = (part.strip() for part in spec.split("+"))
-    preset_name = MODELS.get(name, name)
+    model, *own = (part.strip() for part in spec.split("+"))
+    preset_name = MODELS.get(model, model)
     config, overrides = train_config(
         preset_name, args.seq_len, args.batch, args.remat, [*args.set, *own]
     )
-    name = spec
+    name = spec  # the row's label
     mc = config.model
     T, B = args.seq_len, args.batch
     print(f"\n## {name}: preset {preset_name} (V={mc.vocab_size}, C={mc.n_embd}, "

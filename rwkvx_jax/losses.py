@@ -121,7 +121,8 @@ def chunked_token_cross_entropy(
     (with `l2wrap_logits`) its L2Wrap term, and drops the logits; the backward pass remakes
     them piece by piece (`jax.checkpoint`). So memory holds one piece's logits, at the cost of
     running `logits_fn` twice. Each position's loss and gradient are those of the unchunked
-    expression: pieces never mix positions.
+    expression: pieces never mix positions. `chunk_tokens=0` computes that expression directly
+    (whole logits, `logits_fn` once), for when [B, T, V] fits.
 
     Args:
       hidden: [B, T, C] final hidden states (anything `logits_fn` reads).
@@ -129,6 +130,7 @@ def chunked_token_cross_entropy(
       logits_fn: [B, t, C] -> [B, t, V] logits, applied piece by piece; it may close over
         parameters (their gradients add up over the pieces).
       chunk_tokens: positions per piece; the last piece holds the T % chunk_tokens left over.
+        0: one piece, the whole T, without recomputation.
       l2wrap_logits: also give the logits L2Wrap's gradient term (`l2wrap`), divided by the
         whole B*T as if the logits were one array.
 
@@ -140,19 +142,22 @@ def chunked_token_cross_entropy(
             f"chunked_token_cross_entropy: hidden {hidden.shape} must be targets "
             f"{targets.shape} + [C]"
         )
-    if chunk_tokens < 1:
+    if chunk_tokens < 0:
         raise ValueError(
-            f"chunked_token_cross_entropy: chunk_tokens must be >= 1, got {chunk_tokens}"
+            f"chunked_token_cross_entropy: chunk_tokens must be >= 0 (0: whole logits), got "
+            f"{chunk_tokens}"
         )
     batch, length = targets.shape
     positions = batch * length
 
-    @jax.checkpoint
-    def piece_losses(piece_hidden, piece_targets):
+    def losses_of(piece_hidden, piece_targets):
         logits = logits_fn(piece_hidden)
         losses = token_cross_entropy(logits, piece_targets)
         return l2wrap(losses, logits, positions) if l2wrap_logits else losses
 
+    if chunk_tokens == 0:
+        return losses_of(hidden, targets)
+    piece_losses = jax.checkpoint(losses_of)
     num_full, tail = divmod(length, chunk_tokens)
     pieces = []
     if num_full:

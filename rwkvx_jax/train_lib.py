@@ -34,7 +34,7 @@ from rwkvx_jax import ops
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.expand import expand_params, load_checkpoint_params
-from rwkvx_jax.losses import chunked_token_cross_entropy, l2wrap, longce_loss, token_cross_entropy
+from rwkvx_jax.losses import chunked_token_cross_entropy, longce_loss
 from rwkvx_jax.model import RWKVX, output_logits
 from rwkvx_jax.optim import (
     learning_rate_schedule,
@@ -380,10 +380,6 @@ class TrainProgram:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
         def per_token(tok, tgt):
-            if loss_cfg.chunk_tokens == 0:
-                logits = self.model.apply({"params": params}, tok)
-                losses = token_cross_entropy(logits, tgt)
-                return l2wrap(losses, logits) if loss_cfg.l2wrap else losses
             hidden = self.model.apply({"params": params}, tok, hidden_only=True)
             return chunked_token_cross_entropy(
                 hidden, tgt, functools.partial(output_logits, self.model_config, params),

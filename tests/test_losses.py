@@ -219,7 +219,7 @@ def _hidden_head_problem(batch=2, length=13, channels=6, vocab=17, seed=3):
 
 
 @pytest.mark.parametrize("l2wrap", [False, True])
-@pytest.mark.parametrize("chunk_tokens", [1, 4, 13, 64])  # a tail of 1, none, one piece
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 13, 64, 0])  # a tail of 1, none, one, whole
 def test_chunked_cross_entropy_matches_whole_logits_in_value_and_gradients(l2wrap, chunk_tokens):
     hidden, weight, targets = _hidden_head_problem()
 
@@ -280,5 +280,5 @@ def test_chunked_cross_entropy_rejects_bad_shapes_and_chunks():
     logits_fn = lambda h: h @ weight
     with pytest.raises(ValueError, match=r"hidden \(2, 13, 6\) must be targets \(2, 12\)"):
         losses.chunked_token_cross_entropy(hidden, targets[:, 1:], logits_fn)
-    with pytest.raises(ValueError, match="chunk_tokens must be >= 1, got 0"):
-        losses.chunked_token_cross_entropy(hidden, targets, logits_fn, chunk_tokens=0)
+    with pytest.raises(ValueError, match=r"chunk_tokens must be >= 0 \(0: whole logits\), got -1"):
+        losses.chunked_token_cross_entropy(hidden, targets, logits_fn, chunk_tokens=-1)
