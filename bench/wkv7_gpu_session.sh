@@ -22,6 +22,10 @@
 #   bash bench/wkv7_gpu_session.sh fla
 #       step 3 on its own: waits for the autotuning started by `measure` (or starts it). Run it
 #       at once when `measure` ends with the autotuning unfinished (a machine stays warm 30 s).
+#   bash bench/wkv7_gpu_session.sh wheels
+#       on the development machine, before the first call: downloads the fla-core wheel into
+#       .whl/ (ignored by git, so a new checkout lacks it; the GPU machine cannot fetch it).
+#       `measure` and `fla` stop at once, before any timing, when .whl/ holds no fla-core wheel.
 #
 # What earlier sessions saw (docs/BENCHMARKS.md): fla's autotuning on a fresh machine took over
 # 5.5 minutes; a chunk-parallel variant with chunk 64 had not compiled after ~2 minutes, so it
@@ -33,7 +37,14 @@
 # SIZES / STAGE_SIZES override the sizes, BENCH_ARGS adds arguments to every bench/wkv7.py run (a
 # dry run of this script on CPU: SIZES=STAGE_SIZES="--seq-lens 64 --bh 2" BENCH_ARGS=--allow-cpu).
 set -u
-phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla}
+phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla|wheels}
+case "$phase" in
+  measure | fla | wheels) ;;
+  *)
+    echo "unknown phase $phase (expected measure, fla or wheels)" >&2
+    exit 2
+    ;;
+esac
 CALL_LIMIT=${CALL_LIMIT:-580}
 CP="pallas@schedule=chunk_parallel"
 FA="pallas@schedule=factored"
@@ -42,6 +53,21 @@ STAGE_SIZES=${STAGE_SIZES:---seq-lens 65536 --bh 64,8}
 BENCH_ARGS=${BENCH_ARGS:-}
 WARM_DONE=/tmp/fla_warm.done
 WARM_LOG=/tmp/fla_warm.log
+FLA_WHEEL=fla-core==0.6.0  # the version the 2026-11-27 H100 runs used
+
+if [ "$phase" = wheels ]; then
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux2014_x86_64 -d .whl "$FLA_WHEEL" || exit
+  ls -l .whl
+  exit 0
+fi
+# fla is the baseline of the target: without its wheel a lent GPU's minutes would time
+# nothing that the issue asks for.
+if ! compgen -G ".whl/fla_core-*.whl" >/dev/null && [ "${ALLOW_NO_FLA:-0}" != 1 ]; then
+  echo "no fla-core wheel in .whl/: run 'bash bench/wkv7_gpu_session.sh wheels' here first" \
+    "and carry .whl (ALLOW_NO_FLA=1 runs without fla)" >&2
+  exit 2
+fi
 . bench/accelerator_env.sh
 export TRITON_CACHE_DIR=/tmp/triton_cache
 if [ -d .triton_cache ] && [ ! -d $TRITON_CACHE_DIR ]; then cp -r .triton_cache $TRITON_CACHE_DIR; fi
@@ -142,10 +168,6 @@ case "$phase" in
     ;;
   fla)
     if wait_fla_warmup 100; then compare_with_fla; fi
-    ;;
-  *)
-    echo "unknown phase $phase (expected measure or fla)" >&2
-    exit 2
     ;;
 esac
 save_triton_cache
