@@ -2,6 +2,7 @@
 
   python bench/wkv7.py [--seq-lens 4096,16384,65536] [--bh 8,64] [--dtypes bfloat16,float32]
                        [--impls pallas,xla,fla] [--repeats 5] [--json FILE] [--quick]
+                       [--forward-only]
 
 For every T x B*H (B = 1, H = B*H, N = 64) and dtype it times forward and forward+backward
 (all seven gradients, random cotangents on y and the final state) of each implementation and
@@ -124,13 +125,14 @@ def jax_fns(impl: str):
     return jax.jit(forward), jax.jit(jax.grad(loss, argnums=tuple(range(6))))
 
 
-def jax_case(impl, xs, dtype, repeats):
+def jax_case(impl, xs, dtype, repeats, backward=True):
+    """(forward ms, forward+backward ms or None when not `backward`, y, final state)."""
     forward, grads = jax_fns(impl)
     args = [xs[n].astype(dtype) for n in "rwkvab"]
     cot = [xs["dy"], xs["ds"]]
     sync = jax.block_until_ready
     fwd_ms = median_ms(lambda: forward(*args), repeats, sync)
-    both_ms = median_ms(lambda: grads(*args, *cot), repeats, sync)
+    both_ms = median_ms(lambda: grads(*args, *cot), repeats, sync) if backward else None
     y, s = forward(*args)
     return fwd_ms, both_ms, y, s
 
@@ -138,7 +140,7 @@ def jax_case(impl, xs, dtype, repeats):
 # ----------------------------------------------------------------------------- fla
 
 
-def fla_case(xs, dtype, repeats):
+def fla_case(xs, dtype, repeats, backward=True):
     import torch
     from fla.ops.rwkv7 import chunk_rwkv7
 
@@ -167,7 +169,7 @@ def fla_case(xs, dtype, repeats):
     with torch.no_grad():
         fwd_ms = median_ms(lambda: forward(args), repeats, sync)
         y, s = forward(args)
-    both_ms = median_ms(both, repeats, sync)
+    both_ms = median_ms(both, repeats, sync) if backward else None
     to_jax = lambda x: jax.dlpack.from_dlpack(x.float().contiguous())
     return fwd_ms, both_ms, to_jax(y), jnp.swapaxes(to_jax(s), -1, -2)
 
@@ -326,6 +328,12 @@ def main() -> None:
         help="--stages without the whole-call timings and errors (when another run did those)",
     )
     parser.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="time and check the forward only (the fwd+bwd column stays empty): error sweeps at "
+        "sizes where the backward would take long, e.g. interpret mode at T = 64K",
+    )
+    parser.add_argument(
         "--allow-cpu",
         action="store_true",
         help="run on CPU too, the GPU kernels in interpret mode (only to check this driver; "
@@ -370,7 +378,9 @@ def main() -> None:
             for dtype in args.dtypes.split(","):
                 chosen = impls_fp32 if dtype == "float32" else impls
                 if not args.stages_only:
-                    rows = run_size(xs, T, bh, dtype, chosen, args.repeats, save)
+                    rows = run_size(
+                        xs, T, bh, dtype, chosen, args.repeats, save, not args.forward_only
+                    )
                     for row in rows.values():
                         print(table_row(row, rows), flush=True)
                     results.extend(rows.values())
@@ -428,10 +438,11 @@ def write_json(path: Path, results: list[dict]) -> None:
     tmp.replace(path)
 
 
-def run_size(xs, T, bh, dtype, impls, repeats, after_each=None) -> dict[str, dict]:
+def run_size(xs, T, bh, dtype, impls, repeats, after_each=None, backward=True) -> dict[str, dict]:
     """Times every implementation on one input set; failures become rows with an error.
 
-    after_each(rows) is called with the rows so far after every implementation.
+    after_each(rows) is called with the rows so far after every implementation; backward=False
+    leaves out the forward+backward timing (rows without "fwd_bwd_ms").
     """
     y_ref, s_ref = oracle(xs, dtype)
     rows = {}
@@ -441,20 +452,17 @@ def run_size(xs, T, bh, dtype, impls, repeats, after_each=None) -> dict[str, dic
         print(f"  T={T} B*H={bh} {dtype} {impl}: ...", end="", flush=True)
         start = time.perf_counter()
         try:
-            if impl == "fla":
-                fwd, both, y, s = fla_case(xs, dtype, repeats)
-            else:
-                fwd, both, y, s = jax_case(impl, xs, dtype, repeats)
+            case = fla_case if impl == "fla" else functools.partial(jax_case, impl)
+            fwd, both, y, s = case(xs, dtype, repeats, backward)
         except Exception as error:  # one failing case must not lose the others
             row["error"] = _error_text(error)
         else:
-            row.update(fwd_ms=fwd, fwd_bwd_ms=both, y_err=rel_err(y, y_ref))
-            row["state_err"] = rel_err(s, s_ref)
-        done = (
-            f"fwd {row['fwd_ms']:.2f} ms, fwd+bwd {row['fwd_bwd_ms']:.2f} ms"
-            if "fwd_ms" in row
-            else "failed"
-        )
+            row.update(fwd_ms=fwd, y_err=rel_err(y, y_ref), state_err=rel_err(s, s_ref))
+            if both is not None:
+                row["fwd_bwd_ms"] = both
+        done = f"fwd {row['fwd_ms']:.2f} ms" if "fwd_ms" in row else "failed"
+        if "fwd_bwd_ms" in row:
+            done += f", fwd+bwd {row['fwd_bwd_ms']:.2f} ms"
         print(f" {done} ({time.perf_counter() - start:.1f} s)", flush=True)
         rows[impl] = row
         if after_each:
@@ -470,10 +478,11 @@ def table_row(row: dict, rows: dict) -> str:
     ratios = []
     for other in ("xla", "fla"):
         for key in ("fwd_ms", "fwd_bwd_ms"):
-            ok = row["impl"].startswith("pallas") and "fwd_ms" in rows.get(other, {})
+            ok = row["impl"].startswith("pallas") and key in row and key in rows.get(other, {})
             ratios.append(f"{rows[other][key] / row[key]:.2f}x" if ok else "")
+    both = f"{row['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in row else ""
     return (
-        f"{head} {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | {row['y_err']:.1e} | "
+        f"{head} {row['fwd_ms']:.2f} | {both} | {row['y_err']:.1e} | "
         f"{row['state_err']:.1e} | " + " | ".join(ratios) + " |"
     )
 

@@ -88,6 +88,25 @@ def test_wkv7_bench_stages_only(tmp_path):
     assert [(r["impl"], list(r["stages_ms"])) for r in results[2:]] == [(fa, FACTORED_STAGE_NAMES)]
 
 
+def test_wkv7_bench_forward_only(tmp_path):
+    """--forward-only: every row has its forward time and oracle errors and no forward+backward
+    time, and the table leaves that column (and its ratios) empty."""
+    run, results = _run_wkv7_bench(
+        tmp_path / "fwd.json", "--dtypes", "bfloat16", "--impls", "pallas,xla",
+        "--skip-gradient-check", "--forward-only",
+    )  # fmt: skip
+    assert [r["impl"] for r in results] == ["pallas", "xla"], results
+    for row in results:
+        assert row["fwd_ms"] > 0 and "fwd_bwd_ms" not in row, row
+        tol = 1e-2 if row["impl"] == "pallas" else 1e-5  # bf16 dots in the Pallas kernel
+        assert row["y_err"] < tol and row["state_err"] < tol, row
+    pallas_line = next(
+        x for x in run.stdout.splitlines() if x.startswith("| 32 | 2 | bfloat16 | pallas |")
+    )
+    cells = [c.strip() for c in pallas_line.strip("|").split("|")]
+    assert cells[5] == "" and cells[8].endswith("x") and cells[9] == "", cells
+
+
 def _best(tmp_path, rows, *args):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(rows))
