@@ -35,7 +35,8 @@
 #
 # Logs and JSON land in $OUT. CALL_LIMIT (seconds, default 580) is the time this call plans to;
 # SIZES / STAGE_SIZES override the sizes, BENCH_ARGS adds arguments to every bench/wkv7.py run (a
-# dry run of this script on CPU: SIZES=STAGE_SIZES="--seq-lens 64 --bh 2" BENCH_ARGS=--allow-cpu).
+# dry run of this script on CPU: SIZES=STAGE_SIZES="--seq-lens 64 --bh 2" BENCH_ARGS=--allow-cpu,
+# with the wheel fetched or ALLOW_NO_FLA=1; fla's rows then fail for want of CUDA, as they should).
 set -u
 phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla|wheels}
 case "$phase" in
