@@ -9,6 +9,14 @@ if [ ! -d /tmp/site/fla ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site .whl/*.whl
 fi
+# require_fla_wheel: stop (exit 2), before any timing, when .whl/ holds no fla-core wheel: fla is
+# the baseline of issue 5's target, and the GPU machine cannot fetch it. ALLOW_NO_FLA=1 goes on.
+require_fla_wheel() {
+  if compgen -G ".whl/fla_core-*.whl" >/dev/null || [ "${ALLOW_NO_FLA:-0}" = 1 ]; then return; fi
+  echo "no fla-core wheel in .whl/: run 'bash bench/wkv7_gpu_session.sh wheels' here first" \
+    "and carry .whl (ALLOW_NO_FLA=1 runs without fla)" >&2
+  exit 2
+}
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # JAX would otherwise take 75% of the GPU up front, leaving fla (PyTorch) too little.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -8,6 +8,10 @@
 # (bench/accelerator_env.sh).
 set -u
 . bench/accelerator_env.sh
+# bench/wkv7.py times fla by default and whenever --impls names it.
+if [ "${SKIP_WKV:-0}" != 1 ] && { [[ "$*" != *--impls* ]] || [[ "$*" == *fla* ]]; }; then
+  require_fla_wheel
+fi
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 if [ "${SKIP_WKV:-0}" != 1 ]; then
   timeout "${WKV_TIMEOUT:-300}" python3 bench/wkv7.py --json "$OUT/${WKV_NAME:-wkv7}.json" "$@" \

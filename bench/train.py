@@ -139,14 +139,14 @@ def flops_terms(model_config, params, ctx: int) -> dict[str, float]:
     }
 
 
-def bench_model(spec: str, args, mesh, peak: Peak) -> dict:
-    """`spec`: a model name, optionally with `+KEY=VALUE` overrides of its own (`--models`)."""
-    model, *own = (part.strip() for part in spec.split("+"))
+def bench_model(name: str, args, mesh, peak: Peak) -> dict:
+    """`name`: a model name, optionally with `+KEY=VALUE` overrides of its own (`--models`); the
+    whole of it labels the model's rows."""
+    model, *own = (part.strip() for part in name.split("+"))
     preset_name = MODELS.get(model, model)
     config, overrides = train_config(
         preset_name, args.seq_len, args.batch, args.remat, [*args.set, *own]
     )
-    name = spec  # the row's label
     mc = config.model
     T, B = args.seq_len, args.batch
     print(f"\n## {name}: preset {preset_name} (V={mc.vocab_size}, C={mc.n_embd}, "

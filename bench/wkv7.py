@@ -379,7 +379,7 @@ def main() -> None:
                 chosen = impls_fp32 if dtype == "float32" else impls
                 if not args.stages_only:
                     rows = run_size(
-                        xs, T, bh, dtype, chosen, args.repeats, save, not args.forward_only
+                        xs, T, bh, dtype, chosen, args.repeats, save, backward=not args.forward_only
                     )
                     for row in rows.values():
                         print(table_row(row, rows), flush=True)

@@ -62,14 +62,8 @@ if [ "$phase" = wheels ]; then
   ls -l .whl
   exit 0
 fi
-# fla is the baseline of the target: without its wheel a lent GPU's minutes would time
-# nothing that the issue asks for.
-if ! compgen -G ".whl/fla_core-*.whl" >/dev/null && [ "${ALLOW_NO_FLA:-0}" != 1 ]; then
-  echo "no fla-core wheel in .whl/: run 'bash bench/wkv7_gpu_session.sh wheels' here first" \
-    "and carry .whl (ALLOW_NO_FLA=1 runs without fla)" >&2
-  exit 2
-fi
 . bench/accelerator_env.sh
+require_fla_wheel
 export TRITON_CACHE_DIR=/tmp/triton_cache
 if [ -d .triton_cache ] && [ ! -d $TRITON_CACHE_DIR ]; then cp -r .triton_cache $TRITON_CACHE_DIR; fi
 
