@@ -63,12 +63,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rwkvx_jax import preset
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.checkpoints.tensor_files import write_pth
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.decode import DecodeConfig, Decoder
-from rwkvx_jax.decode_weights import DecodeWeights
-from rwkvx_jax.pth_io import write_pth
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
+from rwkvx_jax.decoding.weights import DecodeWeights
 
 DEFAULT_CONTEXTS = (1024, 8192, 65536, 262144, 1048576)
 MiB = 2**20

@@ -34,9 +34,9 @@ from decode import machine_line, measure_read_bandwidth, weight_bytes_per_token
 from tqdm.auto import tqdm
 
 from rwkvx_jax import preset
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.decode import DecodeConfig, Decoder
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
 
 PARTS = (
     "RWKV-7 blocks",

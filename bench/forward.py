@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkvx_jax import forward, preset
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.pth_io import write_pth
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.checkpoints.tensor_files import write_pth
 
 
 def matmul_flops_per_token(config) -> float:

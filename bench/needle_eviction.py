@@ -23,10 +23,10 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.decode import DecodeConfig, Decoder
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
 
 HAYSTACK = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

@@ -12,7 +12,7 @@ PAPER_CLAIM.md has the results):
    RWKV-7 with six RWKV blocks (the same parameter budget within 5%), each in two phases, a
    curriculum of lengths: 128-token windows of short documents without the task description,
    then 512-token windows (the training length) of full prompts whose lengths grow over the
-   first 30% of the phase. Both through `train_lib.train` with the `tiny` recipe and the same
+   first 30% of the phase. Both through `training.train` with the `tiny` recipe and the same
    overrides; the equivalent `train.py` commands are printed.
 3. eval: passkey retrieval (`PasskeyEvaluator`, greedy, exact match) at 1x to 16x the training
    length, 10 depths x 5 seeds; then two diagnostics of the trained RWKV-X: dense attention
@@ -41,7 +41,7 @@ import numpy as np
 # The bench scripts run from the repository root without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rwkvx_jax.train_config import TrainConfig, apply_overrides, recipe  # noqa: E402
+from rwkvx_jax.training.config import TrainConfig, apply_overrides, recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +267,7 @@ def check_budget(s: Settings, out: str) -> dict[str, int]:
 
 def train_phase(name: str, s: Settings, out: str, phase: Phase, progress: bool) -> float:
     """Trains (or resumes) one model's phase; returns the wall seconds it took (all attempts)."""
-    from rwkvx_jax import train_lib
+    from rwkvx_jax import training
 
     config = train_config(name, s, out, phase)
     timing_path = os.path.join(config.workdir, "train_seconds.json")
@@ -279,7 +279,7 @@ def train_phase(name: str, s: Settings, out: str, phase: Phase, progress: bool) 
     log(f"train {name} {phase.name}: {command}")
     os.makedirs(config.workdir, exist_ok=True)
     start = time.perf_counter()
-    train_lib.train(config, progress=progress, log=log)
+    training.train(config, progress=progress, log=log)
     seconds = previous["seconds"] + time.perf_counter() - start
     _write_json(timing_path, {"seconds": seconds, "complete": True})
     log(f"train {name} {phase.name}: {seconds:.0f} s")
@@ -313,7 +313,8 @@ def ablated(config, params, change: str | None, longest: int):
 
 def evaluate(name: str, s: Settings, out: str, progress: bool) -> list:
     import rwkvx_jax
-    from rwkvx_jax.evals.passkey import PasskeyEvaluator, depth_grid, format_summary
+    from rwkvx_jax.data.passkey import depth_grid
+    from rwkvx_jax.evals.passkey import PasskeyEvaluator, format_summary
 
     model, change = EVALS[name]
     config, params = rwkvx_jax.load(final_params(out, model, s))
@@ -392,7 +393,7 @@ def plot_distance(rows_by_model: dict, s: Settings, path: str) -> None:
     names = [n for n in MODELS if n in rows_by_model]
     fig = Figure(figsize=(4.6 * len(names), 3.8))
     FigureCanvasAgg(fig)
-    from rwkvx_jax.evals.passkey import DEFAULT_KEY_DIGITS, TASK
+    from rwkvx_jax.data.passkey import DEFAULT_KEY_DIGITS, TASK
 
     edges = 2.0 ** np.arange(5, 15, 0.5)  # 32 .. 16K tokens, half-octave bins
     # The farthest a needle stood from the end of a training prompt: right after the task, in

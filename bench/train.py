@@ -4,19 +4,19 @@
                         [--breakdown] [--set model.wkv_chunk_size=32 ...]
   python bench/train.py --models 0.1b,0.1b+loss.chunk_tokens=0   # chunked vs whole logits
 
-Each model runs `train_lib.TrainProgram` (the step `train.py` runs: loss with L2Wrap, gradients,
-AdamW with clipping, parameter update), built from the `tiny` recipe with the model, context and
-batch overridden, on a one-device mesh, from random params and random tokens; no data pipeline,
-no checkpoints. The step is compiled once, run once more to warm up, then timed `--steps` times
-(best and median).
+Each model runs `rwkvx_jax.training.TrainProgram` (the step `train.py` runs: loss with L2Wrap,
+gradients, AdamW with clipping, parameter update), built from the `tiny` recipe with the model,
+context and batch overridden, on a one-device mesh, from random params and random tokens; no data
+pipeline, no checkpoints. The step is compiled once, run once more to warm up, then timed
+`--steps` times (best and median).
 
 MFU = model FLOPs per step / (step seconds x peak). Model FLOPs come from
-`train_lib.training_flops_per_token` (the figure the trainer's progress bar uses); the peak is
-the highest `train_lib.measure_peak_flops` (fp32, 1024^2 and 2048^2) of many probes in this run:
-at the start, after every timed step and breakdown round, and at the end (see `Peak`); if a
-breakdown part ran at a higher rate of model FLOPs than every probe, that rate is the peak.
-On a machine shared with other jobs the step time depends on their load: the script prints the
-load average, every step's time and the spread of the probes; compare within one run.
+`rwkvx_jax.training.training_flops_per_token` (the figure the trainer's progress bar uses); the
+peak is the highest `rwkvx_jax.training.measure_peak_flops` (fp32, 1024^2 and 2048^2) of many
+probes in this run: at the start, after every timed step and breakdown round, and at the end
+(see `Peak`); if a breakdown part ran at a higher rate of model FLOPs than every probe, that rate
+is the peak. On a machine shared with other jobs the step time depends on their load: the script
+prints the load average, every step's time and the spread of the probes; compare within one run.
 
 Models: `tiny` (the tiny recipe's V256 C128 L4 A2), `0.1b` (the rwkv7-world-0.1b shape: V65536
 C768 L12, no sparse blocks), `0.22b` (rwkvx-0.22b: the same plus 4 sparse blocks), or any preset.
@@ -51,16 +51,16 @@ from rwkvx_jax import ops
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.model import RWKVX
 from rwkvx_jax.rwkv7 import ChannelMix, RWKVBlock, TimeMix
-from rwkvx_jax.sparse_attention import SparseBlock, TopKChunkAttention
-from rwkvx_jax.train_config import REMAT_POLICIES, apply_overrides, recipe
-from rwkvx_jax.train_lib import (
-    TrainProgram,
-    describe_memory,
+from rwkvx_jax.sparse.block import SparseBlock, TopKChunkAttention
+from rwkvx_jax.training.aot import describe_memory
+from rwkvx_jax.training.config import REMAT_POLICIES, apply_overrides, recipe
+from rwkvx_jax.training.flops import (
     matmul_param_count,
     mean_attended_keys,
     measure_peak_flops,
     training_flops_per_token,
 )
+from rwkvx_jax.training.program import TrainProgram
 
 MODELS = {"tiny": "tiny", "0.1b": "rwkv7-world-0.1b", "0.22b": "rwkvx-0.22b"}
 
@@ -84,10 +84,10 @@ def timed(fn, *args, repeats: int) -> tuple[float, list[float]]:
 class Peak:
     """The MFU denominator: the highest fp32 matmul FLOP/s seen in this run.
 
-    `train_lib.measure_peak_flops` (best of 3) at 1024^2 and 2048^2, probed at the start, after
-    every timed step and breakdown part, and at the end. Other jobs on a shared machine only
-    ever lower a probe, so the highest sample is the honest ceiling (a lower one would flatter
-    the MFU)."""
+    `rwkvx_jax.training.measure_peak_flops` (best of 3) at 1024^2 and 2048^2, probed at the
+    start, after every timed step and breakdown part, and at the end. Other jobs on a shared
+    machine only ever lower a probe, so the highest sample is the honest ceiling (a lower one
+    would flatter the MFU)."""
 
     SIZES = (1024, 2048)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkvx_jax.checkpoint import load_params
+from rwkvx_jax.checkpoints.directory import load_params
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.model import RWKVX
 

@@ -10,6 +10,12 @@ import numpy as np
 from flax import linen as nn
 
 
+def fresh_zeros(shape, dtype) -> jax.Array:
+    """Zeros in a buffer of their own (jnp.zeros may hand out one cached buffer for equal
+    shapes, and a donated decode state must not name one buffer twice)."""
+    return jax.device_put(np.zeros(shape, jnp.dtype(dtype)))
+
+
 def token_shift(x: jnp.ndarray, previous: jnp.ndarray | None = None) -> jnp.ndarray:
     """Returns x shifted one step later in time: out[:, t] = x[:, t-1].
 

@@ -2,20 +2,80 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.decode_state import DecodeState, RWKVBlockState, SparseBlockState
-from rwkvx_jax.layers import last_valid, layer_norm, linear, scaled_orthogonal, uniform_symmetric
-from rwkvx_jax.rwkv7 import RWKVBlock
-from rwkvx_jax.sparse_attention import SparseBlock
+from rwkvx_jax.layers import (
+    fresh_zeros,
+    last_valid,
+    layer_norm,
+    linear,
+    scaled_orthogonal,
+    uniform_symmetric,
+)
+from rwkvx_jax.rwkv7 import RWKVBlock, RWKVBlockState
+from rwkvx_jax.sparse.block import SparseBlock, SparseBlockState
 
 
 def block_name(kind: str, index: int) -> str:
     """Flax submodule name of a block: `blocks_{i}` (RWKV-7) or `moba_{j}` (sparse)."""
     return f"blocks_{index}" if kind == "rwkv" else f"moba_{index}"
+
+
+def bare_params(params):
+    """The parameter tree itself, from either it or Flax's {"params": tree} variables."""
+    if "params" in params and len(params) == 1:
+        return params["params"]
+    return params
+
+
+class DecodeState(NamedTuple):
+    """Everything a batch of sequences has read: a fixed-shape pytree (SPEC §6).
+
+    Shapes never change while decoding, so one compiled step serves every position and the
+    state can be donated to it.
+
+    Attributes:
+      lengths: int32 [B] tokens each sequence has read.
+      blocks: block name (`block_name`: `blocks_{i}` / `moba_{j}`) -> that block's own state,
+        an `RWKVBlockState` or a `SparseBlockState`.
+    """
+
+    lengths: jax.Array
+    blocks: dict
+
+
+def init_decode_state(
+    config: RWKVXConfig, batch: int, cache_size: int, *, flat_cache: bool = False
+) -> DecodeState:
+    """The state of `batch` empty sequences: each block's empty state under its name.
+
+    Args:
+      config: the model config.
+      batch: sequences decoded together.
+      cache_size: tokens of keys/values each sparse block keeps per sequence (a multiple of
+        the chunk size); attention is exact until a sequence reaches it, then chunks are
+        evicted (see `rwkvx_jax.sparse.kv_cache`).
+      flat_cache: a `FlatKVCache` of cache_size tokens per sparse block instead, for
+        attention_mode="official" (`rwkvx_jax.sparse.official`).
+    """
+    dtype = jnp.dtype(config.dtype)
+    c, n = config.n_embd, config.head_size
+    blocks = {}
+    for kind, index in config.block_order():
+        if kind == "rwkv":
+            state = RWKVBlockState.zeros(batch, c, n, dtype)
+        else:
+            state = SparseBlockState.empty(
+                batch, c, n, config.chunk_size, config.top_k, cache_size, dtype,
+                flat_cache=flat_cache,
+            )  # fmt: skip
+        blocks[block_name(kind, index)] = state
+    return DecodeState(fresh_zeros((batch,), jnp.int32), blocks)
 
 
 class RWKVX(nn.Module):
@@ -51,7 +111,8 @@ class RWKVX(nn.Module):
         Returns:
           logits float32 [B, T, V] ([B, V] with last_logits_only); with return_state,
           (logits, states) where states maps a block name (`blocks_{i}` / `moba_{j}`) to that
-          block's state dict; with decode_state, (logits, DecodeState).
+          block's final `RWKVBlockState` or `SparseBlockOutputs`; with decode_state,
+          (logits, DecodeState).
         """
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -88,9 +149,7 @@ class RWKVX(nn.Module):
                     name=name,
                 )
                 if decoding:
-                    prior = decode_state.blocks[name]._asdict()
-                    x, v_first, new = block(x, v_first, prior, n_valid)
-                    states[name] = RWKVBlockState(**new)
+                    x, v_first, states[name] = block(x, v_first, decode_state.blocks[name], n_valid)
                 else:
                     x, v_first, states[name] = block(x, v_first)
             else:
@@ -107,9 +166,9 @@ class RWKVX(nn.Module):
                     name=name,
                 )
                 if decoding:
-                    prior = decode_state.blocks[name]._asdict()
-                    x, new = block(x, prior, decode_state.lengths, n_valid, cache_policy)
-                    states[name] = SparseBlockState(**new)
+                    x, states[name] = block(
+                        x, decode_state.blocks[name], decode_state.lengths, n_valid, cache_policy
+                    )
                 else:
                     x, states[name] = block(x)
         if hidden_only:

@@ -51,7 +51,7 @@ def kernel_mesh(mesh: Mesh | None) -> Iterator[None]:
     otherwise are resharded to that by XLA first. A mesh of one device, None, or the XLA /
     reference backends: calls are left as they are.
 
-    The training step traces the model inside this (rwkvx_jax.train_lib.block_transforms).
+    The training step traces the model inside this (rwkvx_jax.training.remat.block_transforms).
 
     Raises:
       ValueError: the mesh's axes are not ("data", "fsdp", "tensor") (sharding.make_mesh).

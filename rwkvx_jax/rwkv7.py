@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ from rwkvx_jax.config import DEFAULT_WKV_CHUNK_SIZE
 from rwkvx_jax.layers import (
     GroupedNorm,
     constant_init,
+    fresh_zeros,
     last_valid,
     layer_norm,
     linear,
@@ -186,6 +187,27 @@ class ChannelMix(nn.Module):
         return out, last_valid(x, n_valid, shift_state)
 
 
+class RWKVBlockState(NamedTuple):
+    """What an RWKV-7 block carries from one token to the next (SPEC §6).
+
+    Attributes:
+      att_x_prev: [B, C] the last input of the time mix (its token shift).
+      wkv: [B, H, N, N] fp32 WKV state (rows: value dims, columns: key dims).
+      ffn_x_prev: [B, C] the last input of the channel mix.
+    """
+
+    att_x_prev: jax.Array
+    wkv: jax.Array
+    ffn_x_prev: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, n_embd: int, head_size: int, dtype) -> RWKVBlockState:
+        """The state before any token: all zeros, each field in a buffer of its own."""
+        shift = lambda: fresh_zeros((batch, n_embd), dtype)
+        wkv = fresh_zeros((batch, n_embd // head_size, head_size, head_size), jnp.float32)
+        return cls(shift(), wkv, shift())
+
+
 class RWKVBlock(nn.Module):
     """`x += TimeMix(LN1(x)); x += ChannelMix(LN2(x))`; block 0 first applies LN0."""
 
@@ -204,16 +226,15 @@ class RWKVBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, v_first, state=None, n_valid=None):
+    def __call__(self, x, v_first, state: RWKVBlockState | None = None, n_valid=None):
         """Args:
           x: [B, T, C] residual stream; v_first: [B, T, C] or None (block 0).
-          state: optional dict with `att_x_prev` [B, C], `wkv` [B, H, N, N], `ffn_x_prev` [B, C].
+          state: the state to continue from (decoding), or None to start from zeros.
           n_valid: int [B] real tokens per row (right padding after), or None for all.
 
         Returns:
-          (x [B, T, C], v_first [B, T, C], final state dict of the same structure).
+          (x [B, T, C], v_first [B, T, C], final `RWKVBlockState`).
         """
-        state = state or {}
         norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)
         if self.layer_id == 0:
             x = norm("ln0")(x)
@@ -224,10 +245,9 @@ class RWKVBlock(nn.Module):
         )  # fmt: skip
         ffn = ChannelMix(self.layer_id, self.n_layer, self.n_embd, self.dtype, self.param_dtype,
                          name="ffn")  # fmt: skip
-        dx, v_first, att_x_prev, wkv = att(
-            norm("ln1")(x), v_first, state.get("att_x_prev"), state.get("wkv"), n_valid
-        )
+        att_x_prev, wkv, ffn_x_prev = (None, None, None) if state is None else state
+        dx, v_first, att_x_prev, wkv = att(norm("ln1")(x), v_first, att_x_prev, wkv, n_valid)
         x = x + dx
-        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"), n_valid)
+        dx, ffn_x_prev = ffn(norm("ln2")(x), ffn_x_prev, n_valid)
         x = x + dx
-        return x, v_first, {"att_x_prev": att_x_prev, "wkv": wkv, "ffn_x_prev": ffn_x_prev}
+        return x, v_first, RWKVBlockState(att_x_prev, wkv, ffn_x_prev)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
 from rwkvx_jax.config import preset
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.decode_weights import prepare_decode_weights
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.decoding.weights import prepare_decode_weights
 
 
 def _load_bench_decode():

@@ -9,8 +9,8 @@ from pallas_kernels.topk_attention import (
     selected_chunks_attention,
     topk_chunk_attention_reference,
 )
-from rwkvx_jax import cached_attention
-from rwkvx_jax.kv_cache import init_cache, push_chunks
+from rwkvx_jax.sparse import cached_attention
+from rwkvx_jax.sparse.kv_cache import init_cache, push_chunks
 
 TOL = 1e-5
 

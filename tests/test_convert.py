@@ -12,22 +12,22 @@ import torch
 
 import convert_torch
 import rwkvx_jax
-from rwkvx_jax.checkpoint import CheckpointError
-from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert import (
+from rwkvx_jax.checkpoints.directory import CheckpointError
+from rwkvx_jax.checkpoints.official_layout import (
     ConversionError,
     params_from_state_dict,
     state_dict_from_params,
 )
-from rwkvx_jax.model import RWKVX
-from rwkvx_jax.pth_io import (
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.checkpoints.tensor_files import (
     CheckpointFormatError,
     read_pth,
     read_safetensors,
     write_pth,
     write_safetensors,
 )
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.config import RWKVXConfig
+from rwkvx_jax.model import RWKVX
 
 SMALL = RWKVXConfig(
     vocab_size=97, n_embd=128, n_rwkv_layer=4, n_attn_layer=2,

@@ -7,11 +7,11 @@ import pytest
 from flax import traverse_util
 
 import rwkvx_jax
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
 from rwkvx_jax.config import ConfigError, preset
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.decode import DecodeConfig, Decoder, greedy_tokens
+from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder, greedy_tokens
 from rwkvx_jax.model import RWKVX
-from rwkvx_jax.random_checkpoint import random_state_dict
 
 TINY = preset("tiny")  # chunk 16, top-k 3, two sparse blocks
 TOL = 1e-4  # whole-model fp32 parity, relative to the largest logit

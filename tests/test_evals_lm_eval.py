@@ -12,12 +12,12 @@ import pytest
 from lm_eval.api.instance import Instance
 
 import rwkvx_jax
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
 from rwkvx_jax.config import preset
-from rwkvx_jax.convert import params_from_state_dict
+from rwkvx_jax.decoding.sampling import SamplingConfig
 from rwkvx_jax.evals import lm_eval_adapter
 from rwkvx_jax.evals.lm_eval_adapter import RWKVXLM, bucket_lengths
-from rwkvx_jax.random_checkpoint import random_state_dict
-from rwkvx_jax.sampling import SamplingConfig
 from rwkvx_jax.tokenizer import ByteTokenizer
 
 # Two RWKV blocks and one sparse block; chunks of 8 with top-2, so 32 tokens span four chunks
@@ -203,7 +203,7 @@ def test_generation_settings(lm):
 def test_model_arguments(tmp_path, model, lm):
     from lm_eval.api.registry import get_model
 
-    from rwkvx_jax.checkpoint import save_params
+    from rwkvx_jax.checkpoints.directory import save_params
 
     assert get_model("rwkvx") is RWKVXLM
     config, params = model

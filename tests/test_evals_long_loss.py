@@ -12,9 +12,10 @@ import pytest
 
 import rwkvx_jax
 from rwkvx_jax import ByteTokenizer, DecodeConfig, preset
-from rwkvx_jax.convert import params_from_state_dict
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.cli import EXIT_USAGE, UsageError
 from rwkvx_jax.evals import long_loss
-from rwkvx_jax.evals._common import UsageError
 from rwkvx_jax.evals.long_loss import (
     ALL_FILES,
     PositionLoss,
@@ -24,8 +25,7 @@ from rwkvx_jax.evals.long_loss import (
     file_windows,
     run_long_loss,
 )
-from rwkvx_jax.losses import token_cross_entropy
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.training.losses import token_cross_entropy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +197,7 @@ def test_cli_errors(tmp_path, capsys, argv, message):
     argv = [a.format(a=files[0], missing=str(tmp_path / "missing.txt")) for a in argv]
     if "--context" not in argv:
         argv += ["--context", "256"]
-    assert long_loss.main(argv + ["--out", str(tmp_path / "out")]) == 1
+    assert long_loss.main(argv + ["--out", str(tmp_path / "out")]) == EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

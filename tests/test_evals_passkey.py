@@ -10,23 +10,21 @@ import numpy as np
 import pytest
 
 from rwkvx_jax import ByteTokenizer, DecodeConfig, WorldTokenizer, preset
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.evals import passkey
-from rwkvx_jax.evals._common import UsageError, parse_lengths
-from rwkvx_jax.evals.passkey import (
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.cli import EXIT_USAGE, UsageError
+from rwkvx_jax.data.passkey import (
     HAYSTACK,
     NEEDLE,
     QUESTION,
     TASK,
-    PasskeyEvaluator,
     PasskeyPromptBuilder,
     depth_grid,
-    extract_answer,
-    format_summary,
-    is_correct,
     passkey_for,
 )
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.evals import passkey
+from rwkvx_jax.evals.common import parse_lengths
+from rwkvx_jax.evals.passkey import PasskeyEvaluator, extract_answer, format_summary, is_correct
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,7 +320,7 @@ def test_cli_demo_smoke(tmp_path):
     ],
 )
 def test_cli_errors(tmp_path, capsys, argv, message):
-    assert passkey.main(argv + ["--out", str(tmp_path / "pk")]) == 1
+    assert passkey.main(argv + ["--out", str(tmp_path / "pk")]) == EXIT_USAGE
     assert message in capsys.readouterr().err
 
 

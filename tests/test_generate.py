@@ -13,20 +13,24 @@ import numpy as np
 import pytest
 
 import rwkvx_jax
+import rwkvx_jax.decoding.text as text_module
 import rwkvx_jax.generate as generate_cli
-from rwkvx_jax.checkpoint import save_params
+from rwkvx_jax.checkpoints.directory import save_params
+from rwkvx_jax.checkpoints.random_weights import demo_model
+from rwkvx_jax.cli import EXIT_USAGE
 from rwkvx_jax.config import preset
-from rwkvx_jax.decode import DecodeConfig
-from rwkvx_jax.decode_state import init_decode_state
-from rwkvx_jax.generate import TextGenerator, demo_model, main
-from rwkvx_jax.sampling import SamplingConfig
-from rwkvx_jax.state_io import (
+from rwkvx_jax.decoding.decoder import DecodeConfig
+from rwkvx_jax.decoding.sampling import SamplingConfig
+from rwkvx_jax.decoding.state_files import (
     StateFileError,
     StateMismatchError,
     load_state,
     read_state_metadata,
     save_state,
 )
+from rwkvx_jax.decoding.text import TextGenerator
+from rwkvx_jax.generate import main
+from rwkvx_jax.model import init_decode_state
 
 TINY = preset("tiny")  # byte vocabulary, chunk 16, two sparse blocks
 # Greedy without penalties; bytes >= 128 banned so that every output is ASCII and re-encodes to
@@ -309,7 +313,7 @@ def test_cli_batch_file(monkeypatch, capsys, tmp_path, generator, uninterrupted)
         assert config == TINY and decode_config == expected
         return generator
 
-    monkeypatch.setattr(generate_cli, "TextGenerator", same_generator)
+    monkeypatch.setattr(text_module, "TextGenerator", same_generator)
     jsonl, plain = tmp_path / "prompts.jsonl", tmp_path / "prompts.txt"
     jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in WHOLE))
     plain.write_text("\n".join(WHOLE) + "\n\n")
@@ -359,7 +363,7 @@ def test_cli_bad_inputs(capsys, tmp_path):
         (["--checkpoint", tmp_path / "nowhere", "--prompt", "x"], "nowhere"),
     ]
     for args, message in cases:
-        assert main([str(a) for a in args]) == 1
+        assert main([str(a) for a in args]) == EXIT_USAGE
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
 

@@ -12,9 +12,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from test_train import SMALL_RUN
 
-from rwkvx_jax import ops, train_lib
+from rwkvx_jax import ops, training
 from rwkvx_jax import sharding as shd
-from rwkvx_jax.train_config import TrainConfig, apply_overrides
+from rwkvx_jax.training.config import TrainConfig, apply_overrides
 
 PALLAS_BACKENDS = ["pallas_gpu", "pallas_tpu"]
 TOL = 1e-5  # fp32, relative to the largest reference value
@@ -38,7 +38,7 @@ def test_train_step_runs_the_pallas_kernels_per_device(backend, remat):
     of the 2 heads, so head-major operands lead with B*H = 2, not 16. With remat (the stage-2
     recipes') the backward recomputes both forward kernels, per device too."""
     config = _train_config(backend, "mesh=2,2,2", f"remat={remat}")
-    program = train_lib.TrainProgram.create(config, config.model, shd.make_mesh(config.mesh))
+    program = training.TrainProgram.create(config, config.model, shd.make_mesh(config.mesh))
     tokens = (config.data.batch_size, config.data.ctx + 1)
     batch = jax.ShapeDtypeStruct(tokens, jnp.int32, sharding=program.batch_sharding)
     step = jax.jit(

@@ -1,11 +1,11 @@
-"""Tests for rwkvx_jax.losses: cross-entropy, L2Wrap and LongCE."""
+"""Tests for rwkvx_jax.training.losses: cross-entropy, L2Wrap and LongCE."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkvx_jax import losses
+from rwkvx_jax.training import losses
 
 B, T, V = 2, 5, 11
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import rwkvx_jax
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
 from rwkvx_jax.config import preset
-from rwkvx_jax.convert import params_from_state_dict
 from rwkvx_jax.model import RWKVX
-from rwkvx_jax.random_checkpoint import random_state_dict
 
 TINY = preset("tiny")  # chunk 16, top-k 3: T > 48 is in the sparse regime
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.checkpoints.tensor_files import write_pth
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert import params_from_state_dict
-from rwkvx_jax.decode import DecodeConfig, Decoder
-from rwkvx_jax.official_attention import OfficialAttention
-from rwkvx_jax.pth_io import write_pth
-from rwkvx_jax.random_checkpoint import random_state_dict
+from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
+from rwkvx_jax.sparse.official import OfficialAttention
 
 TOLERANCE = 1e-4  # max |Δlogit| / max |logit|, fp32 whole model
 CONFIG = RWKVXConfig(

@@ -1,4 +1,4 @@
-"""Tests for rwkvx_jax.optim: schedule, decay mask, AdamW step, freezing, accumulation."""
+"""Tests for rwkvx_jax.training.optimizer: schedule, decay mask, AdamW, freezing, accumulation."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from rwkvx_jax import optim
+from rwkvx_jax.training import optimizer as optim
 
 LR = 1e-2
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import rwkvx_jax
+from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.checkpoints.tensor_files import write_pth
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert import params_from_state_dict
 from rwkvx_jax.model import RWKVX
-from rwkvx_jax.pth_io import write_pth
-from rwkvx_jax.random_checkpoint import random_state_dict
 
 TOLERANCE = 1e-4  # max |Δlogit| / max |logit|, fp32 whole model (fixed; never loosened)
 
@@ -65,7 +65,7 @@ def test_rwkvx_matches_official_runtime(name, tmp_path):
     # The recurrent states a decoder would carry match too.
     for i in range(config.n_rwkv_layer):
         theirs_wkv = official_state["rwkv"][3 * i + 1].numpy()
-        ours_wkv = np.asarray(our_states[f"blocks_{i}"]["wkv"][0])
+        ours_wkv = np.asarray(our_states[f"blocks_{i}"].wkv[0])
         assert _relative_error(ours_wkv, theirs_wkv) <= TOLERANCE, f"block {i} wkv state"
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rwkvx_jax.config import ConfigError
-from rwkvx_jax.sampling import (
+from rwkvx_jax.decoding.sampling import (
     SamplingConfig,
     filtered_probs,
     init_sampler_state,

@@ -5,8 +5,8 @@ import pytest
 
 from rwkvx_jax import ByteTokenizer
 from rwkvx_jax.data import BinIdxTokens, TokenWindows
+from rwkvx_jax.data.passkey import NEEDLE, QUESTION, TASK, PasskeyPromptBuilder
 from rwkvx_jax.data.synthetic import RetrievalMix
-from rwkvx_jax.evals.passkey import NEEDLE, QUESTION, TASK, PasskeyPromptBuilder
 
 CTX = 512
 # Plain text with digits in it, so that avoiding the keys' digits is actually exercised.

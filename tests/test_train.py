@@ -16,12 +16,11 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from rwkvx_jax import sharding as shd
-from rwkvx_jax import train_lib
+from rwkvx_jax import training
 from rwkvx_jax.config import preset
 from rwkvx_jax.data import write_binidx
-from rwkvx_jax.expand import COPIED, expand_params, fresh_sparse_block, source_block
 from rwkvx_jax.model import RWKVX
-from rwkvx_jax.train_config import (
+from rwkvx_jax.training.config import (
     RECIPES,
     TrainConfig,
     TrainConfigError,
@@ -30,6 +29,7 @@ from rwkvx_jax.train_config import (
     load_config,
     recipe,
 )
+from rwkvx_jax.training.expand import COPIED, expand_params, fresh_sparse_block, source_block
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,8 +180,8 @@ def _logits(config, params, tokens):
 
 def _random_rwkv7(config):
     """RWKV-7 params at trained-like scales (fresh inits zero the output projections)."""
-    from rwkvx_jax.convert import params_from_state_dict
-    from rwkvx_jax.random_checkpoint import random_state_dict
+    from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+    from rwkvx_jax.checkpoints.random_weights import random_state_dict
 
     return params_from_state_dict(random_state_dict(config, seed=0), config)
 
@@ -238,7 +238,7 @@ def _batches(n, batch, ctx, seed=0):
 
 
 def _run_steps(config, mesh, params, batches):
-    program = train_lib.TrainProgram.create(config, config.model, mesh)
+    program = training.TrainProgram.create(config, config.model, mesh)
     state = program.init_state(params)
     losses = []
     for tokens in batches:
@@ -273,7 +273,7 @@ def reference_run(tmp_path_factory):
 def test_sharded_steps_match_one_device(reference_run, mesh_shape):
     config, params, batches, losses = reference_run
     mesh = shd.make_mesh(mesh_shape)
-    program = train_lib.TrainProgram.create(config, config.model, mesh)
+    program = training.TrainProgram.create(config, config.model, mesh)
     state = program.init_state()  # random init straight into the shardings
     kernel = state["params"]["blocks_0"]["ffn"]["key"]["kernel"]  # [C, 4C] = [128, 512]
     expected_spec = shd.logical_to_partition_spec(("embed", "mlp"), kernel.shape, mesh)
@@ -305,12 +305,12 @@ def test_remat_wraps_every_block_and_keeps_paths(reference_run):
     blocks = len(config.model.block_order())
     gradients = {}
     for policy in ("none", "full", "dots", "ordered"):
-        program = train_lib.TrainProgram.create(
+        program = training.TrainProgram.create(
             config.replace(remat=policy), config.model, single_device_mesh()
         )
 
         def grad_fn(p, prog=program, policy=policy):
-            with train_lib.block_transforms(policy):
+            with training.block_transforms(policy):
                 return jax.grad(prog.loss_fn)(p, tokens)
 
         jaxpr = str(jax.make_jaxpr(grad_fn)(params))
@@ -332,12 +332,12 @@ def test_loss_equals_the_whole_logits_loss(reference_run, chunk_tokens):
     every gradient equal cross-entropy + L2Wrap of the model's whole [B, T, V] logits. Only the
     pieces are remade in the backward pass (jax.checkpoint around the scan's piece and the
     tail's; none around whole logits)."""
-    from rwkvx_jax.losses import l2wrap, mean_cross_entropy
+    from rwkvx_jax.training.losses import l2wrap, mean_cross_entropy
 
     config, params, batches, _ = reference_run
     tokens = jnp.asarray(batches[0])
     config = apply_overrides(config, [f"loss.chunk_tokens={chunk_tokens}"])
-    program = train_lib.TrainProgram.create(config, config.model, single_device_mesh())
+    program = training.TrainProgram.create(config, config.model, single_device_mesh())
     jaxpr = str(jax.make_jaxpr(jax.grad(program.loss_fn))(params, tokens))
     assert jaxpr.count("remat") == (2 if chunk_tokens else 0)
 
@@ -357,15 +357,15 @@ def test_longce_step_traces(reference_run):
         config, ["loss.longce=true", "loss.longce_window=8", "loss.longce_stride=8",
                  "loss.longce_start=16"]
     )  # fmt: skip
-    program = train_lib.TrainProgram.create(config, config.model, single_device_mesh())
+    program = training.TrainProgram.create(config, config.model, single_device_mesh())
     state = jax.eval_shape(program.step_fn, program.abstract_state, jnp.asarray(batches[0]))[0]
     assert jax.tree.structure(state) == jax.tree.structure(program.abstract_state)
 
 
 def test_stage1_expands_a_pth_and_trains_only_sparse_blocks(tmp_path):
-    from rwkvx_jax.checkpoint import load_params, save_params
-    from rwkvx_jax.pth_io import write_pth
-    from rwkvx_jax.random_checkpoint import random_state_dict
+    from rwkvx_jax.checkpoints.directory import load_params, save_params
+    from rwkvx_jax.checkpoints.random_weights import random_state_dict
+    from rwkvx_jax.checkpoints.tensor_files import write_pth
 
     rwkv7 = preset("tiny", n_rwkv_layer=1, n_attn_layer=0)
     pth = str(tmp_path / "rwkv7.pth")
@@ -379,7 +379,7 @@ def test_stage1_expands_a_pth_and_trains_only_sparse_blocks(tmp_path):
         "checkpoint.export=true", "data.batch_size=4", f"init_checkpoint={pth}",
     )  # fmt: skip
     initial = expand_params(_random_rwkv7(rwkv7), config.model, init="copy")
-    result = train_lib.train(config, mesh=single_device_mesh(), progress=False, log=lambda _: None)
+    result = training.train(config, mesh=single_device_mesh(), progress=False, log=lambda _: None)
     final = jax.tree.map(np.asarray, result.state["params"])
     for key in initial:
         changed = [not np.array_equal(a, b) for a, b in zip(
@@ -403,7 +403,7 @@ def test_stage1_expands_a_pth_and_trains_only_sparse_blocks(tmp_path):
         np.testing.assert_array_equal(a, b)
     pytest.importorskip("torch")
     assert os.path.getsize(os.path.join(result.export_dir, "model.pth")) > 0
-    records = train_lib.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    records = training.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 for r in records)
     assert os.path.isfile(tmp_path / "run" / "loss.png")
@@ -424,16 +424,16 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
         "checkpoint.keep=2",
     )  # fmt: skip
     with pytest.raises(
-        train_lib.NonFiniteError, match=r"step 4: loss nan.*Last good checkpoint: step 3"
+        training.NonFiniteError, match=r"step 4: loss nan.*Last good checkpoint: step 3"
     ):
-        train_lib.train(config, mesh=single_device_mesh(), progress=False, log=lambda _: None)
-    store = train_lib.CheckpointStore(str(tmp_path / "run" / "checkpoints"), 1, 2, False)
+        training.train(config, mesh=single_device_mesh(), progress=False, log=lambda _: None)
+    store = training.CheckpointStore(str(tmp_path / "run" / "checkpoints"), 1, 2, False)
     assert store.manager.all_steps() == [2, 3]
-    program = train_lib.TrainProgram.create(config, config.model, single_device_mesh())
+    program = training.TrainProgram.create(config, config.model, single_device_mesh())
     state = store.restore_state(3, program.abstract_state_with_shardings())
     assert int(state["step"]) == 3
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
-    records = train_lib.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+    records = training.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3]
 
 
@@ -459,7 +459,7 @@ def _train_cli(workdir, cache_dir, steps, every):
 
 
 def _losses(workdir):
-    return [(r["step"], r["loss"]) for r in train_lib.read_metrics(str(workdir / "metrics.jsonl"))]
+    return [(r["step"], r["loss"]) for r in training.read_metrics(str(workdir / "metrics.jsonl"))]
 
 
 def test_kill_9_and_resume_matches_uninterrupted_run(tmp_path):
@@ -546,7 +546,7 @@ def test_aot_compile_for_a_tpu_slice(tmp_path, backend):
 
     Needs the TPU compiler: `pip install -e '.[aot]'`, then `pytest -m aot`.
     """
-    devices = train_lib.tpu_topology_devices("v5p:2x2x1")
+    devices = training.tpu_topology_devices("v5p:2x2x1")
     backends = [f"model.wkv_backend={backend}", f"model.attention_backend={backend}"]
     config = small_config(
         tmp_path,
@@ -556,8 +556,8 @@ def test_aot_compile_for_a_tpu_slice(tmp_path, backend):
         "remat=ordered",
         *backends,
     )
-    program, compiled = train_lib.aot_compile(config, devices)
+    program, compiled = training.aot_compile(config, devices)
     assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
     assert ("tpu_custom_call" in compiled.as_text()) == (backend == "auto")
     assert compiled.memory_analysis().temp_size_in_bytes > 0
-    assert "memory analysis" in train_lib.describe_memory(compiled)
+    assert "memory analysis" in training.describe_memory(compiled)

@@ -155,7 +155,7 @@ def _causal_mask(block: int) -> jax.Array:
 def online_softmax_update(state, s, mask, v_blk):
     """Folds one block of logits into the running (max, sum, weighted-value) softmax state.
 
-    Shared with the decoder's cached attention (`rwkvx_jax.cached_attention`).
+    Shared with the decoder's cached attention (`rwkvx_jax.sparse.cached_attention`).
 
     Args:
       state: (m [B,H,bq], l [B,H,bq], acc [B,H,bq,D]) fp32.

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from rwkvx_jax.data.binidx import write_binidx
-from rwkvx_jax.evals.passkey import DEFAULT_KEY_DIGITS, PasskeyPromptBuilder
+from rwkvx_jax.data.passkey import DEFAULT_KEY_DIGITS, PasskeyPromptBuilder
 from rwkvx_jax.tokenizer import Tokenizer
 
 ANSWER = " {key}."

@@ -40,9 +40,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.decode import DEFAULT_PREFILL_TOKENS, DecodeConfig, Decoder
+from rwkvx_jax.decoding.decoder import DEFAULT_PREFILL_TOKENS, DecodeConfig, Decoder
+from rwkvx_jax.decoding.sampling import SamplingConfig
 from rwkvx_jax.model import RWKVX
-from rwkvx_jax.sampling import SamplingConfig
 from rwkvx_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 
 MODEL_NAME = "rwkvx"
@@ -198,7 +198,7 @@ class RWKVXLM(LM):
 
             config, params = load(checkpoint)
         elif config is None:
-            from rwkvx_jax.generate import demo_model
+            from rwkvx_jax.checkpoints.random_weights import demo_model
 
             config, params = demo_model()
         if "params" in params and len(params) == 1:

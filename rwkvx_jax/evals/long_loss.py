@@ -29,25 +29,23 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from rwkvx_jax.cli import run_cli
-from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.decode import DecodeConfig, Decoder
-from rwkvx_jax.evals._common import (
+from rwkvx_jax.atomic_files import write_atomically
+from rwkvx_jax.cli import (
     Parser,
     UsageError,
     add_model_arguments,
-    finite_or_nan,
-    format_tokens,
     int_at_least,
     load_model,
     parse_token_count,
-    prepare_out_dir,
-    write_atomically,
+    run_cli,
 )
-from rwkvx_jax.kv_cache import EVICTION_POLICIES
-from rwkvx_jax.losses import token_cross_entropy
+from rwkvx_jax.config import RWKVXConfig
+from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
+from rwkvx_jax.evals.common import finite_or_nan, format_tokens, prepare_out_dir
 from rwkvx_jax.model import RWKVX
+from rwkvx_jax.sparse.kv_cache import EVICTION_POLICIES
 from rwkvx_jax.tokenizer import Tokenizer, tokenizer_for_vocab
+from rwkvx_jax.training.losses import token_cross_entropy
 
 PROG = "python -m rwkvx_jax.evals.long_loss"
 CSV_NAME = "long_loss.csv"

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rwkvx_jax.config import PRESETS, RWKVXConfig, preset
-from rwkvx_jax.optim import OptimizerConfig
+from rwkvx_jax.training.optimizer import OptimizerConfig
 
 STAGES = ("pretrain", "stage1", "stage2")
 REMAT_POLICIES = ("none", "full", "dots", "ordered")
@@ -135,21 +135,31 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """The greedy sample printed after training (byte-level or World-tokenizer models).
+    """The sample printed after training (byte-level or World-tokenizer models).
 
     Attributes:
       prompt: text to continue.
       tokens: tokens to generate; 0 disables the sample.
+      temperature: sampling temperature (0 = greedy).
+      top_p: nucleus mass, in (0, 1] (1 = off).
+      seed: sampling seed.
     """
 
     prompt: str = "def "
     tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.85
+    seed: int = 0
 
     def __post_init__(self):
         if self.tokens < 0:
             raise TrainConfigError(f"sample.tokens must be >= 0, got {self.tokens}")
         if self.tokens and not self.prompt:
             raise TrainConfigError("sample.prompt must be non-empty when sample.tokens > 0")
+        if not self.temperature >= 0:
+            raise TrainConfigError(f"sample.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise TrainConfigError(f"sample.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +182,7 @@ class TrainConfig:
       remat: rematerialise each block in the backward pass: "none", "full" (save nothing
         inside a block), "dots" (save matmul outputs without batch dims) or "ordered" (as
         "full", with the backward pass finishing each block before the next; the least memory
-        with FSDP, see `train_lib.block_transforms`).
+        with FSDP, see `rwkvx_jax.training.remat.block_transforms`).
       log_every: write metrics (JSONL, TensorBoard, progress bar) every this many steps.
       workdir: where checkpoints, metrics, plots and exports go; an existing workdir resumes.
       stage: "pretrain" (all params), "stage1" (only the sparse blocks `moba_*` train; the rest

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rwkvx_jax.config import ConfigError
+from rwkvx_jax.layers import fresh_zeros
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -144,8 +145,6 @@ def _append(cache: FlatKVCache, k, v, n_valid):
 
 def init_flat_cache(batch, capacity, n_heads, head_size, dtype) -> FlatKVCache:
     """An empty flat cache of `capacity` tokens."""
-    from rwkvx_jax.kv_cache import fresh_zeros
-
     kv = lambda: fresh_zeros((batch, n_heads, capacity, head_size), dtype)
     return FlatKVCache(kv(), kv(), fresh_zeros((batch,), jnp.int32))
 

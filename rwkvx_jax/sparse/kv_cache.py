@@ -27,16 +27,30 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from rwkvx_jax.layers import fresh_zeros
 
 EVICTION_POLICIES = ("distinct", "oldest")
 
 
-def fresh_zeros(shape, dtype) -> jax.Array:
-    """Zeros in a buffer of their own (jnp.zeros may hand out one cached buffer for equal
-    shapes, and a donated state must not name one buffer twice)."""
-    return jax.device_put(np.zeros(shape, jnp.dtype(dtype)))
+def cache_slots(cache_size: int, chunk_size: int, top_k: int) -> int:
+    """Complete-chunk slots for a cache of `cache_size` tokens (one more chunk is the open one).
+
+    Raises:
+      ValueError: if cache_size is not a multiple of the chunk or leaves fewer than top_k - 1
+        slots (then even a short sequence could not attend its top-k chunks).
+    """
+    if cache_size % chunk_size:
+        raise ValueError(f"cache_size {cache_size} must be a multiple of chunk_size {chunk_size}")
+    slots = cache_size // chunk_size - 1
+    needed = max(top_k - 1, 1)
+    if slots < needed:
+        raise ValueError(
+            f"cache_size {cache_size} holds {slots} complete chunks besides the open one; "
+            f"top_k = {top_k} needs at least {needed} (cache_size >= {(needed + 1) * chunk_size})"
+        )
+    return slots
 
 
 class ChunkKVCache(NamedTuple):

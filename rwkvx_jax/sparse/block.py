@@ -2,16 +2,71 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from rwkvx_jax import ops
-from rwkvx_jax.cached_attention import attend_piece, attend_token
-from rwkvx_jax.layers import layer_norm, linear
-from rwkvx_jax.official_attention import FlatKVCache, official_decode, official_prefill
+from rwkvx_jax.layers import fresh_zeros, layer_norm, linear
 from rwkvx_jax.rwkv7 import ChannelMix
+from rwkvx_jax.sparse.cached_attention import attend_piece, attend_token
+from rwkvx_jax.sparse.kv_cache import ChunkKVCache, cache_slots, init_cache
+from rwkvx_jax.sparse.official import (
+    FlatKVCache,
+    init_flat_cache,
+    official_decode,
+    official_prefill,
+)
+
+
+class SparseBlockState(NamedTuple):
+    """What a sparse block carries from one token to the next when decoding (SPEC §6).
+
+    Attributes:
+      cache: its `ChunkKVCache` (or a `FlatKVCache` in attention_mode="official").
+      ffn_x_prev: [B, C] the last input of the channel mix.
+    """
+
+    cache: ChunkKVCache | FlatKVCache
+    ffn_x_prev: jax.Array
+
+    @classmethod
+    def empty(
+        cls, batch: int, n_embd: int, head_size: int, chunk_size: int, top_k: int,
+        cache_size: int, dtype, *, flat_cache: bool = False,
+    ) -> SparseBlockState:  # fmt: skip
+        """The state before any token.
+
+        Args:
+          batch: sequences decoded together.
+          n_embd, head_size, chunk_size, top_k: the block's shape and attention settings.
+          cache_size: tokens of keys/values kept per sequence, a multiple of chunk_size
+            (`sparse.kv_cache.cache_slots` says why a size is unusable).
+          dtype: the cache's and the shift's dtype.
+          flat_cache: a `FlatKVCache` of cache_size tokens instead (attention_mode="official").
+        """
+        n_heads = n_embd // head_size
+        if flat_cache:
+            cache = init_flat_cache(batch, cache_size, n_heads, head_size, dtype)
+        else:
+            slots = cache_slots(cache_size, chunk_size, top_k)
+            cache = init_cache(batch, slots, chunk_size, n_heads, head_size, dtype)
+        return cls(cache, fresh_zeros((batch, n_embd), dtype))
+
+
+class SparseBlockOutputs(NamedTuple):
+    """What a sparse block returns from a parallel forward (no cache).
+
+    Attributes:
+      ffn_x_prev: [B, C] the last input of the channel mix.
+      k, v: [B, T, H, N] the keys and values of the call's tokens.
+    """
+
+    ffn_x_prev: jax.Array
+    k: jax.Array
+    v: jax.Array
 
 
 class TopKChunkAttention(nn.Module):
@@ -91,33 +146,38 @@ class SparseBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, state=None, lengths=None, n_valid=None, cache_policy="distinct"):
+    def __call__(
+        self,
+        x,
+        state: SparseBlockState | None = None,
+        lengths=None,
+        n_valid=None,
+        cache_policy="distinct",
+    ):
         """Args:
-          x: [B, T, C]; state: optional dict with `ffn_x_prev` [B, C] and, when decoding,
-            `cache` (a `ChunkKVCache`).
+          x: [B, T, C].
+          state: the state to continue from when decoding; None for a parallel forward.
           lengths, n_valid, cache_policy: decoding only, see `TopKChunkAttention`.
 
         Returns:
-          (x [B, T, C], state dict with `ffn_x_prev` [B, C] and either this call's `k`, `v`
-          [B, T, H, N] or, when decoding, the updated `cache`).
+          (x [B, T, C], new `SparseBlockState`) when decoding, else
+          (x [B, T, C], `SparseBlockOutputs`).
         """
-        state = state or {}
-        cache = state.get("cache")
         norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)
         att = TopKChunkAttention(
             self.n_embd, self.head_size, self.chunk_size, self.top_k, self.backend,
             self.dtype, self.param_dtype, name="att",
         )  # fmt: skip
-        if cache is None:
-            dx, k, v = att(norm("ln1")(x))
-            new_state = {"k": k, "v": v}
-        else:
-            dx, cache = att(norm("ln1")(x), cache, lengths, n_valid, cache_policy)
-            new_state = {"cache": cache}
-        x = x + dx
         ffn = ChannelMix(
             self.channel_mix_layer_id, self.n_layer, self.n_embd, self.dtype, self.param_dtype,
             name="ffn",
         )  # fmt: skip
-        dx, ffn_x_prev = ffn(norm("ln2")(x), state.get("ffn_x_prev"), n_valid)
-        return x + dx, {"ffn_x_prev": ffn_x_prev, **new_state}
+        if state is None:
+            dx, k, v = att(norm("ln1")(x))
+            x = x + dx
+            dx, ffn_x_prev = ffn(norm("ln2")(x), None, n_valid)
+            return x + dx, SparseBlockOutputs(ffn_x_prev, k, v)
+        dx, cache = att(norm("ln1")(x), state.cache, lengths, n_valid, cache_policy)
+        x = x + dx
+        dx, ffn_x_prev = ffn(norm("ln2")(x), state.ffn_x_prev, n_valid)
+        return x + dx, SparseBlockState(cache, ffn_x_prev)

@@ -7,15 +7,14 @@ import os
 
 import numpy as np
 
-from rwkvx_jax.checkpoint import load_metadata, load_params, save_params
-from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert import (
-    ConversionError,
+from rwkvx_jax.checkpoints.directory import load_metadata, load_params, save_params
+from rwkvx_jax.checkpoints.official_layout import (
     config_from_state_dict,
     params_from_state_dict,
     state_dict_from_params,
 )
-from rwkvx_jax.pth_io import read_pth, write_pth, write_safetensors
+from rwkvx_jax.checkpoints.tensor_files import read_pth, write_pth, write_safetensors
+from rwkvx_jax.config import RWKVXConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,4 +86,18 @@ def export_safetensors(ckpt_dir, out_path, *, dtype: str | None = None) -> None:
     write_safetensors(out_path, state_dict, {"rwkvx_config": config.to_json()})
 
 
-__all__ = ["ConversionError", "convert_pth", "export_pth", "export_safetensors"]
+def load_checkpoint_params(path: str | os.PathLike) -> tuple[RWKVXConfig, dict]:
+    """(config, params) from an official `.pth` or a checkpoint directory (`save_params`)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from rwkvx_jax.checkpoints.directory import load_params
+
+        return load_params(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint (a .pth file or a params directory)")
+    from rwkvx_jax.checkpoints.official_layout import config_from_state_dict, params_from_state_dict
+    from rwkvx_jax.checkpoints.tensor_files import read_pth
+
+    state_dict = read_pth(path)
+    config = config_from_state_dict(state_dict)
+    return config, params_from_state_dict(state_dict, config, "float32")

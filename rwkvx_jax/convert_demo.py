@@ -10,10 +10,10 @@ import numpy as np
 from tqdm import tqdm
 
 from rwkvx_jax.api import forward, load
+from rwkvx_jax.checkpoints.conversion import convert_pth, export_pth
+from rwkvx_jax.checkpoints.random_weights import random_state_dict
+from rwkvx_jax.checkpoints.tensor_files import read_pth, write_pth
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert_files import convert_pth, export_pth
-from rwkvx_jax.pth_io import read_pth, write_pth
-from rwkvx_jax.random_checkpoint import random_state_dict
 
 DEMO_CONFIG = RWKVXConfig(
     vocab_size=4096, n_embd=256, n_rwkv_layer=4, n_attn_layer=2,

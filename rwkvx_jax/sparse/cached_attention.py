@@ -26,7 +26,7 @@ from pallas_kernels.topk_attention.xla_chunked import (
     online_softmax_update,
     selected_chunks_attention_sources,
 )
-from rwkvx_jax.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
+from rwkvx_jax.sparse.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
 
 _HIGHEST = lax.Precision.HIGHEST
 

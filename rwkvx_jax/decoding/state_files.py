@@ -12,10 +12,9 @@ leaves a partial file, and they are read with `allow_pickle=False` only.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -25,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwkvx_jax.atomic_files import write_atomically
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.decode_state import DecodeState, init_decode_state, state_signature
-from rwkvx_jax.kv_cache import ChunkKVCache, cached_tokens
-from rwkvx_jax.official_attention import FlatKVCache
+from rwkvx_jax.model import DecodeState, init_decode_state
+from rwkvx_jax.sparse.kv_cache import ChunkKVCache, cached_tokens
+from rwkvx_jax.sparse.official import FlatKVCache
 
 FORMAT_NAME = "rwkvx-jax-decode-state"
 FORMAT_VERSION = 1
@@ -41,6 +41,15 @@ class StateFileError(ValueError):
 
 class StateMismatchError(ValueError):
     """A saved state belongs to a model of another shape (or dtype) than the one loading it."""
+
+
+def state_signature(config: RWKVXConfig, state: DecodeState) -> str:
+    """Hash of everything a state must agree with to be reused: the model's shapes and
+    numerics settings and the state's own shapes and dtypes."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    shapes = [(jax.tree_util.keystr(p), x.shape, str(x.dtype)) for p, x in leaves]
+    blob = json.dumps([config.shape_hash(), config.chunk_size, config.top_k, shapes], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _leaf_name(path) -> str:
@@ -71,22 +80,6 @@ def _state_template(config: RWKVXConfig, batch: int, cache_size, cache_kind) -> 
         init_decode_state, config, batch, cache_size, flat_cache=cache_kind == "flat"
     )
     return jax.eval_shape(build)
-
-
-def _write_atomically(path: str, write) -> None:
-    """Calls write(binary file) on a temporary file beside `path`, then renames it to `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-state-", dir=directory)
-    try:
-        tmp = os.path.join(staging, os.path.basename(path))
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_state(
@@ -148,7 +141,12 @@ def save_state(
     except TypeError as err:
         raise TypeError(f"save_state: extra must be JSON-serialisable ({err})") from None
     arrays[METADATA_KEY] = np.frombuffer(blob, np.uint8)
-    _write_atomically(path, lambda f: np.savez(f, **arrays))
+
+    def write(staged: str) -> None:
+        with open(staged, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+
+    write_atomically(path, write)
 
 
 # What numpy / zipfile raise on a damaged or foreign file.

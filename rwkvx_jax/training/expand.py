@@ -12,7 +12,6 @@ Two ways to start a new block `moba_{j}`:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 
 from rwkvx_jax.config import ConfigError, RWKVXConfig
 from rwkvx_jax.model import block_name
-from rwkvx_jax.sparse_attention import SparseBlock
+from rwkvx_jax.sparse.block import SparseBlock
 
 EXPAND_INITS = ("copy", "zero")
 # Tensors a new sparse block takes from its source RWKV block under "copy".
@@ -131,38 +130,3 @@ def expand_params(
         dtype = np.asarray(_get(source, COPIED[0])).dtype
         expanded[block_name("attn", j)] = jax.tree.map(lambda a, d=dtype: a.astype(d), new)
     return expanded
-
-
-def load_checkpoint_params(path: str | os.PathLike) -> tuple[RWKVXConfig, dict]:
-    """(config, params) from an official `.pth` or a checkpoint directory (`save_params`)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        from rwkvx_jax.checkpoint import load_params
-
-        return load_params(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint (a .pth file or a params directory)")
-    from rwkvx_jax.convert import config_from_state_dict, params_from_state_dict
-    from rwkvx_jax.pth_io import read_pth
-
-    state_dict = read_pth(path)
-    config = config_from_state_dict(state_dict)
-    return config, params_from_state_dict(state_dict, config, "float32")
-
-
-def expand_checkpoint(
-    path: str | os.PathLike, n_attn_layer: int, init: str = "copy", **config_overrides
-) -> tuple[RWKVXConfig, dict]:
-    """Loads a RWKV-7 checkpoint and expands it to an RWKV-X with `n_attn_layer` sparse blocks.
-
-    Args:
-      path: official RWKV-7 `.pth` or a converted checkpoint directory.
-      n_attn_layer: A, sparse blocks to insert (n_rwkv_layer must be divisible by it).
-      init: "copy" or "zero".
-      **config_overrides: other target fields (chunk_size, top_k, dtype, ...).
-    """
-    source, params = load_checkpoint_params(path)
-    if source.n_attn_layer:
-        raise ConfigError(f"{path} already has {source.n_attn_layer} sparse blocks")
-    config = source.replace(n_attn_layer=n_attn_layer, **config_overrides)
-    return config, expand_params(params, config, init)

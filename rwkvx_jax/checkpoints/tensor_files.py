@@ -14,15 +14,15 @@ import io
 import json
 import os
 import pickle
-import shutil
 import struct
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
+
+from rwkvx_jax.atomic_files import write_atomically
 
 
 class CheckpointFormatError(ValueError):
@@ -181,23 +181,6 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(result)
 
 
-def _atomic_write(path: str, write) -> None:
-    """Calls write(tmp_path) then renames tmp_path to path; on failure nothing is left behind.
-
-    The temporary file keeps the final file name inside a temporary directory, because
-    `torch.save` names the archive inside the zip after the file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
-    tmp = os.path.join(staging, os.path.basename(path))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def write_pth(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
     """Writes a state dict with `torch.save` (needs torch: `pip install rwkvx-jax[torch]`).
 
@@ -219,7 +202,7 @@ def write_pth(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> 
         return torch.from_numpy(np.ascontiguousarray(array))
 
     tensors = OrderedDict((k, to_torch(v)) for k, v in state_dict.items())
-    _atomic_write(os.fspath(path), lambda tmp: torch.save(tensors, tmp))
+    write_atomically(path, lambda tmp: torch.save(tensors, tmp))
 
 
 _SAFETENSORS_DTYPES = {
@@ -266,7 +249,7 @@ def write_safetensors(
             for blob in blobs:
                 f.write(blob)
 
-    _atomic_write(os.fspath(path), write)
+    write_atomically(path, write)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:

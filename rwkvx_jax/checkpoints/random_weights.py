@@ -11,8 +11,12 @@ from collections import OrderedDict
 import ml_dtypes
 import numpy as np
 
-from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.convert import layout
+from rwkvx_jax.checkpoints.official_layout import layout, params_from_state_dict
+from rwkvx_jax.config import RWKVXConfig, preset
+
+# The `--demo` model of the command lines: the `tiny` preset (byte vocabulary), seeded.
+DEMO_PRESET = "tiny"
+DEMO_SEED = 0
 
 
 def _draw(rng: np.random.Generator, key: str, shape: tuple[int, ...], n_embd: int) -> np.ndarray:
@@ -62,3 +66,9 @@ def random_state_dict(config: RWKVXConfig, seed: int = 0, dtype="float32") -> Or
     for entry in layout(config):
         out[entry.key] = _draw(rng, entry.key, entry.shape, config.n_embd).astype(np_dtype)
     return out
+
+
+def demo_model(seed: int = DEMO_SEED) -> tuple[RWKVXConfig, dict]:
+    """The `--demo` model: the `tiny` preset (byte vocabulary) with seeded random weights."""
+    config = preset(DEMO_PRESET)
+    return config, params_from_state_dict(random_state_dict(config, seed), config)

@@ -2,7 +2,7 @@
 
 Semantics (SPEC §6): prefill of T tokens followed by n steps gives the logits of one parallel
 forward over T + n tokens, as long as no sequence outgrows the KV cache (`cache_size`); past
-it, chunks are evicted (see `rwkvx_jax.kv_cache`) and time and memory per token stay fixed.
+it, chunks are evicted (see `rwkvx_jax.sparse.kv_cache`) and time and memory per token stay fixed.
 
 Batches hold sequences of different lengths: prompts are right-padded and each row says how
 many tokens are real; padding never enters any state, so it never changes any output.
@@ -19,17 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkvx_jax.config import ConfigError, RWKVXConfig
-from rwkvx_jax.decode_state import DecodeState, cache_slots, init_decode_state
-from rwkvx_jax.decode_weights import (
+from rwkvx_jax.decoding.sampling import (
+    SamplerState,
+    SamplingConfig,
+    init_sampler_state,
+    is_stop,
+    sample,
+)
+from rwkvx_jax.decoding.weights import (
     DecodeWeights,
     check_kernel_layout,
     dense_layout,
     prepare_decode_weights,
 )
-from rwkvx_jax.kv_cache import EVICTION_POLICIES
-from rwkvx_jax.model import RWKVX
-from rwkvx_jax.official_attention import FlatKVCache, OfficialAttention
-from rwkvx_jax.sampling import SamplerState, SamplingConfig, init_sampler_state, is_stop, sample
+from rwkvx_jax.model import RWKVX, DecodeState, init_decode_state
+from rwkvx_jax.sparse.kv_cache import EVICTION_POLICIES, cache_slots
+from rwkvx_jax.sparse.official import FlatKVCache, OfficialAttention
 
 # Default cache: this many chunks per sparse block and sequence (32K tokens at chunk 2048).
 DEFAULT_CACHE_CHUNKS = 16
@@ -44,18 +49,18 @@ class DecodeConfig:
     Attributes:
       cache_size: tokens of keys/values kept per sparse block and sequence (a multiple of the
         chunk size, >= top_k chunks). None: 16 chunks.
-      eviction: "distinct" (default) or "oldest"; see `rwkvx_jax.kv_cache`.
+      eviction: "distinct" (default) or "oldest"; see `rwkvx_jax.sparse.kv_cache`.
       prefill_chunk: tokens per prefill piece (bounds prefill memory). None: the largest whole
         number of attention chunks not above 512 tokens (one chunk if the chunk is larger).
       attention_mode: "train" (default: the training semantics, SPEC §4/§6) or "official"
-        (reproduces `rwkv_x.model_old` inference, see `rwkvx_jax.official_attention`; then
+        (reproduces `rwkv_x.model_old` inference, see `rwkvx_jax.sparse.official`; then
         `cache_size` is a hard capacity, each prefill is one call, and `official` holds the
         official runtime's settings).
       official: settings of the official mode.
       kernel_layout: how the decoder stores the dense kernels it reads every token:
         "auto" (default: "out_in" on CPU, "in_out" elsewhere), "in_out" (as trained) or
         "out_in" (a transposed copy, faster matrix-vector products on CPU; see
-        `rwkvx_jax.decode_weights`).
+        `rwkvx_jax.decoding.weights`).
     """
 
     cache_size: int | None = None
@@ -83,7 +88,7 @@ class DecodeConfig:
         chunk = config.chunk_size
         cache = self.cache_size or DEFAULT_CACHE_CHUNKS * chunk
         if config.n_attn_layer and self.attention_mode == "train":
-            cache_slots(config, cache)  # raises with the reason if the size is unusable
+            cache_slots(cache, chunk, config.top_k)  # raises with the reason if unusable
         piece = self.prefill_chunk or max(1, DEFAULT_PREFILL_TOKENS // chunk) * chunk
         return dataclasses.replace(self, cache_size=cache, prefill_chunk=piece)
 
@@ -150,7 +155,7 @@ class Decoder:
         self.config = config
         self.decode_config = (decode_config or DecodeConfig()).resolve(config)
         dc = self.decode_config
-        # The weights the compiled functions take: see `rwkvx_jax.decode_weights`.
+        # The weights the compiled functions take: see `rwkvx_jax.decoding.weights`.
         self.weights = prepare_decode_weights(params, dc.kernel_layout)
         self.official = dc.attention_mode == "official"
         policy = dc.official if self.official else dc.eviction

@@ -1,0 +1,70 @@
+"""What a finished run leaves for inference: exported params, an official .pth, a sample."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from rwkvx_jax.config import RWKVXConfig
+from rwkvx_jax.training.config import SampleConfig, TrainConfig
+
+Log = Callable[[str], None]
+
+
+def host_params(params) -> dict:
+    """Params as host numpy arrays (gathered across processes when sharded over hosts)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def export_params(workdir: str, model_config: RWKVXConfig, params, config: TrainConfig, log: Log):
+    """Writes `export/params` (inference format) and `export/model.pth` (if torch is present)."""
+    from rwkvx_jax.checkpoints.directory import save_params
+
+    params = host_params(params)
+    export_dir = os.path.join(workdir, "export")
+    if jax.process_index() != 0:
+        return export_dir
+    params_dir = os.path.join(export_dir, "params")
+    metadata = {
+        "source": f"train.py recipe {config.name}, step {config.steps}",
+        "source_dtype": model_config.param_dtype,
+    }
+    save_params(params_dir, model_config, params, metadata, overwrite=True)
+    log(f"exported params to {params_dir}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        log("torch is not installed: skipped the official .pth export (pip install torch)")
+        return export_dir
+    from rwkvx_jax.checkpoints.conversion import export_pth
+
+    pth = os.path.join(export_dir, "model.pth")
+    export_pth(params_dir, pth)
+    log(f"exported the official .pth to {pth}")
+    return export_dir
+
+
+def sample_text(model_config: RWKVXConfig, params, sample: SampleConfig) -> str:
+    """A sampled continuation of `sample.prompt` (its temperature, top-p and seed; the
+    tokenizer of the model's vocabulary: bytes for 256, else RWKV World)."""
+    from rwkvx_jax.decoding.decoder import DecodeConfig
+    from rwkvx_jax.decoding.sampling import SamplingConfig
+    from rwkvx_jax.decoding.text import TextGenerator
+    from rwkvx_jax.tokenizer import tokenizer_for_vocab
+
+    tokenizer = tokenizer_for_vocab(model_config.vocab_size)
+    n_prompt = len(tokenizer.encode(sample.prompt))
+    # One prefill piece just covering the prompt: the decoder's default piece (512 tokens)
+    # compiles for minutes on CPU for a handful of prompt tokens.
+    chunk = model_config.chunk_size
+    piece = DecodeConfig(prefill_chunk=chunk * max(1, -(-n_prompt // chunk)))
+    generator = TextGenerator(model_config, host_params(params), piece, tokenizer=tokenizer)
+    sampling = SamplingConfig(temperature=sample.temperature, top_p=sample.top_p, seed=sample.seed)
+    return generator.generate([sample.prompt], sampling, sample.tokens)[0]

@@ -1,0 +1,235 @@
+"""`train`: resume or start a run, step it with a NaN/inf guard, log, checkpoint, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from rwkvx_jax import sharding as shd
+from rwkvx_jax.atomic_files import write_text_atomically
+from rwkvx_jax.checkpoints.train_state import CheckpointStore, TrainState
+from rwkvx_jax.config import RWKVXConfig
+from rwkvx_jax.training.aot import describe_memory
+from rwkvx_jax.training.config import TrainConfig
+from rwkvx_jax.training.corpus import load_corpus
+from rwkvx_jax.training.export import export_params
+from rwkvx_jax.training.flops import measure_peak_flops, training_flops_per_token
+from rwkvx_jax.training.initial_params import initial_params, resumed_model_config
+from rwkvx_jax.training.metrics import MetricsLog
+from rwkvx_jax.training.program import TrainProgram
+
+Log = Callable[[str], None]
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the state of that step was not saved."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns: the final state and the loss of every step it ran."""
+
+    model_config: RWKVXConfig
+    state: TrainState
+    start_step: int
+    final_step: int
+    losses: dict[int, float]
+    export_dir: str | None
+    workdir: str
+
+
+def _device_metrics(metrics) -> dict:
+    return {k: (bool(v) if k == "finite" else float(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def train(
+    config: TrainConfig,
+    *,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    log: Log | None = None,
+) -> TrainResult:
+    """Trains `config` in `config.workdir`, resuming from its latest checkpoint if any.
+
+    Raises:
+      NonFiniteError: a step's loss or gradient norm was NaN/inf. Nothing from that step on is
+        saved; the checkpoints already written stay, and re-running resumes from the last one.
+      TrainConfigError: inconsistent settings, missing corpus or checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    primary = jax.process_index() == 0
+    log = log or (lambda text: tqdm.write(text) if primary else None)
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh or shd.make_mesh(config.mesh)
+    store = CheckpointStore(
+        os.path.join(workdir, "checkpoints"),
+        config.checkpoint.every,
+        config.checkpoint.keep,
+        config.checkpoint.async_save,
+    )
+    resume_step = store.latest_step()
+    model_config_path = os.path.join(workdir, "model_config.json")
+    init_params = None
+    if resume_step is not None and os.path.isfile(model_config_path):
+        with open(model_config_path) as f:
+            stored = RWKVXConfig.from_json(f.read())
+        model_config = resumed_model_config(config, stored)
+    elif resume_step is not None:
+        model_config = config.model
+    else:
+        model_config, init_params = initial_params(config, log)
+    if primary:
+        write_text_atomically(os.path.join(workdir, "train_config.json"), config.to_json() + "\n")
+        write_text_atomically(model_config_path, model_config.to_json() + "\n")
+    _check_schedule(config, log)
+
+    program = TrainProgram.create(config, model_config, mesh)
+    tokens = load_corpus(config.data, model_config.vocab_size)
+    from rwkvx_jax.data import make_train_iterator
+
+    iterator = make_train_iterator(
+        tokens,
+        ctx=config.data.ctx,
+        batch_size=program.host_batch_size,
+        seed=config.seed,
+        order=config.data.order,
+        prefetch=config.data.prefetch,
+    )
+    if resume_step is not None:
+        state = store.restore(resume_step, program.abstract_state_with_shardings(), iterator)
+        start_step = int(jax.device_get(state["step"]))
+        log(f"resumed from {workdir}/checkpoints step {start_step}")
+    else:
+        state = program.init_state(init_params)
+        start_step = 0
+    del init_params
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state["params"]))
+    n_trainable = sum(
+        int(np.prod(x.shape))
+        for x, t in zip(
+            jax.tree.leaves(program.abstract_state["params"]),
+            jax.tree.leaves(program.trainable),
+            strict=True,
+        )
+        if t
+    )
+    tokens_per_step = config.data.batch_size * config.data.ctx
+    flops_per_step = tokens_per_step * training_flops_per_token(
+        model_config, program.abstract_state["params"], config.data.ctx
+    )
+    peak = measure_peak_flops(mesh, model_config.dtype)
+    log(
+        f"{config.name}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained, "
+        f"stage {config.stage}), mesh {dict(mesh.shape)}, batch {config.data.batch_size} x ctx "
+        f"{config.data.ctx}, {len(tokens):,} corpus tokens, peak matmul "
+        f"{peak / 1e9:.1f} GFLOP/s ({model_config.dtype})"
+    )
+    if start_step < config.steps:
+        compile_start = time.perf_counter()
+        compiled = program.compile(config.data.ctx)
+        log(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s")
+        log(describe_memory(compiled))
+    else:
+        log(f"the run already reached step {config.steps}; raise --steps to train further")
+
+    metrics_log = MetricsLog(workdir, start_step, enabled=primary)
+    if primary and not metrics_log.has_tensorboard:
+        log("tensorboardX is not installed: metrics go to metrics.jsonl only")
+    losses: dict[int, float] = {}
+    bar = tqdm(
+        total=config.steps, initial=start_step, desc=config.name, unit="step",
+        disable=not (progress and primary), dynamic_ncols=True,
+    )  # fmt: skip
+    pending: list[tuple[int, Any]] = []
+    last_done = {"time": time.perf_counter()}
+    last_saved = resume_step
+
+    def resolve(step: int, device_metrics) -> None:
+        values = _device_metrics(device_metrics)
+        now = time.perf_counter()
+        seconds, last_done["time"] = now - last_done["time"], now
+        if not values["finite"]:
+            saved = "none" if last_saved is None else f"step {last_saved}"
+            raise NonFiniteError(
+                f"step {step}: loss {values['loss']}, grad norm {values['grad_norm']} is not "
+                f"finite; stopped without saving this state. Last good checkpoint: {saved} in "
+                f"{workdir}/checkpoints (re-running resumes from it; lower optimizer.lr or "
+                "check the data first)."
+            )
+        losses[step] = values["loss"]
+        tokens_per_s = tokens_per_step / seconds
+        mfu = flops_per_step / seconds / peak
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            record = {
+                "step": step, "loss": values["loss"], "grad_norm": values["grad_norm"],
+                "lr": values["lr"], "tokens_per_s": tokens_per_s, "mfu": mfu,
+                "step_s": seconds,
+            }  # fmt: skip
+            metrics_log.write(record)
+            bar.set_postfix(
+                loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}"
+            )
+
+    def flush() -> None:
+        while pending:
+            resolve(*pending.pop(0))
+
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            batch = program.global_batch(next(iterator)["tokens"])
+            state, metrics = program.step(state, batch)
+            pending.append((step, metrics))
+            # Read step s-1's metrics while step s runs: one step stays in flight.
+            while len(pending) > 1:
+                resolve(*pending.pop(0))
+            if store.due(step, config.steps):
+                flush()
+                store.save(step, state, iterator)
+                last_saved = step
+        flush()
+    except BaseException:
+        bar.close()
+        store.close()
+        metrics_log.plot()
+        metrics_log.close()
+        raise
+    bar.close()
+    store.close()
+    plot = metrics_log.plot()
+    metrics_log.close()
+    if primary:
+        drawn = f"loss curve: {plot}" if plot else "no loss curve (pip install matplotlib)"
+        log(f"{drawn}; metrics: {metrics_log.path}")
+    export_dir = None
+    if config.checkpoint.export:
+        export_dir = export_params(workdir, model_config, state["params"], config, log)
+    return TrainResult(
+        model_config=model_config,
+        state=state,
+        start_step=start_step,
+        final_step=config.steps,
+        losses=losses,
+        export_dir=export_dir,
+        workdir=workdir,
+    )
+
+
+def _check_schedule(config: TrainConfig, log: Log) -> None:
+    opt = config.optimizer
+    updates = config.steps // opt.grad_accum_steps
+    if opt.schedule == "cosine" and opt.total_steps is not None and opt.total_steps != updates:
+        log(
+            f"note: optimizer.total_steps={opt.total_steps} but the run makes {updates} "
+            "optimizer updates; the cosine ends at total_steps"
+        )
