@@ -185,17 +185,18 @@ STAGES = {
 
 def _stage_calls(schedule, cfg, hx, dy, ds):
     """{stage: (jitted fn, args)} of one schedule's kernels, on inputs the earlier stages made."""
-    from pallas_kernels.wkv7 import gpu_chunk_parallel as cp
-    from pallas_kernels.wkv7 import gpu_factored as fa
+    from pallas_kernels.wkv7.experimental import chunk_parallel as cp
+    from pallas_kernels.wkv7.experimental import factored as fa
+    from pallas_kernels.wkv7.experimental.chunk_grid import gradient_call
 
     s0 = jnp.zeros_like(ds)
     if schedule == "factored":
         fns = {
-            "fwd terms": jax.jit(lambda x: fa._forward_terms_call(cfg, x)),
-            "pass": jax.jit(lambda t, v, s: fa._forward_pass_call(cfg, t, v, s, save_starts=True)),
-            "bwd terms": jax.jit(lambda x: fa._backward_terms_call(cfg, x)),
-            "reverse pass": jax.jit(lambda t, g, s: fa._reverse_pass_call(cfg, t, g, s)),
-            "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
+            "fwd terms": jax.jit(lambda x: fa.forward_terms_call(cfg, x)),
+            "pass": jax.jit(lambda t, v, s: fa.forward_pass_call(cfg, t, v, s, save_starts=True)),
+            "bwd terms": jax.jit(lambda x: fa.backward_terms_call(cfg, x)),
+            "reverse pass": jax.jit(lambda t, g, s: fa.reverse_pass_call(cfg, t, g, s)),
+            "gradients": jax.jit(lambda x, g, st, en: gradient_call(cfg, x, g, st, en)),
         }
         terms, terms_b = fns["fwd terms"](hx), fns["bwd terms"](hx)
         starts = fns["pass"](terms, hx[3], s0)[2]
@@ -209,12 +210,12 @@ def _stage_calls(schedule, cfg, hx, dy, ds):
         }
     else:
         fns = {
-            "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
-            "scan": jax.jit(lambda m, d, s: cp._scan(cfg, m, d, s, reverse=False)),
-            "outputs": jax.jit(lambda y0, q, starts: cp._output_call(cfg, y0, q, starts)),
-            "bwd terms": jax.jit(lambda x, g: cp._backward_terms_call(cfg, x, g)),
-            "reverse scan": jax.jit(lambda m, e, s: cp._scan(cfg, m, e, s, reverse=True)),
-            "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
+            "fwd terms": jax.jit(lambda x: cp.forward_terms_call(cfg, x)),
+            "scan": jax.jit(lambda m, d, s: cp.scan_maps(cfg, m, d, s, reverse=False)),
+            "outputs": jax.jit(lambda y0, q, starts: cp.output_call(cfg, y0, q, starts)),
+            "bwd terms": jax.jit(lambda x, g: cp.backward_terms_call(cfg, x, g)),
+            "reverse scan": jax.jit(lambda m, e, s: cp.scan_maps(cfg, m, e, s, reverse=True)),
+            "gradients": jax.jit(lambda x, g, st, en: gradient_call(cfg, x, g, st, en)),
         }
         maps, drive, q, y0 = fns["fwd terms"](hx)
         starts = fns["scan"](maps, drive, s0)[1]

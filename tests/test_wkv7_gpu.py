@@ -189,7 +189,7 @@ def test_bf16_dots_match_reference(schedule):
 def test_bf16_parts_keep_sixteen_bits():
     """hi + lo, both bf16, rebuild x to within 2^-16 |x| (the bf16x3 exact dots' operands)."""
     x = jax.random.normal(jax.random.PRNGKey(13), (4096,)) * jnp.exp(jnp.arange(4096) % 40 - 20.0)
-    hi, lo = gpu_chunk._bf16_parts(x)
+    hi, lo = gpu_chunk.bf16_parts(x)
     assert hi.dtype == lo.dtype == jnp.bfloat16
     rebuilt = np.asarray(hi).astype(np.float64) + np.asarray(lo).astype(np.float64)
     err = np.abs(rebuilt - np.asarray(x, np.float64)) / np.abs(np.asarray(x))
@@ -576,12 +576,12 @@ def test_schedules_agree():
 def test_scan_group_products_follow_the_exact_dot_precision():
     """XLA's map products for scan groups: IEEE fp32, or the kernels' hi / lo bf16 split with
     exact_dot_precision="bf16x3" (so grouping does not change the precision plan)."""
-    from pallas_kernels.wkv7.gpu_chunk_parallel import _mm
+    from pallas_kernels.wkv7.experimental.chunk_grid import exact_matmul
 
     keys = jax.random.split(jax.random.PRNGKey(14), 2)
     x, y = jax.random.normal(keys[0], (3, 16, 64)), jax.random.normal(keys[1], (3, 64, 64))
     exact = np.einsum("bij,bjk->bik", np.asarray(x, np.float64), np.asarray(y, np.float64))
-    errors = {p: _rel(_mm(x, y, p), exact) for p in ("highest", "bf16x3")}
+    errors = {p: _rel(exact_matmul(x, y, p), exact) for p in ("highest", "bf16x3")}
     # Measured 2.5e-7 (fp32) and 5.4e-6 (split; a single bf16 pass gives 2.6e-3).
     assert errors["highest"] < 1e-6 < errors["bf16x3"] < 5e-5, errors
 

@@ -3,14 +3,14 @@ and their validation.
 
 Three schedules run the same chunk maths (`gpu_chunk`), forward and chunk-reverse backward
 under one custom VJP each:
-- "sequential" (`gpu_sequential`): one program per (batch x head, value tile) walks its
-  sequence's chunks in order, the whole chunk maths on its critical path;
-- "chunk_parallel" (`gpu_chunk_parallel`): the chunk maths in parallel over chunks, then an
-  N x N affine map of the state per chunk in order;
-- "factored" (`gpu_factored`): the chunk maths in parallel, then a pass in order through each
-  chunk's rank-C factors.
-All three follow one dot precision plan (`gpu_chunk._Dots`: which dots may round their operands
-and which stay near-fp32 because their errors compound over T).
+- "sequential" (`gpu_sequential`, the default): one program per (batch x head, value tile)
+  walks its sequence's chunks in order, the whole chunk maths on its critical path;
+- "chunk_parallel" (`experimental.chunk_parallel`): the chunk maths in parallel over chunks,
+  then an N x N affine map of the state per chunk in order;
+- "factored" (`experimental.factored`): the chunk maths in parallel, then a pass in order
+  through each chunk's rank-C factors.
+All three follow one dot precision plan (`gpu_chunk.DotPlan`: which dots may round their
+operands and which stay near-fp32 because their errors compound over T).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.wkv7.gpu_chunk import _Config
-from pallas_kernels.wkv7.gpu_chunk_parallel import wkv7_heads_chunk_parallel
-from pallas_kernels.wkv7.gpu_factored import wkv7_tokens_factored
+from pallas_kernels.wkv7.experimental.chunk_parallel import wkv7_heads_chunk_parallel
+from pallas_kernels.wkv7.experimental.factored import wkv7_tokens_factored
+from pallas_kernels.wkv7.gpu_chunk import KernelConfig
 from pallas_kernels.wkv7.gpu_sequential import wkv7_heads_sequential
 from pallas_kernels.wkv7.reference import check_wkv7_shapes
 
 DOT_PRECISIONS = ("highest", "tf32x3", "bf16")
 EXACT_DOT_PRECISIONS = ("highest", "tf32x3", "bf16x3")
 # "sequential": one program per (batch x head, value tile) walks the chunks (gpu_sequential);
-# "chunk_parallel": the chunk work in parallel, an N x N scan in order (gpu_chunk_parallel);
-# "factored": the chunk work in parallel, then a pass in order through each chunk's rank-C
-# factors (gpu_factored).
+# "chunk_parallel": the chunk work in parallel, an N x N scan in order
+# (experimental.chunk_parallel); "factored": the chunk work in parallel, then a pass in order
+# through each chunk's rank-C factors (experimental.factored).
 SCHEDULES = ("sequential", "chunk_parallel", "factored")
 # The schedules whose backward runs the chunk-parallel gradient kernel (gradient_value_tile).
 CHUNK_GRADIENT_SCHEDULES = ("chunk_parallel", "factored")
@@ -249,11 +249,11 @@ def wkv7_gpu(
         schedule: static; "sequential" (one program per batch x head and value tile walks
             the chunks, the whole chunk maths on its critical path), "chunk_parallel" (the
             chunk maths in parallel over chunks, only an N x N affine map of the state per
-            chunk in order; see `gpu_chunk_parallel`), "factored" (the chunk maths in
+            chunk in order; see `experimental.chunk_parallel`), "factored" (the chunk maths in
             parallel, stored as [C, N] factors per chunk, then one pass in order that applies
-            them to the state and writes y; see `gpu_factored`), or None: `DEFAULT_SCHEDULE`
-            ("sequential"). Same maths and dot precision plan; with "chunk_parallel" /
-            "factored", value_tile applies to the state scans / passes.
+            them to the state and writes y; see `experimental.factored`), or None:
+            `DEFAULT_SCHEDULE` ("sequential"). Same maths and dot precision plan; with
+            "chunk_parallel" / "factored", value_tile applies to the state scans / passes.
         num_warps: static; Triton warps per program, every kernel of the call, or None: the
             schedule's default (4 sequential, 8 chunk-parallel and factored).
         gradient_value_tile: static, "chunk_parallel" / "factored" only; the state rows per
@@ -340,9 +340,9 @@ def resolve_config(
         n_chunks = None if seq_len is None else -(-seq_len // chunk_size)
         programs = programs_per_tile * (n // value_tile)
         segments = _auto_segments(programs, n_chunks, target) if schedule == "factored" else 1
-    cfg = _Config(
-        chunk_size, value_tile, bool(interpret), dot_precision, exact_dot_precision, num_warps,
-        gradient_tile, scan_group, segments,
+    cfg = KernelConfig(
+        schedule, chunk_size, value_tile, bool(interpret), dot_precision, exact_dot_precision,
+        num_warps, gradient_tile, scan_group, segments,
     )  # fmt: skip
     return schedule, cfg
 
