@@ -99,12 +99,15 @@ def kernel_for(impl: str):
     if name != "pallas" or accelerator_backend() != "gpu":
         raise ValueError(f"unknown implementation {impl!r} on {jax.default_backend()}")
     from pallas_kernels.wkv7.gpu import wkv7_gpu
+    from pallas_kernels.wkv7.gpu_options import GpuOptions
 
-    return functools.partial(wkv7_gpu, interpret=interpret, **impl_options(impl))
+    options = GpuOptions(**impl_options(impl))
+    return functools.partial(wkv7_gpu, options=options, interpret=interpret)
 
 
 def impl_options(impl: str) -> dict:
-    """The keyword options of "pallas@KEY=VALUE,...": {KEY: VALUE}, digits as ints."""
+    """The GPU kernel's options (`GpuOptions` fields) of "pallas@KEY=VALUE,...": {KEY: VALUE},
+    digits as ints."""
     options = {}
     for item in filter(None, impl.partition("@")[2].split(",")):
         key, _, value = item.partition("=")
@@ -183,14 +186,14 @@ STAGES = {
 }
 
 
-def _stage_calls(schedule, cfg, hx, dy, ds):
-    """{stage: (jitted fn, args)} of one schedule's kernels, on inputs the earlier stages made."""
+def _stage_calls(cfg, hx, dy, ds):
+    """{stage: (jitted fn, args)} of cfg.schedule's kernels, on inputs the earlier stages made."""
     from pallas_kernels.wkv7.experimental import chunk_parallel as cp
     from pallas_kernels.wkv7.experimental import factored as fa
     from pallas_kernels.wkv7.experimental.chunk_grid import gradient_call
 
     s0 = jnp.zeros_like(ds)
-    if schedule == "factored":
+    if cfg.schedule == "factored":
         fns = {
             "fwd terms": jax.jit(lambda x: fa.forward_terms_call(cfg, x)),
             "pass": jax.jit(lambda t, v, s: fa.forward_pass_call(cfg, t, v, s, save_starts=True)),
@@ -229,7 +232,7 @@ def _stage_calls(schedule, cfg, hx, dy, ds):
             "reverse scan": (maps_b, e, ds),
             "gradients": (hx, dy, starts, end_cots),
         }
-    return {name: (fns[name], args[name]) for name in STAGES[schedule]}
+    return {name: (fns[name], args[name]) for name in STAGES[cfg.schedule]}
 
 
 def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
@@ -244,21 +247,22 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     where the time goes.
     """
     from pallas_kernels.wkv7 import gpu
+    from pallas_kernels.wkv7.gpu_options import GpuOptions
 
     _, seq, heads, n = xs["r"].shape
-    schedule, cfg = gpu.resolve_config(
+    cfg = GpuOptions(**impl_options(impl)).resolve(
         n, heads, [(name, dtype) for name in "rwkvab"], seq_len=seq,
-        interpret=jax.default_backend() == "cpu", **impl_options(impl),
+        interpret=jax.default_backend() == "cpu",
     )  # fmt: skip
     # As wkv7_gpu lays them out: factored, token-major padded to chunk x segments; else
     # head-major padded to the chunk.
-    if schedule == "factored":
+    if cfg.schedule == "factored":
         layout = functools.partial(gpu.pad_tokens, multiple=cfg.chunk * cfg.segments)
     else:
         layout = functools.partial(gpu.head_major, chunk=cfg.chunk)
     hx = tuple(layout(xs[name].astype(dtype)) for name in "rwkvab")
     dy, ds = layout(xs["dy"]), xs["ds"].reshape(heads, n, n)
-    calls = _stage_calls(schedule, cfg, hx, dy, ds)
+    calls = _stage_calls(cfg, hx, dy, ds)
     return {name: median_ms(lambda f=fn, a=a: f(*a), repeats) for name, (fn, a) in calls.items()}
 
 

@@ -2,7 +2,8 @@
 
 Every schedule (`gpu_sequential`, the default; `experimental.chunk_parallel` and
 `experimental.factored`) runs these per-chunk functions inside its kernels, under the dot
-precision plan `DotPlan` and the settings `KernelConfig` that `gpu.resolve_config` makes.
+precision plan `DotPlan` and the settings `KernelConfig` that `gpu_options.GpuOptions.resolve`
+makes.
 
 The maths is that of `xla_chunked` (chunk terms with exponents centred mid-chunk, the stable
 block-recursive (I - A_ab)^{-1}, the hand-derived chunk backward), written as 2-D dots that
@@ -121,10 +122,10 @@ class DotPlan:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """One call's static kernel settings, every option resolved (`gpu.resolve_config`);
+    """One call's static kernel settings, every option resolved (`GpuOptions.resolve`);
     hashable, since the schedules' custom VJPs take it as a nondiff argument."""
 
-    schedule: str  # which schedule's kernels run: gpu.SCHEDULES
+    schedule: str  # which schedule's kernels run: gpu_options.SCHEDULES
     chunk: int
     value_tile: int
     interpret: bool

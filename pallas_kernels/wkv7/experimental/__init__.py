@@ -14,8 +14,9 @@ against the oracle on the CPU in interpret mode, until `bench/wkv7_gpu_session.s
 them against the sequential schedule and fla; then one earns the default or they go.
 
 Select one through the GPU kernel's options, as any other setting:
-    pallas_kernels.wkv7.gpu.wkv7_gpu(r, w, k, v, a, b, state, schedule="factored")
-(or "pallas@schedule=chunk_parallel" in bench/wkv7.py's --impls). The default schedule,
-"sequential", and the chunk maths every schedule shares (`gpu_chunk`) live in
-`pallas_kernels.wkv7`.
+    pallas_kernels.wkv7.gpu.wkv7_gpu(r, w, k, v, a, b, state,
+                                     options=GpuOptions(schedule="factored"))
+(`pallas_kernels.wkv7.gpu_options.GpuOptions`; or "pallas@schedule=chunk_parallel" in
+bench/wkv7.py's --impls). The default schedule, "sequential", and the chunk maths every
+schedule shares (`gpu_chunk`) live in `pallas_kernels.wkv7`.
 """

@@ -25,7 +25,7 @@ SMs), each walking T / C chunks in order. `segments` = G > 1 cuts the sequence i
 walked in parallel: a carry pass over rows [zeros; identity] gives each part's map M_g and the
 state L_g it makes from zero (x_end = x_start M_g + L_g), XLA chains those into every part's
 start state, and the pass proper runs from them; the reverse pass likewise. Two walks of T / G
-chunks instead of one of T, for three times the pass work (`gpu.resolve_config` picks G).
+chunks instead of one of T, for three times the pass work (`gpu_options.auto_segments` picks G).
 
 Layout: the kernels read the inputs and dy and write y and the gradients token-major,
 [B, Tp, H, N], as `wkv7_gpu` takes and returns them, so no XLA transposes surround them (in
