@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 
 from pallas_kernels.wkv7.gpu import wkv7_gpu  # noqa: E402
+from pallas_kernels.wkv7.gpu_options import GpuOptions  # noqa: E402
 
 N = 64
 # The attributes after the IR in each Triton custom call's backend config (sorted by name).
@@ -59,7 +60,8 @@ _LAUNCH = re.compile(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d
 
 def kernel_sources(options: dict, seq_len: int, bh: int, dtype) -> dict[str, dict]:
     """{kernel name: {"ttir": text, "num_warps": w, "num_stages": s}} for the forward and the
-    gradient of `wkv7_gpu(**options)`, cross-lowered for CUDA (no GPU needed)."""
+    gradient of `wkv7_gpu` with `GpuOptions(**options)`, cross-lowered for CUDA (no GPU
+    needed)."""
     captured = []
     original = triton_lowering.lower_jaxpr_to_triton_module
 
@@ -69,7 +71,7 @@ def kernel_sources(options: dict, seq_len: int, bh: int, dtype) -> dict[str, dic
         return result
 
     token = jax.ShapeDtypeStruct((1, seq_len, bh, N), dtype)
-    kernel = functools.partial(wkv7_gpu, **options)
+    kernel = functools.partial(wkv7_gpu, options=GpuOptions(**options))
 
     def loss(*xs):
         y, s = kernel(*xs)

@@ -99,12 +99,15 @@ def kernel_for(impl: str):
     if name != "pallas" or accelerator_backend() != "gpu":
         raise ValueError(f"unknown implementation {impl!r} on {jax.default_backend()}")
     from pallas_kernels.wkv7.gpu import wkv7_gpu
+    from pallas_kernels.wkv7.gpu_options import GpuOptions
 
-    return functools.partial(wkv7_gpu, interpret=interpret, **impl_options(impl))
+    options = GpuOptions(**impl_options(impl))
+    return functools.partial(wkv7_gpu, options=options, interpret=interpret)
 
 
 def impl_options(impl: str) -> dict:
-    """The keyword options of "pallas@KEY=VALUE,...": {KEY: VALUE}, digits as ints."""
+    """The GPU kernel's options (`GpuOptions` fields) of "pallas@KEY=VALUE,...": {KEY: VALUE},
+    digits as ints."""
     options = {}
     for item in filter(None, impl.partition("@")[2].split(",")):
         key, _, value = item.partition("=")
@@ -183,19 +186,20 @@ STAGES = {
 }
 
 
-def _stage_calls(schedule, cfg, hx, dy, ds):
-    """{stage: (jitted fn, args)} of one schedule's kernels, on inputs the earlier stages made."""
-    from pallas_kernels.wkv7 import gpu_chunk_parallel as cp
-    from pallas_kernels.wkv7 import gpu_factored as fa
+def _stage_calls(cfg, hx, dy, ds):
+    """{stage: (jitted fn, args)} of cfg.schedule's kernels, on inputs the earlier stages made."""
+    from pallas_kernels.wkv7.experimental import chunk_parallel as cp
+    from pallas_kernels.wkv7.experimental import factored as fa
+    from pallas_kernels.wkv7.experimental.chunk_grid import gradient_call
 
     s0 = jnp.zeros_like(ds)
-    if schedule == "factored":
+    if cfg.schedule == "factored":
         fns = {
-            "fwd terms": jax.jit(lambda x: fa._forward_terms_call(cfg, x)),
-            "pass": jax.jit(lambda t, v, s: fa._forward_pass_call(cfg, t, v, s, save_starts=True)),
-            "bwd terms": jax.jit(lambda x: fa._backward_terms_call(cfg, x)),
-            "reverse pass": jax.jit(lambda t, g, s: fa._reverse_pass_call(cfg, t, g, s)),
-            "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
+            "fwd terms": jax.jit(lambda x: fa.forward_terms_call(cfg, x)),
+            "pass": jax.jit(lambda t, v, s: fa.forward_pass_call(cfg, t, v, s, save_starts=True)),
+            "bwd terms": jax.jit(lambda x: fa.backward_terms_call(cfg, x)),
+            "reverse pass": jax.jit(lambda t, g, s: fa.reverse_pass_call(cfg, t, g, s)),
+            "gradients": jax.jit(lambda x, g, st, en: gradient_call(cfg, x, g, st, en)),
         }
         terms, terms_b = fns["fwd terms"](hx), fns["bwd terms"](hx)
         starts = fns["pass"](terms, hx[3], s0)[2]
@@ -209,12 +213,12 @@ def _stage_calls(schedule, cfg, hx, dy, ds):
         }
     else:
         fns = {
-            "fwd terms": jax.jit(lambda x: cp._forward_terms_call(cfg, x)),
-            "scan": jax.jit(lambda m, d, s: cp._scan(cfg, m, d, s, reverse=False)),
-            "outputs": jax.jit(lambda y0, q, starts: cp._output_call(cfg, y0, q, starts)),
-            "bwd terms": jax.jit(lambda x, g: cp._backward_terms_call(cfg, x, g)),
-            "reverse scan": jax.jit(lambda m, e, s: cp._scan(cfg, m, e, s, reverse=True)),
-            "gradients": jax.jit(lambda x, g, st, en: cp._gradient_call(cfg, x, g, st, en)),
+            "fwd terms": jax.jit(lambda x: cp.forward_terms_call(cfg, x)),
+            "scan": jax.jit(lambda m, d, s: cp.scan_maps(cfg, m, d, s, reverse=False)),
+            "outputs": jax.jit(lambda y0, q, starts: cp.output_call(cfg, y0, q, starts)),
+            "bwd terms": jax.jit(lambda x, g: cp.backward_terms_call(cfg, x, g)),
+            "reverse scan": jax.jit(lambda m, e, s: cp.scan_maps(cfg, m, e, s, reverse=True)),
+            "gradients": jax.jit(lambda x, g, st, en: gradient_call(cfg, x, g, st, en)),
         }
         maps, drive, q, y0 = fns["fwd terms"](hx)
         starts = fns["scan"](maps, drive, s0)[1]
@@ -228,7 +232,7 @@ def _stage_calls(schedule, cfg, hx, dy, ds):
             "reverse scan": (maps_b, e, ds),
             "gradients": (hx, dy, starts, end_cots),
         }
-    return {name: (fns[name], args[name]) for name in STAGES[schedule]}
+    return {name: (fns[name], args[name]) for name in STAGES[cfg.schedule]}
 
 
 def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
@@ -243,21 +247,22 @@ def stage_times(impl: str, xs, dtype, repeats) -> dict[str, float]:
     where the time goes.
     """
     from pallas_kernels.wkv7 import gpu
+    from pallas_kernels.wkv7.gpu_options import GpuOptions
 
     _, seq, heads, n = xs["r"].shape
-    schedule, cfg = gpu.resolve_config(
+    cfg = GpuOptions(**impl_options(impl)).resolve(
         n, heads, [(name, dtype) for name in "rwkvab"], seq_len=seq,
-        interpret=jax.default_backend() == "cpu", **impl_options(impl),
+        interpret=jax.default_backend() == "cpu",
     )  # fmt: skip
     # As wkv7_gpu lays them out: factored, token-major padded to chunk x segments; else
     # head-major padded to the chunk.
-    if schedule == "factored":
+    if cfg.schedule == "factored":
         layout = functools.partial(gpu.pad_tokens, multiple=cfg.chunk * cfg.segments)
     else:
         layout = functools.partial(gpu.head_major, chunk=cfg.chunk)
     hx = tuple(layout(xs[name].astype(dtype)) for name in "rwkvab")
     dy, ds = layout(xs["dy"]), xs["ds"].reshape(heads, n, n)
-    calls = _stage_calls(schedule, cfg, hx, dy, ds)
+    calls = _stage_calls(cfg, hx, dy, ds)
     return {name: median_ms(lambda f=fn, a=a: f(*a), repeats) for name, (fn, a) in calls.items()}
 
 

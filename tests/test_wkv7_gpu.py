@@ -1,5 +1,6 @@
 """The Pallas-Triton WKV-7 kernels: interpret mode vs the scan oracle, and CUDA cross-lowering."""
 
+import dataclasses
 import re
 from functools import partial
 from types import SimpleNamespace
@@ -11,13 +12,15 @@ import pytest
 from jax import lax
 from jax.extend import core as jex_core
 
-from pallas_kernels.wkv7 import gpu as gpu_module
-from pallas_kernels.wkv7 import gpu_chunk
-from pallas_kernels.wkv7.gpu import (
+from pallas_kernels.wkv7 import gpu_chunk, gpu_options
+from pallas_kernels.wkv7.experimental.chunk_grid import exact_matmul
+from pallas_kernels.wkv7.gpu import wkv7_gpu
+from pallas_kernels.wkv7.gpu_options import (
     CHUNK_GRADIENT_SCHEDULES,
     SCHEDULES,
-    _auto_value_tile,
-    wkv7_gpu,
+    GpuOptions,
+    auto_segments,
+    auto_value_tile,
 )
 from pallas_kernels.wkv7.reference import wkv7_reference
 
@@ -56,8 +59,13 @@ def _rel(x, ref):
     return float(np.max(np.abs(x - ref)) / np.max(np.abs(ref)))
 
 
-def _kernel(**kwargs):
-    return jax.jit(partial(wkv7_gpu, interpret=True, **kwargs))
+def _interpreted(**options):
+    """wkv7_gpu in interpret mode with GpuOptions(**options)."""
+    return partial(wkv7_gpu, options=GpuOptions(**options), interpret=True)
+
+
+def _kernel(**options):
+    return jax.jit(_interpreted(**options))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -113,7 +121,7 @@ def test_gradients_match_reference(seq, value_tile, with_state, schedule):
     args = (*xs, state) if with_state else xs
     argnums = tuple(range(len(args)))
     tiles = {"gradient_value_tile": value_tile} if schedule in CHUNK_GRADIENT_SCHEDULES else {}
-    kernel = partial(wkv7_gpu, interpret=True, value_tile=value_tile, schedule=schedule, **tiles)
+    kernel = _interpreted(value_tile=value_tile, schedule=schedule, **tiles)
     grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*args)
     grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*args)
     names = "r w k v a b state".split()[: len(args)]
@@ -154,7 +162,7 @@ def test_bf16_inputs(schedule):
     assert _rel(s_default, s_rounded) < BF16_TOL
 
     argnums = tuple(range(7))
-    kernel = partial(wkv7_gpu, interpret=True, dot_precision="highest", schedule=schedule)
+    kernel = _interpreted(dot_precision="highest", schedule=schedule)
     grads = jax.jit(jax.grad(_weighted_loss(kernel), argnums=argnums))(*xs_bf16, state)
     grads_ref = jax.grad(_weighted_loss(wkv7_reference), argnums=argnums)(*xs_rounded, state)
     for name, g, g_ref in zip("r w k v a b state".split(), grads, grads_ref, strict=True):
@@ -170,9 +178,7 @@ def test_bf16_inputs(schedule):
 def test_bf16_dots_match_reference(schedule):
     """dot_precision="bf16" on fp32 inputs: forward and every gradient within BF16_TOL."""
     xs, state = _inputs(8, 1, 40, 2, 32)
-    kernel = partial(
-        wkv7_gpu, interpret=True, dot_precision="bf16", value_tile=16, schedule=schedule
-    )
+    kernel = _interpreted(dot_precision="bf16", value_tile=16, schedule=schedule)
     y, s = jax.jit(kernel)(*xs, state)
     y_ref, s_ref = wkv7_reference(*xs, state)
     # Measured y 3.1e-3, state 1.3e-3; above TOL, so the bf16 dots are really used.
@@ -189,7 +195,7 @@ def test_bf16_dots_match_reference(schedule):
 def test_bf16_parts_keep_sixteen_bits():
     """hi + lo, both bf16, rebuild x to within 2^-16 |x| (the bf16x3 exact dots' operands)."""
     x = jax.random.normal(jax.random.PRNGKey(13), (4096,)) * jnp.exp(jnp.arange(4096) % 40 - 20.0)
-    hi, lo = gpu_chunk._bf16_parts(x)
+    hi, lo = gpu_chunk.bf16_parts(x)
     assert hi.dtype == lo.dtype == jnp.bfloat16
     rebuilt = np.asarray(hi).astype(np.float64) + np.asarray(lo).astype(np.float64)
     err = np.abs(rebuilt - np.asarray(x, np.float64)) / np.abs(np.asarray(x))
@@ -213,9 +219,7 @@ def test_split_bf16_exact_dots_do_not_drift(schedule, options):
     IEEE fp32)."""
     seq, window = 512, 128
     xs, state = _inputs(9, 1, seq, 1, 16, w_const=W_MAX)
-    kernel = partial(
-        wkv7_gpu, interpret=True, schedule=schedule, exact_dot_precision="bf16x3", **options
-    )
+    kernel = _interpreted(schedule=schedule, exact_dot_precision="bf16x3", **options)
     results = _outputs_and_gradients(kernel, xs, state)
     refs = _outputs_and_gradients(wkv7_reference, xs, state)
     errors = {name: _rel(results[name], ref) for name, ref in refs.items()}
@@ -243,7 +247,7 @@ def test_bf16_dots_do_not_drift(w_const, schedule):
     seq, window = 512, 128
     xs, state = _inputs(9, 1, seq, 1, 16, w_const=w_const)
     options = {"segments": 2} if schedule == "factored" else {}
-    kernel = partial(wkv7_gpu, interpret=True, dot_precision="bf16", schedule=schedule, **options)
+    kernel = _interpreted(dot_precision="bf16", schedule=schedule, **options)
     y, s = jax.jit(kernel)(*xs, state)
     y_ref, s_ref = jax.jit(wkv7_reference)(*xs, state)
     err = np.abs(np.asarray(y - y_ref))
@@ -295,12 +299,10 @@ def _highest(precision):
 def test_dot_precision_plan(dot_precision, exact_dot_precision, schedule):
     """Which kernel dots get which operands / precision (traced for the GPU, not interpret)."""
     xs, state = _inputs(10, 1, 32, 1, 16)
-    kernel = partial(
-        wkv7_gpu,
-        dot_precision=dot_precision,
-        exact_dot_precision=exact_dot_precision,
-        schedule=schedule,
+    options = GpuOptions(
+        dot_precision=dot_precision, exact_dot_precision=exact_dot_precision, schedule=schedule
     )
+    kernel = partial(wkv7_gpu, options=options)
     loss = _weighted_loss(kernel)
     fwd = _kernel_dots(jax.make_jaxpr(kernel)(*xs, state))
     both = _kernel_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 6)))(*xs, state))
@@ -340,15 +342,13 @@ def test_empty_sequence():
 def test_auto_segments():
     """Segments double while the factored passes run fewer than TARGET_PROGRAMS programs and
     each segment keeps MIN_SEGMENT_CHUNKS chunks."""
-    from pallas_kernels.wkv7.gpu import _auto_segments
-
-    assert _auto_segments(32, 1024) == 8  # B*H = 8, 16-row tiles, T = 16K: 256 programs
-    assert _auto_segments(32, None) == 8
-    assert _auto_segments(256, 1024) == 1  # enough programs already
-    assert _auto_segments(1, None) == 16  # MAX_SEGMENTS
-    assert _auto_segments(32, 64) == 2  # 64 chunks: two segments of 32
-    assert _auto_segments(32, 63) == 1
-    assert _auto_segments(32, 1024, target=108) == 4  # an A100's SMs
+    assert auto_segments(32, 1024) == 8  # B*H = 8, 16-row tiles, T = 16K: 256 programs
+    assert auto_segments(32, None) == 8
+    assert auto_segments(256, 1024) == 1  # enough programs already
+    assert auto_segments(1, None) == 16  # MAX_SEGMENTS
+    assert auto_segments(32, 64) == 2  # 64 chunks: two segments of 32
+    assert auto_segments(32, 63) == 1
+    assert auto_segments(32, 1024, target=108) == 4  # an A100's SMs
 
 
 def test_segments_match_reference():
@@ -358,9 +358,7 @@ def test_segments_match_reference():
     gradient within TOL of the oracle."""
     segments = 4
     xs, state = _inputs(15, 2, 100, 3, 32)
-    kernel = partial(
-        wkv7_gpu, interpret=True, schedule="factored", segments=segments, value_tile=16
-    )
+    kernel = _interpreted(schedule="factored", segments=segments, value_tile=16)
     results = _outputs_and_gradients(kernel, xs, state)
     refs = _outputs_and_gradients(wkv7_reference, xs, state)
     for name, ref in refs.items():
@@ -369,31 +367,30 @@ def test_segments_match_reference():
 
 
 def test_auto_value_tile():
-    assert _auto_value_tile(64, 4) == 16  # B * H = 4: split to the smallest tile
-    assert _auto_value_tile(64, 66) == 32
-    assert _auto_value_tile(64, 132) == 64  # enough programs with full rows
-    assert _auto_value_tile(64, 64, target=108) == 32  # an A100's SMs: 128 programs
-    assert _auto_value_tile(64, 64, target=64) == 64
+    assert auto_value_tile(64, 4) == 16  # B * H = 4: split to the smallest tile
+    assert auto_value_tile(64, 66) == 32
+    assert auto_value_tile(64, 132) == 64  # enough programs with full rows
+    assert auto_value_tile(64, 64, target=108) == 32  # an A100's SMs: 128 programs
+    assert auto_value_tile(64, 64, target=64) == 64
 
 
 def test_tiles_and_segments_follow_the_gpus_sm_count(monkeypatch):
     """Compiled on a GPU, the automatic value tile and segments fill its SMs (JAX's
     Device.core_count); interpreted or lowered without one, they fill an H100's 132."""
-    gpu = gpu_module
 
     def settings(**kw):  # (value tile, segments) at B*H = 8, T = 16K
         dtypes = [("r", jnp.bfloat16)]
-        _, cfg = gpu.resolve_config(64, 8, dtypes, schedule="factored", seq_len=16384, **kw)
+        cfg = GpuOptions(schedule="factored").resolve(64, 8, dtypes, seq_len=16384, **kw)
         return cfg.value_tile, cfg.segments
 
     assert settings() == (16, 8) and settings(interpret=True) == (16, 8)  # 32 programs x 8
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *a: [SimpleNamespace(core_count=40)])
-    assert gpu.target_programs() == 40
+    assert gpu_options.target_programs() == 40
     assert settings() == (16, 2)  # 32 programs x 2 segments >= 40 SMs
     assert settings(interpret=True) == (16, 8)
     monkeypatch.setattr(jax, "devices", lambda *a: [SimpleNamespace()])  # count not reported
-    assert gpu.target_programs() == gpu.TARGET_PROGRAMS
+    assert gpu_options.target_programs() == gpu_options.TARGET_PROGRAMS
 
 
 @pytest.mark.parametrize(
@@ -424,9 +421,10 @@ def test_cross_lowers_for_cuda(dtype, value_tile, dot_precision, schedule, chunk
     precisions = {"dot_precision": dot_precision}
     if dot_precision and dot_precision.startswith("exact "):
         precisions = {"exact_dot_precision": dot_precision.removeprefix("exact ")}
-    kernel = partial(
-        wkv7_gpu, value_tile=value_tile, schedule=schedule, chunk_size=chunk_size, **precisions
+    options = GpuOptions(
+        value_tile=value_tile, schedule=schedule, chunk_size=chunk_size, **precisions
     )
+    kernel = partial(wkv7_gpu, options=options)
 
     def loss(*args):
         y, s = kernel(*args)
@@ -452,7 +450,7 @@ def test_launch_parameters_reach_triton(schedule):
     depend on the state (chunk-parallel, factored) pipeline them."""
     token = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     for num_warps in (4, 8):
-        kernel = partial(wkv7_gpu, schedule=schedule, num_warps=num_warps)
+        kernel = partial(wkv7_gpu, options=GpuOptions(schedule=schedule, num_warps=num_warps))
         text = jax.jit(kernel).trace(*(token,) * 6).lower(lowering_platforms=("cuda",)).as_text()
         assert set(re.findall(r"num_warps = (\d+)", text)) == {str(num_warps)}
         stages = sorted(re.findall(r"num_stages = (\d+)", text))
@@ -476,10 +474,10 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
     text = lowered_text()
     assert text.count("__gpu$xla.gpu.triton") == 1  # sequential: one forward kernel
     assert set(re.findall(r"num_warps = (\d+)", text)) == {"4"}
-    monkeypatch.setattr(gpu_module, "DEFAULT_SCHEDULE", "chunk_parallel")
+    monkeypatch.setattr(gpu_options, "DEFAULT_SCHEDULE", "chunk_parallel")
     assert "stablehlo.dot_general" not in text
     table = {"chunk_size": 32, "num_warps": 8, "gradient_value_tile": 16, "scan_group": 2}
-    monkeypatch.setitem(gpu_module.SCHEDULE_DEFAULTS, "chunk_parallel", table)
+    monkeypatch.setitem(gpu_options.SCHEDULE_DEFAULTS, "chunk_parallel", table)
     text = lowered_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # chunk terms, scan, outputs
     assert "stablehlo.dot_general" in text  # XLA composes pairs of chunk maps for the scan
@@ -531,7 +529,7 @@ def test_defaults_follow_the_schedule_table(monkeypatch):
 def test_bad_arguments(kwargs, n, match):
     xs, _ = _inputs(6, 1, 16, 1, n)
     with pytest.raises(ValueError, match=match):
-        wkv7_gpu(*xs, interpret=True, **kwargs)
+        wkv7_gpu(*xs, options=GpuOptions(**kwargs), interpret=True)
 
 
 def test_bad_dtype_and_shapes():
@@ -542,6 +540,26 @@ def test_bad_dtype_and_shapes():
         wkv7_gpu(*xs[:2], xs[2][:, :8], *xs[3:], interpret=True)
     with pytest.raises(ValueError, match="state must be"):
         wkv7_gpu(*xs, state[:, :, :16], interpret=True)
+
+
+def test_options_are_frozen_defaults_and_resolve():
+    """GpuOptions: immutable; get_default() is the default schedule's table, which resolves as
+    every setting left automatic does; resolve fills in the shape-dependent settings."""
+    default = GpuOptions.get_default()
+    assert default.schedule == gpu_options.DEFAULT_SCHEDULE
+    assert default.chunk_size == gpu_options.SCHEDULE_DEFAULTS[default.schedule]["chunk_size"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default.chunk_size = 32
+    dtypes = [(name, jnp.float32) for name in "rwkvab"]
+    assert default.resolve(64, 8, dtypes) == GpuOptions().resolve(64, 8, dtypes)
+    cfg = GpuOptions(schedule="chunk_parallel").resolve(32, 2, [("r", jnp.bfloat16)])
+    assert (cfg.schedule, cfg.chunk, cfg.num_warps) == ("chunk_parallel", 16, 8)
+    # At most N; bf16 inputs take bf16 fast dots; B*H = 2 leaves most SMs idle: 16-row tiles.
+    assert (cfg.gradient_value_tile, cfg.scan_group, cfg.segments) == (32, 1, 1)
+    assert (cfg.dot_precision, cfg.exact_dot_precision, cfg.value_tile) == ("bf16", "highest", 16)
+    xs, _ = _inputs(7, 1, 16, 1, 32)
+    with pytest.raises(TypeError, match="GpuOptions"):
+        wkv7_gpu(*xs, options={"schedule": "factored"}, interpret=True)
 
 
 _RESULT_NAMES = "y state dr dw dk dv da db dstate".split()
@@ -560,9 +578,7 @@ def test_schedules_agree():
     gradients."""
     xs, state = _inputs(11, 1, 48, 2, 64)
     results = {
-        schedule: _outputs_and_gradients(
-            partial(wkv7_gpu, interpret=True, value_tile=16, schedule=schedule), xs, state
-        )
+        schedule: _outputs_and_gradients(_interpreted(value_tile=16, schedule=schedule), xs, state)
         for schedule in SCHEDULES
     }
     for schedule in SCHEDULES[1:]:
@@ -576,12 +592,10 @@ def test_schedules_agree():
 def test_scan_group_products_follow_the_exact_dot_precision():
     """XLA's map products for scan groups: IEEE fp32, or the kernels' hi / lo bf16 split with
     exact_dot_precision="bf16x3" (so grouping does not change the precision plan)."""
-    from pallas_kernels.wkv7.gpu_chunk_parallel import _mm
-
     keys = jax.random.split(jax.random.PRNGKey(14), 2)
     x, y = jax.random.normal(keys[0], (3, 16, 64)), jax.random.normal(keys[1], (3, 64, 64))
     exact = np.einsum("bij,bjk->bik", np.asarray(x, np.float64), np.asarray(y, np.float64))
-    errors = {p: _rel(_mm(x, y, p), exact) for p in ("highest", "bf16x3")}
+    errors = {p: _rel(exact_matmul(x, y, p), exact) for p in ("highest", "bf16x3")}
     # Measured 2.5e-7 (fp32) and 5.4e-6 (split; a single bf16 pass gives 2.6e-3).
     assert errors["highest"] < 1e-6 < errors["bf16x3"] < 5e-5, errors
 
@@ -593,7 +607,7 @@ def test_scan_groups_match_single_chunk_steps():
     xs, state = _inputs(12, 1, 40, 2, 32)
     results = {
         group: _outputs_and_gradients(
-            partial(wkv7_gpu, interpret=True, schedule="chunk_parallel", scan_group=group),
+            _interpreted(schedule="chunk_parallel", scan_group=group),
             xs,
             state,
         )

@@ -1,6 +1,9 @@
-"""WKV-7 GPU kernels' shared parts: the dot precision plan, the static kernel settings and the
-per-chunk maths that every schedule (`gpu_sequential`, `gpu_chunk_parallel`, `gpu_factored`)
-runs inside its kernels.
+"""The plan every WKV-7 GPU schedule runs: its dot precision plan, static settings and chunk maths.
+
+Every schedule (`gpu_sequential`, the default; `experimental.chunk_parallel` and
+`experimental.factored`) runs these per-chunk functions inside its kernels, under the dot
+precision plan `DotPlan` and the settings `KernelConfig` that `gpu_options.GpuOptions.resolve`
+makes.
 
 The maths is that of `xla_chunked` (chunk terms with exponents centred mid-chunk, the stable
 block-recursive (I - A_ab)^{-1}, the hand-derived chunk backward), written as 2-D dots that
@@ -13,7 +16,7 @@ so a program holding rows [j*VT, (j+1)*VT) is exact on its own. The key-side gra
 them up. Key-side chunk terms (the C x C matrices, the inverse) are recomputed per tile, so
 tiles smaller than N trade duplicated work for more programs on a GPU with few heads.
 
-Dot precision (see `_Dots`): every dot is a "sum" (the decay sums), "exact" (A_ab, the
+Dot precision (see `DotPlan`): every dot is a "sum" (the decay sums), "exact" (A_ab, the
 inverse P and its products, and every dot that multiplies the carried state S or its cotangent
 dS or makes their increments) or "fast" (the intra-chunk C x C matrices and the products that
 only reach y or a per-token gradient). Rounding a fast dot's operands perturbs one chunk's
@@ -41,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 NUM_STAGES = 1
 
 
-def _bf16_parts(x):
+def bf16_parts(x):
     """x fp32 as hi + lo, both bf16: hi = bf16(x), lo = bf16(x - hi). hi + lo keeps ~16 of
     x's 24 significant bits (the rest, below 2^-17 |x|, is dropped)."""
     hi = x.astype(jnp.bfloat16)
@@ -52,12 +55,12 @@ def split_bf16_dot(dot, x, y):
     """x y for fp32 x, y as three products of bf16 parts, lo·hi + hi·lo + hi·hi (lo·lo, below
     2^-16 relative, dropped), the small ones first as XLA's BF16_BF16_F32_X3 orders them.
     `dot(a, b)` multiplies two bf16 operands with fp32 accumulation (in a kernel or in XLA)."""
-    (x_hi, x_lo), (y_hi, y_lo) = _bf16_parts(x), _bf16_parts(y)
+    (x_hi, x_lo), (y_hi, y_lo) = bf16_parts(x), bf16_parts(y)
     return dot(x_lo, y_hi) + dot(x_hi, y_lo) + dot(x_hi, y_hi)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Dots:
+class DotPlan:
     """The three kinds of in-kernel 2-D dot (fp32 results) for one precision plan.
 
     "sum": the decay sums, ones-triangle products whose error lands in an exponent.
@@ -118,9 +121,11 @@ class _Dots:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static kernel settings (hashable: a nondiff argument of the custom VJP)."""
+class KernelConfig:
+    """One call's static kernel settings, every option resolved (`GpuOptions.resolve`);
+    hashable, since the schedules' custom VJPs take it as a nondiff argument."""
 
+    schedule: str  # which schedule's kernels run: gpu_options.SCHEDULES
     chunk: int
     value_tile: int
     interpret: bool
@@ -133,7 +138,8 @@ class _Config:
 
     @property
     def dots(self):
-        return _Dots(self.dot_precision, self.exact_dot_precision, self.interpret)
+        """The dot precision plan of these settings."""
+        return DotPlan(self.dot_precision, self.exact_dot_precision, self.interpret)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,10 +184,10 @@ def _unit_lower_inverse(dots, a_ab):
     return p
 
 
-class _Terms(NamedTuple):
-    """A chunk's key-side, state-free terms; see xla_chunked._ChunkTerms. fp32, except that
+class ChunkTerms(NamedTuple):
+    """A chunk's key-side, state-free terms; as in `xla_chunked`. fp32, except that
     r_c, k_c, b_c, a_c, a_qk, a_qb and a_ak, which only fast dots use, are in the dtype those
-    take (`_Dots.operand`)."""
+    take (`DotPlan.operand`)."""
 
     e_in: jax.Array  # e^{gi - off} [C, N]
     e_out: jax.Array  # e^{off - gi}
@@ -204,7 +210,7 @@ class _Terms(NamedTuple):
     q: jax.Array  # r e^{gi} + A_qb W [C, N]: Y = Y0 + Q S^T
 
 
-def _chunk_terms(dots, r, w, k, a, b):
+def chunk_terms(dots, r, w, k, a, b):
     """Key-side terms of one chunk from its fp32 inputs [C, N].
 
     A_qk, A_qb, A_ak and Q take fast dots; A_ab, P and W = P ag exact ones (W feeds the
@@ -231,20 +237,20 @@ def _chunk_terms(dots, r, w, k, a, b):
     r_c, k_c, b_c, a_c, a_qk, a_qb, a_ak = map(dots.operand, (r_c, k_c, b_c, a_c, a_qk, a_qb, a_ak))
     wm = dots.exact(p, a * e_ge)
     q = r * e_gi + dots.fast(a_qb, wm)
-    return _Terms(
+    return ChunkTerms(
         e_in, e_out, e_ex, e_gi, e_ge, e_tail, e_gc, r_c, k_c, b_c, a_c,
         k * e_tail, b * e_tail, a_qk, a_qb, a_ak, p, wm, q,
     )  # fmt: skip
 
 
-def _value_terms(dots, t, v):
+def value_terms(dots, t, v):
     """U0 = P A_ak V and Y0 = A_qk V + A_qb U0 for a value tile v [C, VT]."""
     u0 = dots.exact(t.p, dots.fast(t.a_ak, v))
     y0 = dots.fast(t.a_qk, v) + dots.fast(t.a_qb, u0)
     return u0, y0
 
 
-def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
+def chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
     """One chunk's input gradients from its start state S and the cotangent dS' at its end.
 
     Shapes: r, k, a, b [C, N] (fp32); v, dy [C, VT]; s, ds_next [VT, N] (a value tile's
@@ -258,7 +264,7 @@ def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
     row, col = _iota(c, 0), _iota(c, 1)
     incl, strict = col <= row, col < row
     suffix_ones = jnp.where(col >= row, 1.0, 0.0)  # suffix_ones @ x: reverse cumsum over time
-    u0, _ = _value_terms(dots, t, v)
+    u0, _ = value_terms(dots, t, v)
     # State path: U = U0 + W S^T; S' = S e^{gC} + V^T kg + U^T bg; Y = Y0 + Q S^T.
     u = u0 + dots.exact(t.wm, s, tb=True)
     du = dots.exact(t.bg, ds_next, tb=True)
@@ -299,7 +305,7 @@ def _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next):
     return (dr, dw, dk, dv, da, db), du
 
 
-def _state_step(dots, s, decay, wm, bg, kg, u0, v):
+def state_step(dots, s, decay, wm, bg, kg, u0, v):
     """The state after a chunk from S before it: S e^{gC} + V^T kg + U^T bg, U = U0 + W S^T.
 
     s [VT, N] (a value tile's rows); decay e^{gC} [1, N]; wm, bg, kg [C, N]; u0, v [C, VT].
@@ -308,22 +314,19 @@ def _state_step(dots, s, decay, wm, bg, kg, u0, v):
     return s * decay + dots.exact(v, kg, ta=True) + dots.exact(u, bg, ta=True)
 
 
-def _cotangent_step(dots, ds_next, decay, wm, q, du, dy):
+def cotangent_step(dots, ds_next, decay, wm, q, du, dy):
     """The state's cotangent before a chunk from dS' after it: dS' e^{gC} + dU^T W + dY^T Q,
     with dU = bg dS'^T [C, VT] and dy [C, VT]; exact dots, it is carried to every earlier
     chunk."""
     return ds_next * decay + dots.exact(du, wm, ta=True) + dots.exact(dy, q, ta=True)
 
 
-def _load_chunk(refs, rows):
-    return tuple(ref[rows, :].astype(jnp.float32) for ref in refs)
-
-
 # --------------------------------------------------------------------------------------------
 # Shared by the schedules' pallas_call wrappers.
 
 
-def _compiler_params(cfg, num_stages=NUM_STAGES):
+def compiler_params(cfg, num_stages=NUM_STAGES):
+    """Triton launch settings of a schedule's pallas_call: cfg.num_warps and num_stages."""
     # Explicit Triton params: without them pallas_call on GPU is routed to Mosaic GPU.
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=num_stages)
 

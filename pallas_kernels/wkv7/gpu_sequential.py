@@ -18,18 +18,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.wkv7.gpu_chunk import (
-    _chunk_gradients,
-    _chunk_terms,
-    _compiler_params,
-    _cotangent_step,
-    _load_chunk,
-    _state_step,
-    _value_terms,
+    chunk_gradients,
+    chunk_terms,
+    compiler_params,
+    cotangent_step,
+    state_step,
     sum_tiles,
+    value_terms,
 )
 
 # --------------------------------------------------------------------------------------------
 # Kernels. Every ref is one (batch x head)'s block; v / y / dv / states hold one value tile.
+
+
+def _load_chunk(refs, rows):
+    """The chunk `rows` of each ref, in fp32."""
+    return tuple(ref[rows, :].astype(jnp.float32) for ref in refs)
 
 
 def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_out_ref,
@@ -42,11 +46,11 @@ def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_o
         v = v_ref[rows, :].astype(jnp.float32)
         if starts_ref:
             starts_ref[0][i, :, :] = s
-        t = _chunk_terms(dots, r, w, k, a, b)
-        u0, y0 = _value_terms(dots, t, v)
+        t = chunk_terms(dots, r, w, k, a, b)
+        u0, y0 = value_terms(dots, t, v)
         # Q S^T reaches only y (fast); the new state's dots are exact.
         y_ref[rows, :] = y0 + dots.fast(t.q, s, tb=True)
-        return _state_step(dots, s, t.e_gc, t.wm, t.bg, t.kg, u0, v)
+        return state_step(dots, s, t.e_gc, t.wm, t.bg, t.kg, u0, v)
 
     s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s0_ref[...])
 
@@ -63,11 +67,11 @@ def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, starts_ref, dy_re
         v = v_ref[rows, :].astype(jnp.float32)
         dy = dy_ref[rows, :]
         s = starts_ref[i, :, :]
-        t = _chunk_terms(dots, r, w, k, a, b)
-        grads, du = _chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next)
+        t = chunk_terms(dots, r, w, k, a, b)
+        grads, du = chunk_gradients(dots, t, r, k, v, a, b, dy, s, ds_next)
         for ref, grad in zip((dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref), grads, strict=True):
             ref[rows, :] = grad
-        return _cotangent_step(dots, ds_next, t.e_gc, t.wm, t.q, du, dy)
+        return cotangent_step(dots, ds_next, t.e_gc, t.wm, t.q, du, dy)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_out_ref[...])
 
@@ -107,7 +111,7 @@ def _forward_call(cfg, xs, s0, *, save_starts):
         in_specs=[keys, keys, keys, values, keys, keys, state],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(cfg),
+        compiler_params=compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_forward",
     )(r, w, k, v, a, b, s0)
@@ -130,7 +134,7 @@ def _backward_call(cfg, xs, starts, dy, ds_final):
             jax.ShapeDtypeStruct((bh, seq, n), jnp.float32),
             jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
         ],
-        compiler_params=_compiler_params(cfg),
+        compiler_params=compiler_params(cfg),
         interpret=cfg.interpret,
         name="wkv7_gpu_backward",
     )(r, w, k, v, a, b, starts, dy, ds_final)

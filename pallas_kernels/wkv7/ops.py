@@ -32,13 +32,13 @@ def wkv7(r, w, k, v, a, b, state=None, *, backend="auto", interpret=False, chunk
     backend = resolve_backend(backend, kernel="wkv7")
     if backend == "xla":
         return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
-    options = {"interpret": interpret}
-    if chunk_size is not None:
-        options["chunk_size"] = chunk_size
     if backend == "gpu":
         from pallas_kernels.wkv7.gpu import wkv7_gpu
+        from pallas_kernels.wkv7.gpu_options import GpuOptions
 
-        return wkv7_gpu(r, w, k, v, a, b, state, **options)
+        options = GpuOptions(chunk_size=chunk_size)
+        return wkv7_gpu(r, w, k, v, a, b, state, options=options, interpret=interpret)
     from pallas_kernels.wkv7.tpu import wkv7_tpu
 
-    return wkv7_tpu(r, w, k, v, a, b, state, **options)
+    chunk = {} if chunk_size is None else {"chunk_size": chunk_size}
+    return wkv7_tpu(r, w, k, v, a, b, state, interpret=interpret, **chunk)

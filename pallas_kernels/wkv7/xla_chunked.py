@@ -289,21 +289,21 @@ def _wkv7_chunks_bwd(c, res, cot):
 _wkv7_chunks.defvjp(_wkv7_chunks_fwd, _wkv7_chunks_bwd)
 
 
-def check_chunk_size(chunk_size, *, caller="wkv7_chunked", high=MAX_CHUNK_SIZE) -> None:
-    """Raises ValueError unless chunk_size is a power of two in [16, high] (high <= 128).
+def check_chunk_size(chunk_size, *, caller="wkv7_chunked") -> None:
+    """Raises ValueError unless chunk_size is a power of two in [16, 128].
 
-    Shared by every chunked WKV-7 implementation (`caller` names the one in the message).
+    Shared by the XLA and TPU implementations (`caller` names the one in the message).
     """
     ok = (
         isinstance(chunk_size, int)
         and not isinstance(chunk_size, bool)
-        and MIN_CHUNK_SIZE <= chunk_size <= high
+        and MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE
         and chunk_size & (chunk_size - 1) == 0
     )
     if not ok:
         raise ValueError(
             f"{caller}: chunk_size must be a power of two in [{MIN_CHUNK_SIZE}, "
-            f"{high}], got {chunk_size!r}. Within a chunk the keys and queries are "
+            f"{MAX_CHUNK_SIZE}], got {chunk_size!r}. Within a chunk the keys and queries are "
             "scaled by e^(+-(cumulative log-decay - its mid-chunk value)); with RWKV-7's decay "
             "bound (w >= -0.6065 per token) that reaches e^38.8 at C = 128 and products of two "
             "such factors e^77.6, next to fp32's e^88.7 limit, so longer chunks overflow fp32 "

@@ -1,10 +1,10 @@
 """WKV-7 on GPU, factored schedule: chunk terms in parallel, then one pass over the chunks in
 order that carries the state through each chunk's rank-C factors.
 
-The chunk-parallel schedule (`gpu_chunk_parallel`) hands its scan each chunk's transition as
+The chunk-parallel schedule (`chunk_parallel`) hands its scan each chunk's transition as
 N x N matrices (L_c = W^T bg, D_c), 2 x N^2 fp32 per chunk written and read again (~2 KB per
 token and head at chunk 16 and N = 64), and needs a third kernel for the outputs. Here the
-parallel kernel stores the chunk's terms as they come out of `gpu_chunk._chunk_terms`, [C, N] per
+parallel kernel stores the chunk's terms as they come out of `gpu_chunk.chunk_terms`, [C, N] per
 chunk (N floats per token each), and the in-order pass applies them to the state rows it
 holds, exactly the sequential schedule's step without its chunk maths:
 
@@ -25,7 +25,7 @@ SMs), each walking T / C chunks in order. `segments` = G > 1 cuts the sequence i
 walked in parallel: a carry pass over rows [zeros; identity] gives each part's map M_g and the
 state L_g it makes from zero (x_end = x_start M_g + L_g), XLA chains those into every part's
 start state, and the pass proper runs from them; the reverse pass likewise. Two walks of T / G
-chunks instead of one of T, for three times the pass work (`gpu._auto_segments` picks G).
+chunks instead of one of T, for three times the pass work (`gpu_options.auto_segments` picks G).
 
 Layout: the kernels read the inputs and dy and write y and the gradients token-major,
 [B, Tp, H, N], as `wkv7_gpu` takes and returns them, so no XLA transposes surround them (in
@@ -49,19 +49,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.wkv7.gpu_chunk import (
-    _chunk_terms,
-    _compiler_params,
-    _cotangent_step,
-    _state_step,
-    _value_terms,
-)
-from pallas_kernels.wkv7.gpu_chunk_parallel import (
-    _gradient_call,
-    _load,
-    _mm,
-    _over_chunks,
+from pallas_kernels.wkv7.experimental.chunk_grid import (
+    exact_matmul,
+    gradient_call,
+    load_blocks,
+    over_chunks,
     token_major_spec,
+)
+from pallas_kernels.wkv7.gpu_chunk import (
+    chunk_terms,
+    compiler_params,
+    cotangent_step,
+    state_step,
+    value_terms,
 )
 
 # The passes' loads (the chunk's terms) do not depend on the carried state: two stages let
@@ -76,9 +76,9 @@ PASS_NUM_STAGES = 2
 
 def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, decay_ref, wm_ref, bg_ref,
                           kg_ref, q_ref, u0_ref, y0_ref, *, dots):  # fmt: skip
-    r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
-    t = _chunk_terms(dots, r, w, k, a, b)
-    u0, y0 = _value_terms(dots, t, v)
+    r, w, k, v, a, b = load_blocks(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
+    t = chunk_terms(dots, r, w, k, a, b)
+    u0, y0 = value_terms(dots, t, v)
     decay_ref[...] = t.e_gc
     wm_ref[...] = t.wm
     bg_ref[...] = t.bg
@@ -90,8 +90,8 @@ def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, decay_ref, w
 
 def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, decay_ref, wm_ref, bg_ref, q_ref,
                            *, dots):  # fmt: skip
-    r, w, k, a, b = _load(r_ref, w_ref, k_ref, a_ref, b_ref)
-    t = _chunk_terms(dots, r, w, k, a, b)
+    r, w, k, a, b = load_blocks(r_ref, w_ref, k_ref, a_ref, b_ref)
+    t = chunk_terms(dots, r, w, k, a, b)
     decay_ref[...] = t.e_gc
     wm_ref[...] = t.wm
     bg_ref[...] = t.bg
@@ -111,7 +111,7 @@ def _forward_pass_kernel(decay_ref, wm_ref, bg_ref, kg_ref, q_ref, u0_ref, y0_re
         y_ref[rows, :] = y0_ref[rows, :] + dots.fast(q_ref[rows, :], s, tb=True)
         wm, bg, kg, u0 = (ref[rows, :] for ref in (wm_ref, bg_ref, kg_ref, u0_ref))
         v = v_ref[rows, :].astype(jnp.float32)
-        return _state_step(dots, s, decay_ref[i, :, :], wm, bg, kg, u0, v)
+        return state_step(dots, s, decay_ref[i, :, :], wm, bg, kg, u0, v)
 
     s_out_ref[...] = lax.fori_loop(0, n_chunks, step, s0_ref[...])
 
@@ -127,7 +127,7 @@ def _reverse_pass_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, ds_final_ref,
         end_cot_ref[i, :, :] = ds_next
         du = dots.exact(bg_ref[rows, :], ds_next, tb=True)
         wm, q, dy = (ref[rows, :] for ref in (wm_ref, q_ref, dy_ref))
-        return _cotangent_step(dots, ds_next, decay_ref[i, :, :], wm, q, du, dy)
+        return cotangent_step(dots, ds_next, decay_ref[i, :, :], wm, q, du, dy)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, step, ds_final_ref[...])
 
@@ -144,7 +144,7 @@ def _carry_kernel(decay_ref, wm_ref, bg_ref, kg_ref, u0_ref, v_ref, x0_ref, x_ou
         wm, bg, kg = (ref[rows, :] for ref in (wm_ref, bg_ref, kg_ref))
         u0 = jnp.where(driven, u0_ref[rows, :], 0.0)
         v = jnp.where(driven, v_ref[rows, :].astype(jnp.float32), 0.0)
-        return _state_step(dots, x, decay_ref[i, :, :], wm, bg, kg, u0, v)
+        return state_step(dots, x, decay_ref[i, :, :], wm, bg, kg, u0, v)
 
     x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
 
@@ -161,7 +161,7 @@ def _reverse_carry_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, x0_ref, x_ou
         du = dots.exact(bg_ref[rows, :], x, tb=True)
         wm, q = wm_ref[rows, :], q_ref[rows, :]
         dy = jnp.where(driven, dy_ref[rows, :], 0.0)
-        return _cotangent_step(dots, x, decay_ref[i, :, :], wm, q, du, dy)
+        return cotangent_step(dots, x, decay_ref[i, :, :], wm, q, du, dy)
 
     x_out_ref[...] = lax.fori_loop(0, n_chunks, step, x0_ref[...])
 
@@ -172,22 +172,24 @@ def _reverse_carry_kernel(decay_ref, wm_ref, bg_ref, q_ref, dy_ref, x0_ref, x_ou
 # head-major [BH, Tp, N]; Tp is a multiple of the chunk x segments.
 
 
-def _forward_terms_call(cfg, xs):
-    """(decay [BH, chunks, 1, N]; W, bg, kg, Q, U0, Y0 [BH, Tp, N])."""
+def forward_terms_call(cfg, xs):
+    """The forward's chunk terms of token-major xs = (r, w, k, v, a, b), [B, Tp, H, N] each:
+    (decay [BH, chunks, 1, N]; W, bg, kg, Q, U0, Y0 [BH, Tp, N]), head-major."""
     kinds = ("row",) + ("tokens",) * 6
     q_dtype = cfg.dots.operand(jnp.zeros((), jnp.float32)).dtype
     dtypes = (jnp.float32,) * 4 + (q_dtype, jnp.float32, jnp.float32)
     name = "wkv7_gpu_factored_forward_terms"
-    return _over_chunks(cfg, _forward_terms_kernel, name, xs, kinds, dtypes, token_major=True)
+    return over_chunks(cfg, _forward_terms_kernel, name, xs, kinds, dtypes, token_major=True)
 
 
-def _backward_terms_call(cfg, xs):
-    """(decay [BH, chunks, 1, N]; W, bg, Q [BH, Tp, N])."""
+def backward_terms_call(cfg, xs):
+    """The backward's chunk terms of token-major xs: (decay [BH, chunks, 1, N]; W, bg,
+    Q [BH, Tp, N]), head-major fp32."""
     r, w, k, _, a, b = xs
     kinds = ("row",) + ("tokens",) * 3
     name = "wkv7_gpu_factored_backward_terms"
     args = (r, w, k, a, b)
-    return _over_chunks(cfg, _backward_terms_kernel, name, args, kinds, token_major=True)
+    return over_chunks(cfg, _backward_terms_kernel, name, args, kinds, token_major=True)
 
 
 class _Segments(NamedTuple):
@@ -246,7 +248,7 @@ def _carry_call(cfg, kernel, name, terms, value_side, value_kinds, heads):
         + [start],
         out_specs=seg.state,
         out_shape=jax.ShapeDtypeStruct((bh, cfg.segments, 2 * n, n), jnp.float32),
-        compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
+        compiler_params=compiler_params(cfg, PASS_NUM_STAGES),
         interpret=cfg.interpret,
         name=name,
     )(*terms, *value_side, rows0)
@@ -261,7 +263,7 @@ def _chain(x, ends, n, order):
     befores = {}
     for s in order:
         befores[s] = x
-        x = _mm(x, ends[:, s, n:], "highest") + ends[:, s, :n]
+        x = exact_matmul(x, ends[:, s, n:], "highest") + ends[:, s, :n]
     return jnp.stack([befores[s] for s in sorted(befores)], axis=1)
 
 
@@ -276,9 +278,10 @@ def _segment_starts(cfg, x, carry, heads, *, reverse):
     return _chain(x, ends, x.shape[-1], order)
 
 
-def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
-    """(y [B, Tp, H, N], final state [BH, N, N]) and, with save_starts, every chunk's start
-    state [BH, chunks, N, N]; all fp32. v is token-major [B, Tp, H, N].
+def forward_pass_call(cfg, terms, v, s0, *, save_starts):
+    """The forward pass over forward_terms_call's terms: (y [B, Tp, H, N], final state
+    [BH, N, N]) and, with save_starts, every chunk's start state [BH, chunks, N, N]; all fp32.
+    v is token-major [B, Tp, H, N], s0 [BH, N, N].
 
     With cfg.segments = G > 1 the chunks are cut into G segments walked in parallel: a first
     pass (`_carry_kernel`) gives each segment's map and the state it makes from zero, XLA
@@ -310,16 +313,17 @@ def _forward_pass_call(cfg, terms, v, s0, *, save_starts):
         in_specs=[seg.decays, keys, keys, keys, keys, values, values, seg.token_values, seg.state],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
+        compiler_params=compiler_params(cfg, PASS_NUM_STAGES),
         interpret=cfg.interpret,
         name="wkv7_gpu_factored_forward_pass",
     )(decay, wm, bg, kg, q, u0, y0, v, starts)
     return (y, ends[:, -1], *chunk_starts)
 
 
-def _reverse_pass_call(cfg, terms, dy, ds_final):
-    """(dS_0 [BH, N, N], every chunk's end cotangent [BH, chunks, N, N]); fp32. dy is
-    token-major [B, Tp, H, N]. Segments as in _forward_pass_call, last first."""
+def reverse_pass_call(cfg, terms, dy, ds_final):
+    """The reverse pass over backward_terms_call's terms from the final state's cotangent
+    ds_final [BH, N, N]: (dS_0 [BH, N, N], every chunk's end cotangent [BH, chunks, N, N]);
+    fp32. dy is token-major [B, Tp, H, N]. Segments as in forward_pass_call, last first."""
     decay, wm, bg, q = terms
     bh, seq, n = wm.shape
     heads = dy.shape[2]
@@ -339,7 +343,7 @@ def _reverse_pass_call(cfg, terms, dy, ds_final):
             jax.ShapeDtypeStruct((bh, cfg.segments, n, n), jnp.float32),
             jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32),
         ],
-        compiler_params=_compiler_params(cfg, PASS_NUM_STAGES),
+        compiler_params=compiler_params(cfg, PASS_NUM_STAGES),
         interpret=cfg.interpret,
         name="wkv7_gpu_factored_reverse_pass",
     )(decay, wm, bg, q, dy, end_cots)
@@ -351,15 +355,16 @@ def wkv7_tokens_factored(cfg, xs, s0):
     """(y [B, Tp, H, N], final state [BH, N, N]) fp32 for token-major xs = (r, w, k, v, a, b),
     [B, Tp, H, N] each (wkv7_gpu's layout, padded).
 
-    cfg is `gpu_chunk._Config`; Tp is a multiple of cfg.chunk x cfg.segments; s0 [BH, N, N] fp32.
+    cfg is `gpu_chunk.KernelConfig`; Tp is a multiple of cfg.chunk x cfg.segments; s0 [BH, N, N]
+    fp32.
     """
-    terms = _forward_terms_call(cfg, xs)
-    return _forward_pass_call(cfg, terms, xs[3], s0, save_starts=False)
+    terms = forward_terms_call(cfg, xs)
+    return forward_pass_call(cfg, terms, xs[3], s0, save_starts=False)
 
 
 def _vjp_forward(cfg, xs, s0):
-    terms = _forward_terms_call(cfg, xs)
-    y, s_final, starts = _forward_pass_call(cfg, terms, xs[3], s0, save_starts=True)
+    terms = forward_terms_call(cfg, xs)
+    y, s_final, starts = forward_pass_call(cfg, terms, xs[3], s0, save_starts=True)
     # Residuals: the inputs (alive anyway) and each chunk's start state; the chunk terms are
     # recomputed in the backward's parallel kernels.
     return (y, s_final), (xs, starts)
@@ -368,9 +373,9 @@ def _vjp_forward(cfg, xs, s0):
 def _vjp_backward(cfg, res, cot):
     xs, starts = res
     dy, ds_final = (x.astype(jnp.float32) for x in cot)
-    terms = _backward_terms_call(cfg, xs)
-    ds0, end_cots = _reverse_pass_call(cfg, terms, dy, ds_final)
-    grads = _gradient_call(cfg, xs, dy, starts, end_cots)
+    terms = backward_terms_call(cfg, xs)
+    ds0, end_cots = reverse_pass_call(cfg, terms, dy, ds_final)
+    grads = gradient_call(cfg, xs, dy, starts, end_cots)
     grads = tuple(g.astype(x.dtype) for g, x in zip(grads, xs, strict=True))
     return grads, ds0
 

@@ -4,7 +4,7 @@ The sequential schedule (`gpu_sequential`) walks each head's chunks in one progr
 full key-side work (decay sums, the inverse (I - A_ab)^{-1}, ~20 dependent dots) lies on the
 critical path, and a GPU runs only B*H x (N / value tile) programs. Here that work runs with one
 program per (batch x head, chunk), and what is left in sequence is the chunk-to-chunk affine map
-of the state. From `gpu_chunk._chunk_terms` (U = U0 + W S^T, S' = S e^{gC} + V^T kg + U^T bg):
+of the state. From `gpu_chunk.chunk_terms` (U = U0 + W S^T, S' = S e^{gC} + V^T kg + U^T bg):
 
     S_{c+1} = S_c A_c + D_c,   A_c = diag(e^{gC}) + L_c,   L_c = W^T bg,
     D_c = V^T kg + U0^T bg,
@@ -24,12 +24,12 @@ Forward, three kernels: chunk terms (e^{gC}, L_c, D_c, Q, Y0; grid B*H x chunks)
 scan (grid B*H x value tiles, storing every chunk's start state) and the outputs
 Y = Y0 + Q S_c^T (grid B*H x chunks). Backward, three: chunk terms (e^{gC}, L_c, E_c), the
 reverse scan (storing every chunk's end cotangent), and the gradients of each chunk from its
-S_c and dS_{c+1} (`gpu_chunk._chunk_gradients`; grid B*H x chunks x value tiles of
+S_c and dS_{c+1} (`gpu_chunk.chunk_gradients`; grid B*H x chunks x value tiles of
 `gradient_value_tile` rows, key-side partial sums added after). The dot precision plan is the
 sequential schedule's: L_c, D_c, E_c and the scan feed the carried state or its cotangent and
 take exact dots. With scan_group = g > 1, XLA composes the maps of g consecutive chunks before
 each scan (products at the exact dots' precision; "tf32x3" runs as IEEE fp32 there) and
-recovers the inner chunks' states after it (`_scan`), so the scans take g times fewer
+recovers the inner chunks' states after it (`scan_maps`), so the scans take g times fewer
 sequential steps.
 
 Memory: L_c and D_c (or E_c) are N^2 fp32 each per chunk and head (2 x N^2 * 4 / C bytes per
@@ -50,22 +50,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.wkv7.gpu_chunk import (
-    _chunk_gradients,
-    _chunk_terms,
-    _compiler_params,
-    _value_terms,
-    split_bf16_dot,
-    sum_tiles,
+from pallas_kernels.wkv7.experimental.chunk_grid import (
+    exact_matmul,
+    gradient_call,
+    load_blocks,
+    over_chunks,
 )
+from pallas_kernels.wkv7.gpu_chunk import chunk_terms, compiler_params, value_terms
 
 # The scan's loads (L_c, D_c) do not depend on the carried state: two stages let Triton fetch
 # the next chunk's while the current dot runs.
 SCAN_NUM_STAGES = 2
-
-
-def _load(*refs):
-    return tuple(ref[...].astype(jnp.float32) for ref in refs)
 
 
 class ChunkMaps(NamedTuple):
@@ -88,9 +83,9 @@ def _store_map(dots, t, decay_ref, low_ref):
 
 def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref,
                           decay_ref, low_ref, drive_ref, q_ref, y0_ref, *, dots):  # fmt: skip
-    r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
-    t = _chunk_terms(dots, r, w, k, a, b)
-    u0, y0 = _value_terms(dots, t, v)
+    r, w, k, v, a, b = load_blocks(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
+    t = chunk_terms(dots, r, w, k, a, b)
+    u0, y0 = value_terms(dots, t, v)
     _store_map(dots, t, decay_ref, low_ref)
     drive_ref[...] = dots.exact(v, t.kg, ta=True) + dots.exact(u0, t.bg, ta=True)
     q_ref[...] = t.q
@@ -99,8 +94,8 @@ def _forward_terms_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref,
 
 def _backward_terms_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, dy_ref, decay_ref, low_ref,
                            drive_ref, *, dots):  # fmt: skip
-    r, w, k, a, b = _load(r_ref, w_ref, k_ref, a_ref, b_ref)
-    t = _chunk_terms(dots, r, w, k, a, b)
+    r, w, k, a, b = load_blocks(r_ref, w_ref, k_ref, a_ref, b_ref)
+    t = chunk_terms(dots, r, w, k, a, b)
     _store_map(dots, t, decay_ref, low_ref)
     drive_ref[...] = dots.exact(dy_ref[...], t.q, ta=True)
 
@@ -128,88 +123,26 @@ def _output_kernel(y0_ref, q_ref, start_ref, y_ref, *, dots):
     y_ref[...] = y0_ref[...] + dots.fast(q_ref[...], start_ref[...], tb=True)
 
 
-def _gradient_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, start_ref, end_cot_ref,
-                     dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref, *, dots):  # fmt: skip
-    """One chunk and value tile: v, dy, dv [C, VT], start / end cotangent rows [VT, N]; the
-    key-side gradients are this tile's partial sums."""
-    r, w, k, v, a, b = _load(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)
-    t = _chunk_terms(dots, r, w, k, a, b)
-    grads, _ = _chunk_gradients(
-        dots, t, r, k, v, a, b, dy_ref[...], start_ref[...], end_cot_ref[...]
-    )
-    for ref, grad in zip((dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref), grads, strict=True):
-        ref[...] = grad.astype(ref.dtype)
-
-
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers on head-major [BH, Tp, N] arrays (or the inputs as given, token-major
-# [B, Tp, H, N]: the factored schedule reads them so), Tp a multiple of the chunk.
+# pallas_call wrappers on head-major [BH, Tp, N] arrays, Tp a multiple of the chunk.
 
 
-def token_major_spec(heads, rows, cols, index):
-    """BlockSpec of a [rows, cols] block of one (batch x head) in a token-major [B, Tp, H, N]
-    array; index(*grid ids) -> (batch x head, row block, column block)."""
-
-    def block(*ids):
-        bh, row, col = index(*ids)
-        return bh // heads, row, lax.rem(bh, heads), col
-
-    return pl.BlockSpec((None, rows, None, cols), block)
-
-
-def _over_chunks(cfg, kernel, name, args, out_kinds, out_dtypes=None, *, token_major=False):
-    """pallas_call of kernel over the grid (BH, chunks).
-
-    [BH, Tp, N] arguments come in as one chunk of tokens [C, N] (with token_major, the
-    arguments are [B, Tp, H, N] inputs, read the same way), [BH, chunks, N, N] ones as one
-    chunk's matrix [N, N]; the outputs are head-major, of out_kinds ("tokens" / "matrix" /
-    "row", [BH, chunks, 1, N] as one chunk's [1, N]) and out_dtypes (None: all fp32).
-    """
-    if token_major:
-        batch, seq, heads, n = args[0].shape
-        bh = batch * heads
-    else:
-        bh, seq, n = args[0].shape
-    n_chunks = seq // cfg.chunk
-    specs = {
-        "tokens": pl.BlockSpec((None, cfg.chunk, n), lambda i, j: (i, j, 0)),
-        "matrix": pl.BlockSpec((None, None, n, n), lambda i, j: (i, j, 0, 0)),
-        "row": pl.BlockSpec((None, None, 1, n), lambda i, j: (i, j, 0, 0)),
-    }
-    shapes = {"tokens": (bh, seq, n), "matrix": (bh, n_chunks, n, n), "row": (bh, n_chunks, 1, n)}
-    if token_major:
-        in_specs = [token_major_spec(heads, cfg.chunk, n, lambda i, j: (i, j, 0))] * len(args)
-    else:
-        in_specs = [specs["tokens" if x.ndim == 3 else "matrix"] for x in args]
-    dtypes = out_dtypes or (jnp.float32,) * len(out_kinds)
-    return pl.pallas_call(
-        partial(kernel, dots=cfg.dots),
-        grid=(bh, n_chunks),
-        in_specs=in_specs,
-        out_specs=[specs[k] for k in out_kinds],
-        out_shape=[
-            jax.ShapeDtypeStruct(shapes[k], dt) for k, dt in zip(out_kinds, dtypes, strict=True)
-        ],
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name=name,
-    )(*args)
-
-
-def _forward_terms_call(cfg, xs):
-    """(ChunkMaps, D_c [BH, chunks, N, N], Q, Y0 [BH, Tp, N])."""
+def forward_terms_call(cfg, xs):
+    """The forward's chunk terms of head-major xs = (r, w, k, v, a, b), [BH, Tp, N] each:
+    (ChunkMaps, D_c [BH, chunks, N, N], Q, Y0 [BH, Tp, N]), fp32."""
     kinds = ("row", "matrix", "matrix", "tokens", "tokens")
-    decay, low, drive, q, y0 = _over_chunks(
+    decay, low, drive, q, y0 = over_chunks(
         cfg, _forward_terms_kernel, "wkv7_gpu_forward_terms", xs, kinds
     )
     return ChunkMaps(decay, low), drive, q, y0
 
 
-def _backward_terms_call(cfg, xs, dy):
-    """(ChunkMaps, E_c [BH, chunks, N, N])."""
+def backward_terms_call(cfg, xs, dy):
+    """The backward's chunk terms of head-major xs and dy [BH, Tp, N]: (ChunkMaps,
+    E_c [BH, chunks, N, N]), fp32."""
     r, w, k, _, a, b = xs
     args = (r, w, k, a, b, dy)
-    decay, low, drive = _over_chunks(
+    decay, low, drive = over_chunks(
         cfg, _backward_terms_kernel, "wkv7_gpu_backward_terms", args, ("row", "matrix", "matrix")
     )
     return ChunkMaps(decay, low), drive
@@ -232,7 +165,7 @@ def _scan_call(cfg, maps, drive, x0, *, reverse):
             jax.ShapeDtypeStruct((bh, n, n), jnp.float32),
             jax.ShapeDtypeStruct((bh, n_chunks, n, n), jnp.float32),
         ],
-        compiler_params=_compiler_params(cfg, SCAN_NUM_STAGES),
+        compiler_params=compiler_params(cfg, SCAN_NUM_STAGES),
         interpret=cfg.interpret,
         name="wkv7_gpu_reverse_scan" if reverse else "wkv7_gpu_scan",
     )(maps.decay, maps.low, drive, x0)
@@ -242,28 +175,19 @@ def _scan_call(cfg, maps, drive, x0, *, reverse):
 # The scan over groups of chunks (scan_group > 1), composed and expanded by XLA.
 
 
-def _mm(x, y, precision):
-    """Batched [..., R, N] x [..., N, N] products; they feed the carried state or cotangent, so
-    they take the kernels' exact-dot precision: the same hi / lo split for "bf16x3" (bf16
-    tensor-core GEMMs in XLA on a GPU), IEEE fp32 otherwise (also for "tf32x3", which XLA on
-    a CPU cannot run)."""
-    product = partial(jnp.einsum, "...ij,...jk->...ik", preferred_element_type=jnp.float32)
-    if precision == "bf16x3":
-        return split_bf16_dot(product, x, y)
-    return product(x, y, precision=lax.Precision.HIGHEST)
-
-
 def _apply(x, maps, precision, *, reverse):
     """x A (x A^T when reverse) for x [..., R, N] and maps of matching batch dims."""
     low = jnp.swapaxes(maps.low, -1, -2) if reverse else maps.low
-    return x * maps.decay + _mm(x, low, precision)
+    return x * maps.decay + exact_matmul(x, low, precision)
 
 
 def _product(first, second, precision):
     """A_first A_second, still as diag(decay) + low: the decays multiply elementwise and
     (D1 + L1)(D2 + L2) = D1 D2 + (L1 D2 + D1 L2 + L1 L2)."""
     low = first.low * second.decay + jnp.swapaxes(first.decay, -1, -2) * second.low
-    return ChunkMaps(first.decay * second.decay, low + _mm(first.low, second.low, precision))
+    return ChunkMaps(
+        first.decay * second.decay, low + exact_matmul(first.low, second.low, precision)
+    )
 
 
 def _chunk(maps, j):
@@ -306,8 +230,10 @@ def _expand(maps, d, group_before, precision, *, reverse):
     return jnp.stack(befores, axis=2)
 
 
-def _scan(cfg, maps, drive, x0, *, reverse):
-    """_scan_call's result, over groups of cfg.scan_group chunks when that is > 1.
+def scan_maps(cfg, maps, drive, x0, *, reverse):
+    """The state scan x <- x A_c + D_c over the chunks from x0 [BH, N, N] (reverse: the
+    cotangent's, x <- x A_c^T + E_c, last chunk first): (final x [BH, N, N], the x before each
+    chunk's map [BH, chunks, N, N]), fp32; over groups of cfg.scan_group chunks when that is > 1.
 
     The scan kernel's steps are sequential and each costs one N x N map whatever the chunk
     size, so composing `group` chunks' maps (parallel, N^3 per chunk each way) cuts its steps
@@ -334,75 +260,23 @@ def _scan(cfg, maps, drive, x0, *, reverse):
     return x_out, before[:, :n_chunks]
 
 
-def _output_call(cfg, y0, q, starts):
-    """Y [BH, Tp, N]."""
-    return _over_chunks(cfg, _output_kernel, "wkv7_gpu_outputs", (y0, q, starts), ("tokens",))[0]
-
-
-def _gradient_call(cfg, xs, dy, starts, end_cots):
-    """(dr, dw, dk, dv, da, db) over the grid (BH, chunks, value tiles): [BH, Tp, N] fp32 for
-    head-major xs and dy; for token-major ones, [B, Tp, H, N] in the inputs' dtypes when the
-    kernel writes them whole (dv always, the key-side ones with one tile), else fp32 sums.
-
-    With full rows the kernel holds S and dS' [N, N] beside some twenty [C, N] terms; on an
-    H100 the backward with full rows took 9x the forward at B*H = 64 (docs/BENCHMARKS.md),
-    while its terms kernel and scan mirror the forward's, so this kernel is the suspect. A tile
-    of cfg.gradient_value_tile rows halves S and dS' at the price of recomputing the chunk's
-    key-side terms once per tile; key-side gradients are summed over tiles here.
-    """
-    c, vt, n = cfg.chunk, cfg.gradient_value_tile, xs[0].shape[-1]
-    n_tiles = n // vt
-    rows = pl.BlockSpec((None, None, vt, n), lambda i, j, m: (i, j, m, 0))
-    if xs[0].ndim == 4:
-        batch, seq, heads, _ = xs[0].shape
-        bh = batch * heads
-        keys = token_major_spec(heads, c, n, lambda i, j, m: (i, j, 0))
-        values = token_major_spec(heads, c, vt, lambda i, j, m: (i, j, m))
-        # [B, tiles, Tp, H, N]: tile m's partial sums.
-        partial_keys = pl.BlockSpec(
-            (None, None, c, None, n), lambda i, j, m: (i // heads, m, j, lax.rem(i, heads), 0)
-        )
-        # The final dtype where no XLA sum follows: that saves a pass of casts over them.
-        out_shape = [
-            jax.ShapeDtypeStruct(
-                (batch, n_tiles, seq, heads, n), x.dtype if n_tiles == 1 else jnp.float32
-            )
-            for x in xs
-        ]
-        out_shape[3] = jax.ShapeDtypeStruct(xs[3].shape, xs[3].dtype)
-    else:
-        bh, seq, _ = xs[0].shape
-        keys = pl.BlockSpec((None, c, n), lambda i, j, m: (i, j, 0))
-        values = pl.BlockSpec((None, c, vt), lambda i, j, m: (i, j, m))
-        partial_keys = pl.BlockSpec((None, None, c, n), lambda i, j, m: (i, m, j, 0))
-        out_shape = [jax.ShapeDtypeStruct((bh, n_tiles, seq, n), jnp.float32)] * 6
-        out_shape[3] = jax.ShapeDtypeStruct((bh, seq, n), jnp.float32)
-    n_chunks = seq // c
-    dr, dw, dk, dv, da, db = pl.pallas_call(
-        partial(_gradient_kernel, dots=cfg.dots),
-        # Tiles innermost: a chunk's tiles run together and share its key-side loads in L2.
-        grid=(bh, n_chunks, n_tiles),
-        in_specs=[keys, keys, keys, values, keys, keys, values, rows, rows],
-        out_specs=[partial_keys] * 3 + [values] + [partial_keys] * 2,
-        out_shape=out_shape,
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name="wkv7_gpu_gradients",
-    )(*xs, dy, starts, end_cots)
-    return sum_tiles(dr), sum_tiles(dw), sum_tiles(dk), dv, sum_tiles(da), sum_tiles(db)
+def output_call(cfg, y0, q, starts):
+    """Y = Y0 + Q S_c^T [BH, Tp, N] fp32 from Y0, Q [BH, Tp, N] and the chunks' start states
+    S_c [BH, chunks, N, N]."""
+    return over_chunks(cfg, _output_kernel, "wkv7_gpu_outputs", (y0, q, starts), ("tokens",))[0]
 
 
 def _forward(cfg, xs, s0):
-    maps, drive, q, y0 = _forward_terms_call(cfg, xs)
-    s_final, starts = _scan(cfg, maps, drive, s0, reverse=False)
-    return _output_call(cfg, y0, q, starts), s_final, starts
+    maps, drive, q, y0 = forward_terms_call(cfg, xs)
+    s_final, starts = scan_maps(cfg, maps, drive, s0, reverse=False)
+    return output_call(cfg, y0, q, starts), s_final, starts
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def wkv7_heads_chunk_parallel(cfg, xs, s0):
     """(y [BH, Tp, N], final state [BH, N, N]) fp32 for head-major xs = (r, w, k, v, a, b).
 
-    cfg is `gpu_chunk._Config`; Tp is a multiple of cfg.chunk; s0 [BH, N, N] fp32.
+    cfg is `gpu_chunk.KernelConfig`; Tp is a multiple of cfg.chunk; s0 [BH, N, N] fp32.
     """
     y, s_final, _ = _forward(cfg, xs, s0)
     return y, s_final
@@ -418,9 +292,9 @@ def _vjp_forward(cfg, xs, s0):
 def _vjp_backward(cfg, res, cot):
     xs, starts = res
     dy, ds_final = (x.astype(jnp.float32) for x in cot)
-    maps, e = _backward_terms_call(cfg, xs, dy)
-    ds0, end_cots = _scan(cfg, maps, e, ds_final, reverse=True)
-    grads = _gradient_call(cfg, xs, dy, starts, end_cots)
+    maps, e = backward_terms_call(cfg, xs, dy)
+    ds0, end_cots = scan_maps(cfg, maps, e, ds_final, reverse=True)
+    grads = gradient_call(cfg, xs, dy, starts, end_cots)
     grads = tuple(g.astype(x.dtype) for g, x in zip(grads, xs, strict=True))
     return grads, ds0
 
