@@ -11,7 +11,7 @@ import numpy as np
 
 from rwkvx_jax.checkpoints.directory import load_params
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.model import RWKVX
+from rwkvx_jax.model import RWKVX, bare_params
 
 
 def load(ckpt_dir: str | os.PathLike) -> tuple[RWKVXConfig, dict]:
@@ -58,6 +58,5 @@ def forward(config: RWKVXConfig, params, tokens) -> jnp.ndarray:
     Returns:
       float32 [B, T, V] logits.
     """
-    if "params" in params and len(params) == 1:
-        params = params["params"]
+    params = bare_params(params)
     return _jitted_forward(config)(params, _check_tokens(config, tokens))

@@ -82,9 +82,10 @@ def run_cli(prog: str, run: Callable[[], int | None], *, resume_hint: str | None
     except RunFailed as err:
         _say(f"{prog}: failed: {_one_line(err)}")
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        detail = f" ({_one_line(err)})" if str(err) else ""
         hint = f"; {resume_hint}" if resume_hint else ""
-        _say(f"{prog}: interrupted{hint}")
+        _say(f"{prog}: interrupted{detail}{hint}")
         return EXIT_INTERRUPTED
     return EXIT_OK if status is None else status
 

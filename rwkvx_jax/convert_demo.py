@@ -36,10 +36,34 @@ def _official_logits(path: str, tokens: np.ndarray) -> np.ndarray | None:
     return logits.numpy()
 
 
+def _require_torch() -> None:
+    """The demo starts by writing an official `.pth`, which needs torch: say so before any
+    folder is made."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "the demo writes an official .pth, which needs PyTorch: pip install -e '.[torch]' "
+            "(the CPU build, torch==2.13.0); pip install -e '.[test]' also brings the official "
+            "runtime it compares with"
+        ) from None
+
+
 def run_demo(work_dir: str | None = None, seq_len: int = 64) -> dict[str, object]:
-    """Runs the demo in work_dir (a fresh temporary directory when None); prints a report."""
-    work_dir = work_dir or tempfile.mkdtemp(prefix="rwkvx-demo-")
-    os.makedirs(work_dir, exist_ok=True)
+    """Runs the demo in work_dir (a fresh temporary directory when None); prints a report.
+
+    Raises:
+      ImportError: torch is not installed (nothing is created then).
+      FileNotFoundError: work_dir's parent folder does not exist.
+    """
+    _require_torch()
+    if work_dir is None:
+        work_dir = tempfile.mkdtemp(prefix="rwkvx-demo-")
+    else:
+        parent = os.path.dirname(os.path.abspath(work_dir))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"{work_dir}: the folder {parent} does not exist")
+        os.makedirs(work_dir, exist_ok=True)
     pth = os.path.join(work_dir, "random-rwkvx.pth")
     converted = os.path.join(work_dir, "converted")
     exported = os.path.join(work_dir, "exported.pth")

@@ -1,4 +1,4 @@
-"""Text generation from text: `generate_text` and the `python -m rwkvx_jax.generate` CLI.
+"""Generate text from a prompt: `rwkvx-generate` / `python -m rwkvx_jax.generate`.
 
 python -m rwkvx_jax.generate --checkpoint DIR --prompt "The Eiffel tower is in"
 python -m rwkvx_jax.generate --demo --prompt "Hello" --max-new-tokens 20 --temperature 0
@@ -6,6 +6,8 @@ python -m rwkvx_jax.generate --checkpoint DIR --batch-file prompts.jsonl --max-n
 python -m rwkvx_jax.generate --checkpoint DIR --prompt "$CONTEXT" --max-new-tokens 0 \\
     --state-out context.npz                          # read a long context once ...
 python -m rwkvx_jax.generate --checkpoint DIR --state-in context.npz --prompt "Q: ..."  # ... reuse
+python -m rwkvx_jax.generate --checkpoint DIR --state-in context.npz --prompt ""  # continue it
+python -m rwkvx_jax.generate --checkpoint runs/tiny --prompt "def "   # a train.py run's export
 
 --demo runs a random `tiny` model (byte vocabulary, gibberish output) so the command can be
 tried on any machine without a checkpoint. A single prompt streams its text as it is generated;
@@ -33,7 +35,12 @@ from rwkvx_jax.cli import (
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decoding.decoder import DecodeConfig
 from rwkvx_jax.decoding.sampling import SamplingConfig
-from rwkvx_jax.decoding.state_files import load_state, read_state_metadata, save_state
+from rwkvx_jax.decoding.state_files import (
+    load_next_logits,
+    load_state,
+    read_state_metadata,
+    save_state,
+)
 from rwkvx_jax.decoding.text import generate_text
 from rwkvx_jax.tokenizer import tokenizer_for_vocab
 
@@ -204,8 +211,11 @@ def _label(index: int, total: int, prompt: str) -> str:
 
 def run(args) -> None:
     """Does what the parsed flags ask (raises ValueError / OSError on bad input)."""
-    if args.prompt == "":
-        raise UsageError("--prompt is empty: the model needs at least one token to continue from")
+    if args.prompt == "" and args.state_in is None:
+        raise UsageError(
+            "--prompt is empty: the model needs at least one token to continue from (an empty "
+            "prompt continues a --state-in state)"
+        )
     prompts = [args.prompt] if args.batch_file is None else read_batch_file(args.batch_file)
     if args.state_out is not None:
         output_path(args.state_out, "--state-out")
@@ -224,10 +234,16 @@ def run(args) -> None:
         stop_tokens=tuple(stop),
         seed=args.seed,
     )
-    state = saved = None
+    state = saved = logits = None
     if args.state_in is not None:
         saved = read_state_metadata(args.state_in)
         state = load_state(args.state_in, config)
+        logits = load_next_logits(args.state_in, config)
+        if args.prompt == "" and logits is None:
+            raise UsageError(
+                f"--prompt is empty, but {args.state_in} holds no next-token logits (it was "
+                "saved by an older rwkvx-jax); give the text to continue with --prompt"
+            )
     decode_config = _decode_config(args, config, saved, len(prompts))
     stream = len(prompts) == 1
     result: dict = {}
@@ -239,6 +255,7 @@ def run(args) -> None:
         args.max_new_tokens,
         decode_config=decode_config,
         state=state,
+        logits=logits,
         on_text=(lambda row, text: _write_stdout(text)) if stream else None,
         result=result,
     )
@@ -250,7 +267,9 @@ def run(args) -> None:
             print(text, flush=True)
     if args.state_out is not None:
         extra = {"eviction": decode_config.eviction, "model": model_name}
-        save_state(args.state_out, config, result["state"], extra=extra)
+        save_state(
+            args.state_out, config, result["state"], extra=extra, next_logits=result["logits"]
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,11 @@ global batch.
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -70,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in RECIPES:
             print(f"--- {name}\n{recipe(name).to_json()}")
         return 0
-    hint = "run the same command again to resume from the last checkpoint"
+    hint = "run the same command again to resume from the last checkpoint"  # after Ctrl-C
     return run_cli(PROG, lambda: _run(args), resume_hint=hint)
 
 
@@ -89,20 +93,55 @@ def _run(args) -> None:
         _aot(config, args.aot_topology)
         return
     try:
-        result = training.train(config, progress=not args.no_progress)
+        with _stop_on_ctrl_c() as stop_requested:
+            result = training.train(
+                config, progress=not args.no_progress, stop_requested=stop_requested
+            )
     except training.NonFiniteError as err:
         raise RunFailed(str(err)) from None
-    if config.sample.tokens and not args.no_sample and jax.process_index() == 0:
-        sample = config.sample
+    sample = config.sample
+    if sample.tokens and not args.no_sample and jax.process_index() == 0:
         text = training.sample_text(result.model_config, result.state["params"], sample)
         print(
             f"\nsample after {result.final_step} steps (temperature {sample.temperature}, "
             f"top-p {sample.top_p}):\n{sample.prompt}{text}"
         )
+    if result.export_dir and jax.process_index() == 0:
         print(
             f"\ngenerate more from this run: python -m rwkvx_jax.generate --checkpoint "
-            f"{result.workdir} --prompt {sample.prompt!r}"
+            f"{shlex.quote(result.workdir)} --prompt {shlex.quote(sample.prompt)}"
         )
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c():
+    """While training, the first Ctrl-C asks the loop to stop after the current step with a
+    checkpoint (so nothing is lost and nothing is half-written); a second one stops at once.
+    Yields the question the loop asks after each step. Multi-process runs keep Python's
+    default: one process must not leave the others waiting in a collective."""
+    import jax
+
+    requested = threading.Event()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def on_ctrl_c(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        from tqdm.auto import tqdm
+
+        tqdm.write(
+            f"{PROG}: stopping after this step, with a checkpoint (Ctrl-C again: at once)",
+            file=sys.stderr,
+        )
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _aot(config, topology: str) -> None:

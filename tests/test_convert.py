@@ -259,3 +259,37 @@ def test_demo_main_job_end_to_end(tmp_path, capsys):
     assert lines["export bit-exact"] == "True"
     assert lines["logits finite"] == "True"
     assert float(lines["vs official rwkv-x (rel. max err)"]) <= 1e-4
+
+
+def test_cli_refuses_an_output_folder_that_does_not_exist(tmp_path, capsys):
+    """A mistyped output path fails with one line; no folder is created on the way."""
+    write_pth(tmp_path / "in.pth", random_state_dict(SMALL))
+    before = sorted(os.listdir(tmp_path))
+    assert convert_torch.main([str(tmp_path / "in.pth"), str(tmp_path / "no" / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and str(tmp_path / "no") in err
+    assert convert_torch.main([str(tmp_path / "in.pth"), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    for target in ("no/back.pth", "no/back.safetensors"):
+        assert convert_torch.main([str(tmp_path / "ckpt"), str(tmp_path / target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "does not exist" in err, err
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "ckpt"])
+
+
+def test_demo_without_torch_says_what_to_install_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """`convert_torch.py --demo` on a machine without torch: one line naming the install, at
+    once, and no temporary folder (nor a given WORK_DIR) left behind."""
+    import sys
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert convert_torch.main(["--demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -e '.[torch]'" in err, err
+    assert convert_torch.main(["--demo", str(tmp_path / "work")]) == 2
+    capsys.readouterr()
+    assert sorted(os.listdir(scratch)) == [] and not (tmp_path / "work").exists()

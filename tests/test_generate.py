@@ -24,6 +24,7 @@ from rwkvx_jax.decoding.sampling import SamplingConfig
 from rwkvx_jax.decoding.state_files import (
     StateFileError,
     StateMismatchError,
+    load_next_logits,
     load_state,
     read_state_metadata,
     save_state,
@@ -304,6 +305,81 @@ def test_cli_state_out_then_in_continues(cli, checkpoint, demo_run, generator):
     assert _completion(later) == at_once
 
 
+def test_cli_empty_prompt_continues_a_saved_state(cli, checkpoint, demo_run, generator):
+    """`--state-out` keeps the next-token logits, so `--prompt ""` continues the saved text
+    exactly as if it had been given whole."""
+    first, state = demo_run
+    assert load_next_logits(state, TINY).shape == (1, TINY.vocab_size)
+    later = cli(
+        "--checkpoint", checkpoint, "--state-in", state, "--prompt", "", "--max-new-tokens", 6,
+        *CLI_FLAGS,
+    )  # fmt: skip
+    at_once = generator.generate(["Hello, world" + first, "x"], GREEDY, 6)[0]
+    assert _completion(later) == at_once
+
+
+def _until_stop(steps, row) -> list[int]:
+    """A row's generated tokens, up to its first -1 (stopped)."""
+    tokens = [int(step[row]) for step in steps]
+    return tokens[: tokens.index(-1)] if -1 in tokens else tokens
+
+
+def test_empty_prompts_continue_from_state_and_logits(generator):
+    """Decoder.generate: result["logits"] are the next-token logits of result["state"], so rows
+    with empty prompts continue from them exactly as one uninterrupted run. A row that stopped
+    did not read its stop token: its logits are the ones the stop token came from, and it
+    stops again at once."""
+    free = SamplingConfig(temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0)
+    prompts = [generator.tokenizer.encode(p) for p in WHOLE]
+    whole = list(generator.decoder.generate(prompts, free, 2 * N_NEW))
+    # Row 0 stops on its third token (within the first half); row 1 may or may not.
+    stopping = dataclasses.replace(free, stop_tokens=(int(whole[2][0]),))
+    for sampling in (free, stopping):
+        whole = list(generator.decoder.generate(prompts, sampling, 2 * N_NEW))
+        first = {}
+        head = list(generator.decoder.generate(prompts, sampling, N_NEW, result=first))
+        state, logits = first["state"], first["logits"]
+        tail = list(
+            generator.decoder.generate([[], []], sampling, N_NEW, state=state, logits=logits)
+        )
+        for row in range(2):
+            joined = _until_stop(head, row) + _until_stop(tail, row)
+            assert joined == _until_stop(whole, row), (sampling.stop_tokens, row)
+    assert len(_until_stop(head, 0)) < 3 and tail[0][0] == -1  # the stop path ran
+    with pytest.raises(ValueError, match="unless it continues a given state"):
+        list(generator.decoder.generate([[], [1]], free, 1))
+
+
+def test_cli_checkpoint_may_be_a_training_run(monkeypatch, capsys, tmp_path, tiny_params):
+    """`--checkpoint runs/NAME` reads the run's exported params (RUN/export/params); a run
+    without them is named in the error."""
+    run = tmp_path / "runs" / "tiny"
+    (run / "export").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    save_params(run / "export" / "params", TINY, tiny_params)
+    loaded = []
+
+    class Recorder:
+        def __init__(self, config, params, decode_config, tokenizer=None):
+            loaded.append((config, params))
+
+        def generate(self, prompts, *args, **kwargs):
+            return [""] * len(prompts)
+
+    monkeypatch.setattr(text_module, "TextGenerator", Recorder)
+    assert main(["--checkpoint", str(run), "--prompt", "x", "--max-new-tokens", "1"]) == 0
+    config, params = loaded[0]
+    assert config == TINY
+    jax.tree.map(np.testing.assert_array_equal, params, tiny_params)
+    empty = tmp_path / "runs" / "unfinished"
+    empty.mkdir()
+    (empty / "train_config.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["--checkpoint", str(empty), "--prompt", "x"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "export/params" in err and "training run" in err
+
+
 def test_cli_batch_file(monkeypatch, capsys, tmp_path, generator, uninterrupted):
     """In-process: `generate_text` builds a generator equal to the shared one; reuse its code."""
 
@@ -353,14 +429,19 @@ def test_cli_bad_inputs(capsys, tmp_path):
     save_state(other, rwkv7, _random_state(rwkv7))
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    no_logits = tmp_path / "no-logits.npz"  # as rwkvx-jax wrote states before version 2
+    save_state(no_logits, TINY, _random_state(TINY, batch=1))
     cases = [
         (["--demo", "--prompt", ""], "--prompt is empty"),
+        (["--demo", "--prompt", ""], "continues a --state-in state"),
         (["--demo", "--prompt", "x", "--state-in", other], rwkv7.shape_hash()),
         (["--demo", "--prompt", "x", "--ban", "256"], "vocabulary"),
         (["--demo", "--prompt", "x", "--cache-size", "40"], "multiple of chunk_size"),
         (["--demo", "--batch-file", bad_json], f"{bad_json}:2"),
         (["--demo", "--batch-file", tmp_path / "none.txt"], "no such batch file"),
         (["--checkpoint", tmp_path / "nowhere", "--prompt", "x"], "nowhere"),
+        (["--demo", "--prompt", "x", "--state-out", tmp_path / "no" / "s.npz"], "does not exist"),
+        (["--demo", "--prompt", "", "--state-in", no_logits], "holds no next-token logits"),
     ]
     for args, message in cases:
         assert main([str(a) for a in args]) == EXIT_USAGE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,42 @@ def test_cli_reports_config_errors(capsys):
     assert train.main(["--print-config", "--steps", "5", "--workdir", "/tmp/x"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 5 and printed["workdir"] == "/tmp/x"
+
+
+def _damaged_checkpoint(tmp_path, damage: str) -> str:
+    """An init_checkpoint .pth of the small model, damaged one way."""
+    from rwkvx_jax.checkpoints.random_weights import random_state_dict
+    from rwkvx_jax.checkpoints.tensor_files import write_pth
+
+    path = tmp_path / f"{damage}.pth"
+    model = apply_overrides(TrainConfig(), SMALL_MODEL.split()).model.replace(n_attn_layer=0)
+    write_pth(path, random_state_dict(model))
+    if damage == "corrupt":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "wrong-keys":
+        write_pth(path, {"blocks.0.nonsense.weight": np.zeros((4, 4), np.float32)})
+    return str(path)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "wrong-keys", "no-such-corpus"])
+def test_cli_bad_start_is_one_line_and_leaves_no_run(tmp_path, capsys, damage):
+    """A corrupt, truncated or wrong-keys init_checkpoint (or a missing corpus): one line on
+    stderr, exit 2, and no runs/<workdir> skeleton (nor the runs/ folder it would have made)."""
+    import train
+
+    workdir = tmp_path / "runs" / "exp"
+    if damage == "no-such-corpus":
+        start = [f"data.corpus={tmp_path / 'nothing.jsonl'}"]
+    else:
+        start = [f"init_checkpoint={_damaged_checkpoint(tmp_path, damage)}"]
+    argv = ["--no-progress", *SMALL_RUN, *REFERENCE_KERNELS, f"workdir={workdir}", *start]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: error: "), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -462,7 +499,7 @@ def _losses(workdir):
     return [(r["step"], r["loss"]) for r in training.read_metrics(str(workdir / "metrics.jsonl"))]
 
 
-def test_kill_9_and_resume_matches_uninterrupted_run(tmp_path):
+def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path):
     steps, every = 24, 4
     cache = tmp_path / "jax-cache"
     reference = _train_cli(tmp_path / "reference", cache, steps, every)
@@ -486,11 +523,32 @@ def test_kill_9_and_resume_matches_uninterrupted_run(tmp_path):
     killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
     assert killed_at < steps
 
+    # Ctrl-C after the next checkpoint: the run saves the step it is on, says so in one line
+    # with the resume hint, and exits 130.
+    interrupted = _train_cli(workdir, cache, steps, every)
+    deadline = time.time() + 600
+    while time.time() < deadline and interrupted.poll() is None:
+        if max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) > killed_at:
+            break
+        time.sleep(0.02)
+    assert interrupted.poll() is None, "the run finished before it could be interrupted"
+    interrupted.send_signal(signal.SIGINT)
+    output, _ = interrupted.communicate(timeout=600)
+    assert interrupted.returncode == 130, output
+    # The step it was on is finished and saved: nothing is lost.
+    last = output.splitlines()[-1]
+    stopped_at = int(
+        re.match(r"train.py: interrupted \(saved a checkpoint at step (\d+) ", last)[1]
+    )
+    assert last.endswith("; run the same command again to resume from the last checkpoint")
+    assert max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == stopped_at
+    assert "Traceback" not in output
+
     resumed = _train_cli(workdir, cache, steps, every)
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     assert "resumed from" in output
-    assert _losses(workdir) == expected  # bit-exact, every step
+    assert _losses(workdir) == expected  # bit-exact, every step, after kill -9 and Ctrl-C
 
 
 def _free_port() -> int:

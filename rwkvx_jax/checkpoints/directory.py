@@ -38,7 +38,8 @@ def save_params(
     """Writes `config.json`, `metadata.json` and `params/` into out_dir, atomically.
 
     Args:
-      out_dir: target directory; must not exist (or be empty) unless `overwrite`.
+      out_dir: target directory; must not exist (or be empty) unless `overwrite`; its parent
+        folder must exist.
       config: the model config.
       params: the Flax parameter tree.
       metadata: extra facts to record (source file, source dtype, ...).
@@ -53,7 +54,9 @@ def save_params(
             "(--overwrite)"
         )
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
+    if not os.path.isdir(parent):
+        # Not created: a mistyped output path should fail, not grow a tree of folders.
+        raise CheckpointError(f"{out_dir}: the folder {parent} does not exist")
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         checkpointer = ocp.StandardCheckpointer()

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from rwkvx_jax.config import ConfigError, RWKVXConfig
-from rwkvx_jax.model import block_name
+from rwkvx_jax.model import bare_params, block_name
 
 _ATT_VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
 _LINEARS = ("receptance", "key", "value", "output")
@@ -193,8 +193,7 @@ def state_dict_from_params(params: Mapping, config: RWKVXConfig, dtype=None) -> 
       config: the model config.
       dtype: dtype of the written tensors; defaults to each parameter's own dtype.
     """
-    if "params" in params and len(params) == 1:
-        params = params["params"]
+    params = bare_params(params)
     out = OrderedDict()
     for entry in layout(config):
         value = np.asarray(_get(params, entry.path))

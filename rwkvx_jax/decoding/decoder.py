@@ -285,29 +285,48 @@ class Decoder:
         max_new_tokens: int,
         *,
         state: DecodeState | None = None,
+        logits=None,
         token_weights=None,
         result: dict | None = None,
     ) -> Iterator[np.ndarray]:
         """Streams generated tokens, one array per step.
 
         Args:
-          prompts: token lists, one per sequence (may differ in length; may be empty when
-            `state` already holds a context whose last logits are unknown: not allowed).
+          prompts: token lists, one per sequence (they may differ in length). A prompt may be
+            empty only when `state` and `logits` are given: that row continues straight from
+            its state.
           sampling: the sampler settings (greedy when temperature is 0).
           max_new_tokens: most tokens generated per sequence.
-          state: continue these sequences (after their previous context).
+          state: continue these sequences (after their previous context); consumed.
+          logits: float32 [B, V], the next-token logits of `state`'s sequences (what
+            `result["logits"]` or `state_files.load_next_logits` give); used for the rows whose
+            prompt is empty.
           token_weights: [V] penalty weights per id (`sampling.token_penalty_weights`).
-          result: if given, filled with "state" (the final DecodeState: every generated token
-            read) and "sampler" when the generator is exhausted.
+          result: if given, filled when the generator is exhausted with "state" (the final
+            DecodeState: every generated token read, a stop token not), "logits" (float32
+            [B, V], the next-token logits of that state) and "sampler".
 
         Yields:
           int32 [B]: each sequence's new token, or -1 once it has stopped (stop token or done).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token to predict from")
+        empty = np.array([len(p) == 0 for p in prompts])
+        if empty.any() and (state is None or logits is None):
+            raise ValueError(
+                "every prompt needs at least one token to predict from, unless it continues a "
+                "given state whose next-token logits are given too (state=, logits=)"
+            )
+        given_logits = logits
         logits, state = self.prefill(prompts, state)
+        if empty.any():
+            given_logits = jnp.asarray(given_logits, jnp.float32)
+            if given_logits.shape != logits.shape:
+                raise ValueError(
+                    f"logits must be [batch, vocab_size] = {list(logits.shape)}, got "
+                    f"{list(given_logits.shape)}"
+                )
+            logits = jnp.where(jnp.asarray(empty)[:, None], given_logits, logits)
         batch = logits.shape[0]
         self._check_capacity(state, np.full((batch,), max_new_tokens))
         sampler: SamplerState = init_sampler_state(batch, self.config.vocab_size, sampling.seed)
@@ -315,17 +334,27 @@ class Decoder:
             token_weights = jnp.asarray(token_weights, jnp.float32)
         active = jnp.ones((batch,), bool)
         advance = self._advance(sampling)
+        # A row that stops does not read its stop token: its next-token logits stay the ones
+        # the stop token was drawn from.
+        stopped_logits = logits
         for _ in range(max_new_tokens):
+            previous = logits
             tokens, now_active, logits, state, sampler = advance(
                 self.weights, state, sampler, logits, active, token_weights
             )
-            out = np.where(np.asarray(active) & np.asarray(now_active), np.asarray(tokens), -1)
+            was, now = np.asarray(active), np.asarray(now_active)
+            if (was & ~now).any():
+                stopped_logits = jnp.where(
+                    jnp.asarray(was & ~now)[:, None], previous, stopped_logits
+                )
+            out = np.where(was & now, np.asarray(tokens), -1)
             active = now_active
             yield out.astype(np.int32)
-            if not bool(np.asarray(active).any()):
+            if not bool(now.any()):
                 break
         if result is not None:
             result["state"], result["sampler"] = state, sampler
+            result["logits"] = jnp.where(active[:, None], logits, stopped_logits)
 
 
 def greedy_tokens(decoder: Decoder, prompts: Sequence[Sequence[int]], n: int) -> np.ndarray:

@@ -31,8 +31,10 @@ from rwkvx_jax.sparse.kv_cache import ChunkKVCache, cached_tokens
 from rwkvx_jax.sparse.official import FlatKVCache
 
 FORMAT_NAME = "rwkvx-jax-decode-state"
-FORMAT_VERSION = 1
+# 2 adds the optional next-token logits; version 1 files read the same without them.
+FORMAT_VERSION = 2
 METADATA_KEY = "__metadata__"
+NEXT_LOGITS_KEY = "__next_logits__"
 
 
 class StateFileError(ValueError):
@@ -88,6 +90,7 @@ def save_state(
     state: DecodeState,
     *,
     extra: Mapping[str, Any] | None = None,
+    next_logits=None,
 ) -> None:
     """Writes a decode state to `path` (a single `.npz`), atomically.
 
@@ -96,6 +99,9 @@ def save_state(
       config: the model the state belongs to.
       state: the state (e.g. `Decoder.generate`'s `result["state"]`); not consumed.
       extra: JSON-serialisable facts to keep beside it (read back by `read_state_metadata`).
+      next_logits: float32 [B, V], the logits of the token that follows the state (e.g.
+        `Decoder.generate`'s `result["logits"]`), so a continuation can start with no new
+        prompt tokens (`load_next_logits`); None stores none.
 
     Raises:
       StateMismatchError: the state's leaves do not have the shapes `config` gives a state.
@@ -141,6 +147,14 @@ def save_state(
     except TypeError as err:
         raise TypeError(f"save_state: extra must be JSON-serialisable ({err})") from None
     arrays[METADATA_KEY] = np.frombuffer(blob, np.uint8)
+    if next_logits is not None:
+        logits = np.asarray(next_logits, np.float32)
+        if logits.shape != (batch, config.vocab_size):
+            raise StateMismatchError(
+                f"cannot save to {path}: next_logits has shape {list(logits.shape)}, expected "
+                f"[batch, vocab_size] = [{batch}, {config.vocab_size}]"
+            )
+        arrays[NEXT_LOGITS_KEY] = logits
 
     def write(staged: str) -> None:
         with open(staged, "wb") as f:  # a file object: np.savez would append ".npz" to a name
@@ -284,7 +298,7 @@ def load_state(path: str | os.PathLike, config: RWKVXConfig) -> DecodeState:
             ) from None
         template_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
         names = [_leaf_name(p) for p, _ in template_leaves]
-        stored = set(archive.files) - {METADATA_KEY}
+        stored = set(archive.files) - {METADATA_KEY, NEXT_LOGITS_KEY}
         if stored != set(names) or set(metadata["leaves"]) != set(names):
             missing = sorted(set(names) - stored)
             unexpected = sorted(stored - set(names))
@@ -303,3 +317,30 @@ def load_state(path: str | os.PathLike, config: RWKVXConfig) -> DecodeState:
             f"{signature} ({_config_differences(metadata['config'], config)})"
         )
     return jax.tree_util.tree_unflatten(treedef, [jax.device_put(v) for v in values])
+
+
+def load_next_logits(path: str | os.PathLike, config: RWKVXConfig) -> np.ndarray | None:
+    """The next-token logits saved with a state (`save_state(..., next_logits=)`), float32
+    [B, V], or None when the file holds none.
+
+    Raises:
+      StateFileError: the file is missing or damaged, or its logits have the wrong shape.
+      StateMismatchError: the state belongs to another model.
+    """
+    path = os.fspath(path)
+    with _open(path) as archive:
+        metadata = _read_metadata(path, archive)
+        _check_model(path, metadata, config)
+        if NEXT_LOGITS_KEY not in archive.files:
+            return None
+        try:
+            logits = archive[NEXT_LOGITS_KEY]
+        except _READ_ERRORS as err:
+            raise StateFileError(f"{path}: next-token logits are unreadable ({err})") from None
+    expected = (int(metadata["batch"]), config.vocab_size)
+    if logits.dtype != np.float32 or logits.shape != expected:
+        raise StateFileError(
+            f"{path}: next-token logits are {logits.dtype}{list(logits.shape)}, expected "
+            f"float32{list(expected)}"
+        )
+    return logits

@@ -14,9 +14,10 @@ from rwkvx_jax.model import DecodeState
 from rwkvx_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 
 
-def _broadcast_state(state: DecodeState, batch: int) -> DecodeState:
-    """A state of `batch` sequences: as given, or one sequence's state copied to every row."""
-    have = int(state.lengths.shape[0])
+def _broadcast_state(state, batch: int):
+    """A state (or its [B, V] next-token logits) of `batch` sequences: as given, or one
+    sequence's copied to every row."""
+    have = int(jax.tree.leaves(state)[0].shape[0])
     if have == batch:
         return state
     if have != 1:
@@ -59,11 +60,12 @@ class TextGenerator:
         # The official penalty rule: whitespace and digit tokens add nothing to their count.
         self.token_weights = token_penalty_weights(self.tokenizer.decode, config.vocab_size)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+    def encode_prompts(self, prompts: Sequence[str], allow_empty: bool = False) -> list[list[int]]:
         """Token ids of each prompt.
 
         Raises:
-          ValueError: no prompts, or a prompt with no tokens (names its index).
+          ValueError: no prompts, or (unless allow_empty) a prompt with no tokens (names its
+            index).
           TypeError: a prompt is not a str.
         """
         if isinstance(prompts, str):
@@ -75,7 +77,7 @@ class TextGenerator:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt {index} must be a str, got {type(prompt).__name__}")
             tokens = self.tokenizer.encode(prompt)
-            if not tokens:
+            if not tokens and not allow_empty:
                 raise ValueError(
                     f"prompt {index} is empty: the model needs at least one token to continue from"
                 )
@@ -98,6 +100,7 @@ class TextGenerator:
         max_new_tokens: int,
         *,
         state: DecodeState | None = None,
+        logits=None,
         on_text: Callable[[int, str], None] | None = None,
         result: dict | None = None,
     ) -> list[str]:
@@ -107,9 +110,11 @@ class TextGenerator:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         self.check_sampling(sampling)
-        ids = self.encode_prompts(prompts)
+        ids = self.encode_prompts(prompts, allow_empty=logits is not None)
         if state is not None:
             state = _broadcast_state(state, len(ids))
+        if logits is not None:
+            logits = _broadcast_state(jnp.asarray(logits, jnp.float32), len(ids))
         streams = [self.tokenizer.streaming_decoder() for _ in ids]
         pieces: list[list[str]] = [[] for _ in ids]
         generated: list[list[int]] = [[] for _ in ids]
@@ -126,6 +131,7 @@ class TextGenerator:
             sampling,
             max_new_tokens,
             state=state,
+            logits=logits,
             token_weights=self.token_weights,
             result=decoded,
         )
@@ -151,6 +157,7 @@ def generate_text(
     *,
     decode_config: DecodeConfig | None = None,
     state: DecodeState | None = None,
+    logits=None,
     on_text: Callable[[int, str], None] | None = None,
     result: dict | None = None,
 ) -> list[str]:
@@ -162,23 +169,31 @@ def generate_text(
     Args:
       config: the model config.
       params: its Flax parameter tree.
-      prompts: B non-empty strings.
+      prompts: B strings; one may be empty only to continue a state with its `logits`.
       sampling: sampler settings (temperature 0 = greedy; stop tokens end a row, and are not
         part of its text).
       max_new_tokens: most tokens generated per prompt (0: only read the prompts).
       decode_config: cache size, eviction, prefill piece, attention mode.
-      state: continue saved sequences (`state_io.load_state`): each prompt is appended to its
-        row's context; a state of one sequence is shared by every prompt. Consumed.
+      state: continue saved sequences (`state_files.load_state`): each prompt is appended to
+        its row's context; a state of one sequence is shared by every prompt. Consumed.
+      logits: float32 [B or 1, V], the state's next-token logits
+        (`state_files.load_next_logits`): needed for empty prompts.
       on_text: called as on_text(row, text) whenever a row's text grows (never splits a
         UTF-8 character), for streaming.
       result: if given, filled with "state" (the final `DecodeState`, every generated token
-        read, ready for `state_io.save_state`), "sampler", and "tokens" (each row's generated
-        ids).
+        read, ready for `state_files.save_state`), "logits" (its next-token logits),
+        "sampler", and "tokens" (each row's generated ids).
 
     Returns:
       B strings: each prompt's generated text (without the prompt).
     """
     generator = TextGenerator(config, params, decode_config)
     return generator.generate(
-        prompts, sampling, max_new_tokens, state=state, on_text=on_text, result=result
+        prompts,
+        sampling,
+        max_new_tokens,
+        state=state,
+        logits=logits,
+        on_text=on_text,
+        result=result,
     )

@@ -25,6 +25,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from rwkvx_jax.config import ConfigError
+from rwkvx_jax.model import bare_params
 
 KERNEL_LAYOUTS = ("auto", "in_out", "out_in")
 # Dense modules whose kernel stays [in, out] in the "out_in" layout (measured faster so).
@@ -67,8 +68,7 @@ def prepare_decode_weights(params, layout: str = "auto") -> DecodeWeights:
     """
     if isinstance(params, DecodeWeights):
         return params
-    if "params" in params and len(params) == 1:
-        params = params["params"]
+    params = bare_params(params)
     if resolve_layout(layout, params) == "in_out":
         return DecodeWeights(params, {})
     flat = traverse_util.flatten_dict(params)

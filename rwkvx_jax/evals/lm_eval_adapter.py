@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decoding.decoder import DEFAULT_PREFILL_TOKENS, DecodeConfig, Decoder
 from rwkvx_jax.decoding.sampling import SamplingConfig
-from rwkvx_jax.model import RWKVX
+from rwkvx_jax.model import RWKVX, bare_params
 from rwkvx_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 
 MODEL_NAME = "rwkvx"
@@ -201,8 +201,7 @@ class RWKVXLM(LM):
             from rwkvx_jax.checkpoints.random_weights import demo_model
 
             config, params = demo_model()
-        if "params" in params and len(params) == 1:
-            params = params["params"]
+        params = bare_params(params)
         if dtype is not None:
             config = config.replace(dtype=dtype)
         self.config = config

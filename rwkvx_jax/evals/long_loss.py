@@ -33,7 +33,9 @@ from rwkvx_jax.atomic_files import write_atomically
 from rwkvx_jax.cli import (
     Parser,
     UsageError,
+    add_decode_arguments,
     add_model_arguments,
+    decode_config_from_args,
     int_at_least,
     load_model,
     parse_token_count,
@@ -42,8 +44,7 @@ from rwkvx_jax.cli import (
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
 from rwkvx_jax.evals.common import finite_or_nan, format_tokens, prepare_out_dir
-from rwkvx_jax.model import RWKVX
-from rwkvx_jax.sparse.kv_cache import EVICTION_POLICIES
+from rwkvx_jax.model import RWKVX, bare_params
 from rwkvx_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 from rwkvx_jax.training.losses import token_cross_entropy
 
@@ -85,8 +86,7 @@ class PositionLoss:
                 "long-context loss runs the training semantics (attention_mode='train'); the "
                 "official mode reads a sequence in one call, so its memory is not bounded"
             )
-        if "params" in params and len(params) == 1:
-            params = params["params"]
+        params = bare_params(params)
         self.config = config
         self.params = params
         self.decode_config = decode_config
@@ -509,26 +509,11 @@ def _parser() -> Parser:
         help="windows read together (default 1)",
     )
     add("--out", required=True, metavar="DIR", help="output directory")
-    add(
-        "--cache-size",
-        type=int_at_least(1),
-        default=None,
-        metavar="TOKENS",
-        help="KV cache per sparse block and sequence (default: the whole window, exact; "
-        "smaller evicts chunks: constant memory, approximate)",
-    )
-    add(
-        "--eviction",
-        choices=EVICTION_POLICIES,
-        default="distinct",
-        help="past the cache (default distinct)",
-    )
-    add(
-        "--prefill-chunk",
-        type=int_at_least(1),
-        default=None,
-        metavar="TOKENS",
-        help="tokens per piece (default 512)",
+    add_decode_arguments(
+        parser,
+        cache_default="the whole window, exact; smaller evicts chunks: constant memory, "
+        "approximate",
+        attention_mode=False,
     )
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -541,9 +526,7 @@ def _run(args) -> None:
     bucket_edges(context, args.buckets, args.spacing)  # size errors before loading the model
     files = expand_files(args.files)
     config, params, model_name = load_model(args)
-    decode_config = DecodeConfig(
-        cache_size=args.cache_size, eviction=args.eviction, prefill_chunk=args.prefill_chunk
-    )
+    decode_config = decode_config_from_args(args)
     run = run_long_loss(
         PositionLoss(config, params, decode_config),
         files,

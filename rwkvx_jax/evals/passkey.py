@@ -35,7 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkvx_jax.atomic_files import write_atomically
-from rwkvx_jax.cli import Parser, UsageError, add_model_arguments, int_at_least, load_model, run_cli
+from rwkvx_jax.cli import (
+    Parser,
+    UsageError,
+    add_decode_arguments,
+    add_model_arguments,
+    decode_config_from_args,
+    int_at_least,
+    load_model,
+    run_cli,
+)
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.data.passkey import (
     DEFAULT_KEY_DIGITS,
@@ -53,7 +62,6 @@ from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
 from rwkvx_jax.decoding.sampling import SamplingConfig
 from rwkvx_jax.decoding.weights import prepare_decode_weights
 from rwkvx_jax.evals.common import format_tokens, parse_lengths, prepare_out_dir
-from rwkvx_jax.sparse.kv_cache import EVICTION_POLICIES
 from rwkvx_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 
 PROG = "python -m rwkvx_jax.evals.passkey"
@@ -673,32 +681,7 @@ def _parser() -> Parser:
         metavar="N",
         help="prompts decoded together (default: --seeds)",
     )
-    add(
-        "--cache-size",
-        type=int_at_least(1),
-        default=None,
-        metavar="TOKENS",
-        help="KV cache per sparse block and sequence (default: the longest prompt, exact)",
-    )
-    add(
-        "--eviction",
-        choices=EVICTION_POLICIES,
-        default="distinct",
-        help="past the cache (default distinct)",
-    )
-    add(
-        "--attention-mode",
-        choices=("train", "official"),
-        default="train",
-        help="sparse attention of training (default) or of the official runtime",
-    )
-    add(
-        "--prefill-chunk",
-        type=int_at_least(1),
-        default=None,
-        metavar="TOKENS",
-        help="tokens per prefill piece (default 512)",
-    )
+    add_decode_arguments(parser, cache_default="the longest prompt, exact")
     add("--no-reuse-prefix", action="store_true", help="read every prompt from its start")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -709,12 +692,7 @@ def _run(args) -> None:
     if args.key_digits > 18:
         raise UsageError(f"--key-digits must be at most 18, got {args.key_digits}")
     config, params, model_name = load_model(args)
-    decode_config = DecodeConfig(
-        cache_size=args.cache_size,
-        eviction=args.eviction,
-        prefill_chunk=args.prefill_chunk,
-        attention_mode=args.attention_mode,
-    )
+    decode_config = decode_config_from_args(args)
     evaluator = PasskeyEvaluator(
         config,
         params,

@@ -35,7 +35,7 @@ from rwkvx_jax.training.flops import (
     measure_peak_flops,
     training_flops_per_token,
 )
-from rwkvx_jax.training.loop import NonFiniteError, TrainResult, train
+from rwkvx_jax.training.loop import NonFiniteError, StopRequested, TrainResult, train
 from rwkvx_jax.training.metrics import MetricsLog, read_metrics
 from rwkvx_jax.training.program import TrainProgram
 from rwkvx_jax.training.remat import block_transforms
@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointStore",
     "MetricsLog",
     "NonFiniteError",
+    "StopRequested",
     "TrainConfig",
     "TrainConfigError",
     "TrainProgram",

@@ -31,6 +31,7 @@ def export_params(workdir: str, model_config: RWKVXConfig, params, config: Train
     export_dir = os.path.join(workdir, "export")
     if jax.process_index() != 0:
         return export_dir
+    os.makedirs(export_dir, exist_ok=True)
     params_dir = os.path.join(export_dir, "params")
     metadata = {
         "source": f"train.py recipe {config.name}, step {config.steps}",

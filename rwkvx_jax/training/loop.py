@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +18,7 @@ from rwkvx_jax import sharding as shd
 from rwkvx_jax.atomic_files import write_text_atomically
 from rwkvx_jax.checkpoints.train_state import CheckpointStore, TrainState
 from rwkvx_jax.config import RWKVXConfig
+from rwkvx_jax.data import make_train_iterator
 from rwkvx_jax.training.aot import describe_memory
 from rwkvx_jax.training.config import TrainConfig
 from rwkvx_jax.training.corpus import load_corpus
@@ -30,6 +33,10 @@ Log = Callable[[str], None]
 
 class NonFiniteError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the state of that step was not saved."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """`train` stopped early when asked (`stop_requested`), after saving a checkpoint."""
 
 
 @dataclasses.dataclass
@@ -49,16 +56,69 @@ def _device_metrics(metrics) -> dict:
     return {k: (bool(v) if k == "finite" else float(v)) for k, v in jax.device_get(metrics).items()}
 
 
+@dataclasses.dataclass
+class _Run:
+    """A run ready to step: what `_start` set up."""
+
+    workdir: str
+    model_config: RWKVXConfig
+    program: TrainProgram
+    store: CheckpointStore
+    iterator: Any
+    state: TrainState
+    start_step: int
+    resume_step: int | None
+    tokens_per_step: int
+    flops_per_step: float
+    peak: float
+
+
+def _first_missing_folder(path: str) -> str | None:
+    """The outermost folder of `path` (itself included) that does not exist yet, or None."""
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+@contextlib.contextmanager
+def _removed_if_start_fails(workdir: str):
+    """Removes the folders a failed start created (a bad config, corpus or checkpoint, Ctrl-C
+    while compiling), so a failed first start leaves no run skeleton behind."""
+    created = _first_missing_folder(workdir)
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 def train(
     config: TrainConfig,
     *,
     mesh: Mesh | None = None,
     progress: bool = True,
     log: Log | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Trains `config` in `config.workdir`, resuming from its latest checkpoint if any.
 
+    A start that fails (before the first step) removes the folders it created.
+
+    Args:
+      config: the run.
+      mesh: the device mesh (default: `sharding.make_mesh(config.mesh)`).
+      progress: show a progress bar.
+      log: where progress lines go (default: tqdm.write on process 0).
+      stop_requested: asked after every step; when it answers True the run saves a
+        checkpoint at that step and raises `StopRequested` (train.py's Ctrl-C).
+
     Raises:
+      StopRequested: `stop_requested` said so; re-running resumes from the saved step.
       NonFiniteError: a step's loss or gradient norm was NaN/inf. Nothing from that step on is
         saved; the checkpoints already written stay, and re-running resumes from the last one.
       TrainConfigError: inconsistent settings, missing corpus or checkpoint.
@@ -68,14 +128,31 @@ def train(
     primary = jax.process_index() == 0
     log = log or (lambda text: tqdm.write(text) if primary else None)
     workdir = os.path.abspath(config.workdir)
+    with _removed_if_start_fails(workdir):
+        run = _start(config, workdir, mesh or shd.make_mesh(config.mesh), log, primary)
+    return _run_steps(config, run, progress, log, primary, stop_requested)
+
+
+def _start(config: TrainConfig, workdir: str, mesh: Mesh, log: Log, primary: bool) -> _Run:
+    """Resumes or initialises the run's state, data iterator and compiled step."""
     os.makedirs(workdir, exist_ok=True)
-    mesh = mesh or shd.make_mesh(config.mesh)
     store = CheckpointStore(
         os.path.join(workdir, "checkpoints"),
         config.checkpoint.every,
         config.checkpoint.keep,
         config.checkpoint.async_save,
     )
+    try:
+        return _prepare(config, workdir, mesh, log, primary, store)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _prepare(
+    config: TrainConfig, workdir: str, mesh: Mesh, log: Log, primary: bool, store: CheckpointStore
+) -> _Run:
+    """The rest of `_start`, once the run's checkpoint store is open."""
     resume_step = store.latest_step()
     model_config_path = os.path.join(workdir, "model_config.json")
     init_params = None
@@ -94,8 +171,6 @@ def train(
 
     program = TrainProgram.create(config, model_config, mesh)
     tokens = load_corpus(config.data, model_config.vocab_size)
-    from rwkvx_jax.data import make_train_iterator
-
     iterator = make_train_iterator(
         tokens,
         ctx=config.data.ctx,
@@ -141,6 +216,26 @@ def train(
         log(describe_memory(compiled))
     else:
         log(f"the run already reached step {config.steps}; raise --steps to train further")
+    return _Run(
+        workdir, model_config, program, store, iterator, state, start_step, resume_step,
+        tokens_per_step, flops_per_step, peak,
+    )  # fmt: skip
+
+
+def _run_steps(
+    config: TrainConfig,
+    run: _Run,
+    progress: bool,
+    log: Log,
+    primary: bool,
+    stop_requested: Callable[[], bool] | None,
+) -> TrainResult:
+    """Steps the run to `config.steps`, logging and checkpointing; then exports."""
+    from tqdm.auto import tqdm
+
+    workdir, program, store, iterator = run.workdir, run.program, run.store, run.iterator
+    state, start_step = run.state, run.start_step
+    tokens_per_step, flops_per_step, peak = run.tokens_per_step, run.flops_per_step, run.peak
 
     metrics_log = MetricsLog(workdir, start_step, enabled=primary)
     if primary and not metrics_log.has_tensorboard:
@@ -152,7 +247,7 @@ def train(
     )  # fmt: skip
     pending: list[tuple[int, Any]] = []
     last_done = {"time": time.perf_counter()}
-    last_saved = resume_step
+    last_saved = run.resume_step
 
     def resolve(step: int, device_metrics) -> None:
         values = _device_metrics(device_metrics)
@@ -193,10 +288,13 @@ def train(
             # Read step s-1's metrics while step s runs: one step stays in flight.
             while len(pending) > 1:
                 resolve(*pending.pop(0))
-            if store.due(step, config.steps):
+            stopping = stop_requested is not None and step < config.steps and stop_requested()
+            if stopping or store.due(step, config.steps):
                 flush()
                 store.save(step, state, iterator)
                 last_saved = step
+            if stopping:
+                raise StopRequested(f"saved a checkpoint at step {step} in {workdir}/checkpoints")
         flush()
     except BaseException:
         bar.close()
@@ -213,9 +311,9 @@ def train(
         log(f"{drawn}; metrics: {metrics_log.path}")
     export_dir = None
     if config.checkpoint.export:
-        export_dir = export_params(workdir, model_config, state["params"], config, log)
+        export_dir = export_params(workdir, run.model_config, state["params"], config, log)
     return TrainResult(
-        model_config=model_config,
+        model_config=run.model_config,
         state=state,
         start_step=start_step,
         final_step=config.steps,
