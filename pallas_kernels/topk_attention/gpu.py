@@ -52,12 +52,14 @@ from .plan import (
     is_dense_causal,
     is_int,
     max_pair_tiles,
+    options_or_default,
     pack_pair_tiles,
     sum_over_picks,
     tile_operands,
     to_groups,
 )
 from .reference import select_chunks, validate_args
+from .vjp import attention_vjp
 
 _MIN_BLOCK = 16  # Triton dots need every dimension >= 16
 
@@ -95,7 +97,6 @@ class BlockSizes:
 class _Plan(NamedTuple):
     """Static description of one call (hashable: a nondiff argument of the custom VJP)."""
 
-    seq_len: int  # true T
     padded_len: int  # T rounded up to a multiple of max(block_q, block_k)
     head_dim: int  # D padded to a power of 2 >= 16 (zero columns change no dot product)
     segment: int  # length of a causal segment: chunk_size, or padded_len when dense
@@ -157,7 +158,6 @@ def _make_plan(shape, chunk_size, top_k, block_sizes: BlockSizes, interpret) -> 
     if use_pairs:
         n_tiles = max_pair_tiles(count_pairs(t, chunk_size, n_pick), n_candidates, pair_tile)
     return _Plan(
-        seq_len=t,
         padded_len=padded,
         head_dim=max(_MIN_BLOCK, _next_pow2(d)),
         segment=padded if dense else chunk_size,
@@ -607,22 +607,8 @@ def _forward(q, k, v, sel, plan: _Plan):
     return o, lse, tiles
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, sel, plan: _Plan):
-    o, lse, _ = _forward(q, k, v, sel, plan)
-    return o, lse
-
-
-def _attention_fwd(q, k, v, sel, plan: _Plan):
-    o, lse, tiles = _forward(q, k, v, sel, plan)
-    return (o, lse), (q, k, v, o, lse, tiles)
-
-
-def _attention_bwd(plan: _Plan, residuals, cotangents):
-    q, k, v, o, lse, tiles = residuals
-    d_o, d_lse = cotangents
-    # d lse / d logits = p, so a cotangent on lse just shifts delta.
-    delta = (o * d_o).sum(axis=-1) - d_lse
+def _backward(plan: _Plan, residuals, d_o, delta):
+    q, k, v, _, lse, tiles = residuals
     do = d_o.astype(q.dtype)
     dq, dk, dv = _own_backward(q, k, v, do, lse, delta, plan)
     if plan.use_pairs:
@@ -631,26 +617,13 @@ def _attention_bwd(plan: _Plan, residuals, cotangents):
         dq = dq + sum_over_picks(dq_t, tiles.slot)
         tail = ((0, 0), (0, plan.padded_len - dk_p.shape[1]), (0, 0))
         dk, dv = dk + jnp.pad(dk_p, tail), dv + jnp.pad(dv_p, tail)
-    sel_cotangent = None
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), sel_cotangent
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
-
-
-def _checked_block_sizes(block_sizes) -> BlockSizes:
-    """The given sizes, or the defaults for None; anything else is an error naming it."""
-    if block_sizes is None:
-        return BlockSizes.get_default()
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(
-            f"block_sizes must be a pallas_kernels.topk_attention.gpu.BlockSizes or None, "
-            f"got {block_sizes!r}"
-        )
-    return block_sizes
 
 
 def topk_chunk_attention_gpu(
@@ -682,7 +655,13 @@ def topk_chunk_attention_gpu(
       o [B, T, H, D] in q.dtype, or (o, lse [B, T, H] fp32) when return_lse.
     """
     validate_args(q, k, v, chunk_size, top_k)
-    plan = _make_plan(q.shape, chunk_size, top_k, _checked_block_sizes(block_sizes), interpret)
+    plan = _make_plan(
+        q.shape,
+        chunk_size,
+        top_k,
+        options_or_default(block_sizes, BlockSizes, "block_sizes"),
+        interpret,
+    )
     b, t, h, d = q.shape
 
     def kernel_layout(x):  # [B, T, H, D] -> [B*H, Tp, Dp], dtype kept
@@ -724,7 +703,7 @@ def gpu_work_fraction(
     """
     if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    block_sizes = _checked_block_sizes(block_sizes)
+    block_sizes = options_or_default(block_sizes, BlockSizes, "block_sizes")
     dummy = jax.ShapeDtypeStruct((1, seq_len, 1, 1), jnp.float32)
     validate_args(dummy, dummy, dummy, chunk_size, top_k)
     plan = _make_plan(dummy.shape, chunk_size, top_k, block_sizes, False)

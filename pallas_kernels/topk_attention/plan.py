@@ -35,6 +35,22 @@ def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
+def options_or_default(options, options_type: type, name: str):
+    """`options`, or `options_type.get_default()` for None; a ValueError naming anything else.
+
+    Args:
+      options: the kernel options a caller passed as argument `name`, or None.
+      options_type: the backend's options dataclass (e.g. `gpu.BlockSizes`).
+      name: the argument's name, for the error.
+    """
+    if options is None:
+        return options_type.get_default()
+    if not isinstance(options, options_type):
+        expected = f"{options_type.__module__}.{options_type.__qualname__}"
+        raise ValueError(f"{name} must be a {expected} or None, got {options!r}")
+    return options
+
+
 # ----------------------------------------------------------------------------- regime and counts
 
 

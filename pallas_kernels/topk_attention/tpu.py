@@ -43,7 +43,6 @@ Design (oracle: `reference.topk_chunk_attention_reference`; the pure-JAX twin is
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -63,12 +62,14 @@ from .plan import (
     is_int,
     max_pair_tiles,
     merge_own_and_picks,
+    options_or_default,
     pack_pair_tiles,
     sum_over_picks,
     tile_operands,
     to_groups,
 )
 from .reference import select_chunks, validate_args
+from .vjp import attention_vjp
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -115,13 +116,11 @@ class BlockSizes:
 class _Plan(NamedTuple):
     """Static description of one call (hashable: it is a nondiff argument of the custom VJP)."""
 
-    seq_len: int  # true T
     padded_len: int  # Tp: T rounded up to whole query and key blocks
     block_q: int
     block_k: int
     segment: int  # rows of one causal segment: chunk_size, or padded_len in the dense regime
     chunk_size: int
-    n_pick: int  # top_k - 1
     pairs: bool  # whether selected chunks exist (sparse regime and top_k > 1)
     n_candidates: int  # chunks that can be selected: all but the last
     pair_tile: int
@@ -142,18 +141,6 @@ def _check_interpret(interpret) -> None:
         raise ValueError(
             f"interpret must be False, True or a pltpu.InterpretParams, got {interpret!r}"
         )
-
-
-def _checked_block_sizes(block_sizes) -> BlockSizes:
-    """The given sizes, or the defaults for None; anything else is an error naming it."""
-    if block_sizes is None:
-        return BlockSizes.get_default()
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(
-            f"block_sizes must be a pallas_kernels.topk_attention.tpu.BlockSizes or None, "
-            f"got {block_sizes!r}"
-        )
-    return block_sizes
 
 
 def _make_plan(
@@ -201,13 +188,11 @@ def _make_plan(
     if pairs:
         n_tiles = max_pair_tiles(count_pairs(seq_len, chunk_size, n_pick), n_candidates, pair_tile)
     return _Plan(
-        seq_len=seq_len,
         padded_len=padded,
         block_q=bq,
         block_k=bk,
         segment=segment,
         chunk_size=chunk_size,
-        n_pick=n_pick,
         pairs=pairs,
         n_candidates=n_candidates,
         pair_tile=pair_tile,
@@ -244,7 +229,14 @@ def tpu_work_fraction(
     Returns:
       computed products / (T * (T + 1) / 2).
     """
-    plan = _make_plan(seq_len, 1, chunk_size, top_k, _checked_block_sizes(block_sizes), False)
+    plan = _make_plan(
+        seq_len,
+        1,
+        chunk_size,
+        top_k,
+        options_or_default(block_sizes, BlockSizes, "block_sizes"),
+        False,
+    )
     n_q_blocks = plan.padded_len // plan.block_q
     own = sum(_last_key_block(i, plan) + 1 for i in range(n_q_blocks)) * plan.block_q * plan.block_k
     pairs = plan.n_tiles * plan.pair_tile * plan.chunk_size
@@ -728,22 +720,8 @@ def _forward(q, k, v, sel, plan: _Plan):
     return o, lse, (tiles, info)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, sel, plan: _Plan):
-    o, lse, _ = _forward(q, k, v, sel, plan)
-    return o, lse
-
-
-def _attention_fwd(q, k, v, sel, plan: _Plan):
-    o, lse, tiles = _forward(q, k, v, sel, plan)
-    return (o, lse), (q, k, v, o, lse, tiles)
-
-
-def _attention_bwd(plan: _Plan, residuals, cotangents):
-    q, k, v, o, lse, pair_tiles = residuals
-    d_out, d_lse = cotangents
-    # d lse / d logits = p, so a cotangent on lse just shifts delta.
-    delta = (o * d_out).sum(axis=-1) - d_lse
+def _backward(plan: _Plan, residuals, d_out, delta):
+    q, k, v, _, lse, pair_tiles = residuals
     do = d_out.astype(q.dtype)  # MXU operand dtype
     dq, dk, dv = _own_backward(q, k, v, do, lse[:, None], delta[:, None], plan)
     if plan.pairs:
@@ -753,10 +731,10 @@ def _attention_bwd(plan: _Plan, residuals, cotangents):
             q_t, do_t, lse_t[:, None], delta_t[:, None], k, v, dk, dv, tiles, info, plan
         )
         dq = dq + sum_over_picks(dq_t, tiles.slot)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -798,7 +776,7 @@ def topk_chunk_attention_tpu(
     if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, t, h, d = q.shape
-    block_sizes = _checked_block_sizes(block_sizes)
+    block_sizes = options_or_default(block_sizes, BlockSizes, "block_sizes")
     plan = _make_plan(t, d, int(chunk_size), int(top_k), block_sizes, interpret)
     tp = plan.padded_len
     if plan.pairs:

@@ -39,7 +39,6 @@ Design (SPEC §4 train semantics; the oracle is `reference.topk_chunk_attention_
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -59,6 +58,7 @@ from .plan import (
     to_groups,
 )
 from .reference import select_chunks, validate_args
+from .vjp import attention_vjp
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -71,7 +71,6 @@ class _Plan(NamedTuple):
     block: int  # rows/cols of one flash block; divides chunk_size in the sparse regime
     segment_blocks: int  # blocks per causal segment: one chunk, or the whole sequence when dense
     chunk_size: int
-    n_pick: int  # top_k - 1
     cross: str  # "none" (no selection needed), "pairs" or "blocks"
     n_candidates: int  # chunks that can be selected: all but the last
     pair_tile: int
@@ -122,7 +121,6 @@ def _make_plan(shape, chunk_size, top_k, method, block_size, pair_tile) -> _Plan
         block=block,
         segment_blocks=segment_blocks,
         chunk_size=chunk_size,
-        n_pick=n_pick,
         cross=cross,
         n_candidates=n_candidates,
         pair_tile=pair_tile,
@@ -414,7 +412,7 @@ def _groups(x):
 
 
 def _forward(q, k, v, sel, plan: _Plan):
-    """Returns o [B,H,Tp,D], lse [B,H,Tp] and the pair tiles (None unless cross == "pairs")."""
+    """Returns o [B,H,Tp,D], lse [B,H,Tp] and (sel, the pair tiles or None) for the backward."""
     b, h, tp, d = q.shape
     m, l, acc = _flash_forward(q, k, v, sel, plan)
     tiles = None
@@ -433,26 +431,12 @@ def _forward(q, k, v, sel, plan: _Plan):
         m, l, acc = (x.reshape(b, h, *x.shape[1:]) for x in state)
     out = acc / l[..., None]
     lse = m + jnp.log(l)
-    return out, lse, tiles
+    return out, lse, (sel, tiles)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, sel, plan: _Plan):
-    out, lse, _ = _forward(q, k, v, sel, plan)
-    return out, lse
-
-
-def _attention_fwd(q, k, v, sel, plan: _Plan):
-    out, lse, tiles = _forward(q, k, v, sel, plan)
-    return (out, lse), (q, k, v, sel, out, lse, tiles)
-
-
-def _attention_bwd(plan: _Plan, residuals, cotangents):
-    q, k, v, sel, out, lse, tiles = residuals
-    d_out, d_lse = cotangents
+def _backward(plan: _Plan, residuals, d_out, delta):
+    q, k, v, _, lse, (sel, tiles) = residuals
     b, h, tp, d = q.shape
-    # d lse / d logits = p, so a cotangent on lse just shifts delta.
-    delta = (out * d_out).sum(axis=-1) - d_lse
     dq, dk, dv = _flash_backward(q, k, v, sel, d_out, lse, delta, plan)
     if plan.cross == "pairs":
         grads = _pairs_backward(
@@ -462,10 +446,10 @@ def _attention_bwd(plan: _Plan, residuals, cotangents):
             plan,
         )
         dq, dk, dv = (x.reshape(b, h, tp, d) for x in grads)
-    return dq, dk, dv, None
+    return dq, dk, dv
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
