@@ -9,7 +9,8 @@ pure-JAX twin is `xla_chunked` with method="pairs"):
   fp32 softmax; it returns the normalised output and the log-sum-exp. When T <= chunk_size *
   top_k every earlier chunk is selected and the whole sequence is one causal segment.
 * Pairs: the (query, selected chunk) pairs of each (batch, head) are sorted by chunk and packed
-  into tiles of `pair_tile` rows that share one chunk (each chunk's run padded to whole tiles).
+  into tiles of `pair_tile` rows that share one chunk (each chunk's run padded to whole tiles;
+  `plan.pack_pair_tiles`, shared with the XLA and TPU versions).
   Queries are gathered into tile order in XLA; a kernel with one program per (batch*head, tile)
   reads its tile's chunk id from an int32 input (Triton has no scalar prefetch) and loops over
   that chunk's key blocks. Per-pair (o, lse) are merged with the own-chunk result by log-sum-exp
@@ -573,6 +574,10 @@ def _launched_chunks(tiles: PairTiles):
 
 def _merge(o_own, lse_own, o_pairs, lse_pairs, slot):
     """Log-sum-exp merge of the own-chunk and per-pair softmaxes of every query.
+
+    `plan.merge_own_and_picks` less one rounding: the weights are summed as own + (sum of the
+    picks), not over [own, picks] in order. Switching to the shared merge moves o, lse and the
+    gradients by up to 1 ulp with top_k >= 3, so it waits for a change that may move results.
 
     Args:
       o_own [G, Tp, D], lse_own [G, Tp]; o_pairs [G, S, D], lse_pairs [G, S] per tile slot;

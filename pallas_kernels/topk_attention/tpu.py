@@ -13,14 +13,16 @@ Design (oracle: `reference.topk_chunk_attention_reference`; the pure-JAX twin is
   needed block so a skipped step issues no DMA.
 * Selected chunks ("pairs"): the (query, selected chunk) pairs of each group are sorted by
   chunk in XLA and packed into tiles of `pair_tile` rows that share one chunk (each chunk's run
-  padded to whole tiles; empty slots point at a zero dummy row). The tile queries are gathered
-  into tile order in XLA. The kernel grid is (G, tile, key block of the tile's chunk), driven by
-  two scalar-prefetched [G, n_tiles] int32 arrays: the tile's chunk and a packed word
-  (source tile, valid, first tile of its chunk). Unused tail tiles (the tile count is a static
+  padded to whole tiles; empty slots point at a zero dummy row; `plan.pack_pair_tiles`, shared
+  with the XLA and GPU versions). The tile queries are gathered into tile order in XLA. The
+  kernel grid is (G, tile, key block of the tile's chunk), driven by two scalar-prefetched
+  [G, n_tiles] int32 arrays: the tile's chunk and a packed word (`tile_info`: source tile,
+  valid, first tile of its chunk). Unused tail tiles (the tile count is a static
   bound) repeat the last used tile's block indices and compute nothing, so they cost a grid
   step but no DMA. Because those tail steps share the last used tile's output block, the
   tile axis is "arbitrary" (sequential on one core); only batch*heads is "parallel", so keep
-  B*H >= 2 for two-core chips. The two partial softmaxes are merged by log-sum-exp in XLA.
+  B*H >= 2 for two-core chips. The two partial softmaxes are merged by log-sum-exp in XLA
+  (`plan.merge_own_and_picks`).
 * Backward (one custom_vjp, FlashAttention-2 recompute from the saved log-sum-exp,
   delta = rowsum(o * do) - dlse): own part dq kernel and dk/dv kernel; pairs dq kernel over
   tiles (scattered back to queries by a gather in XLA) and a dk/dv kernel with grid

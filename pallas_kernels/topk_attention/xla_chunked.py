@@ -9,8 +9,9 @@ Design (SPEC §4 train semantics; the oracle is `reference.topk_chunk_attention_
 * Part (b) has two implementations (`method`):
   - "pairs" (default): exact cost. The (query, selected chunk) pairs of each (batch, head) are
     sorted by chunk and packed into tiles of `pair_tile` pairs that share one chunk, so a tile
-    is one [tile, D] x [D, chunk] matmul against a contiguous key chunk. Tiles are merged into
-    the per-query softmax state by log-sum-exp. Work is T * (top_k - 1) * chunk per head.
+    is one [tile, D] x [D, chunk] matmul against a contiguous key chunk (`plan.pack_pair_tiles`,
+    shared with the Pallas versions). Tiles are folded into the per-query online-softmax state
+    (`fold_pair_tiles`). Work is T * (top_k - 1) * chunk per head.
   - "blocks": dense by block. Each query block also loops over every key block of every
     earlier chunk, masking rows that did not select that chunk and skipping a block only when
     no row of any (batch, head) in it selected the chunk. Work is ~T²/2 per head whatever
