@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.topk_attention import select_chunks, topk_chunk_attention_reference
+from pallas_kernels.topk_attention import plan, select_chunks, topk_chunk_attention_reference
 from pallas_kernels.topk_attention.reference import attended_mask
-from pallas_kernels.topk_attention.xla_chunked import _make_plan, topk_chunk_attention
+from pallas_kernels.topk_attention.xla_chunked import topk_chunk_attention
 
 B, H, D = 2, 2, 16
 TOL = 1e-5
@@ -92,7 +92,7 @@ def test_sparse_forward_and_grads_match_reference(method, layout):
     chunk_size, block_size, pair_tile = layout
     t, top_k = 77 if chunk_size == 8 else 93, 3  # not multiples of the chunk; T > chunk * top_k
     q, k, v = _qkv(t, seed=chunk_size)
-    assert _make_plan(q.shape, chunk_size, top_k, method, block_size, pair_tile).cross == method
+    assert plan.needs_selection(t, chunk_size, top_k)
     out, grads = _run(
         q, k, v, chunk_size, top_k, method=method, block_size=block_size, pair_tile=pair_tile
     )
@@ -114,7 +114,7 @@ def test_sparse_forward_and_grads_match_reference(method, layout):
 )
 def test_short_sequences_equal_dense_causal(t, chunk_size, top_k):
     q, k, v = _qkv(t, seed=t)
-    assert _make_plan(q.shape, chunk_size, top_k, "pairs", 512, 256).cross == "none"
+    assert plan.is_dense_causal(t, chunk_size, top_k)
     dense_out, dense_vjp = jax.vjp(
         lambda q, k, v: _masked_attention(q, k, v, _causal_mask(t)), q, k, v
     )
@@ -143,7 +143,7 @@ def test_top_k_beyond_chunk_count_selects_every_earlier_chunk():
 def test_top_k_one_is_own_chunk_causal():
     t, chunk_size = 77, 8
     q, k, v = _qkv(t, seed=3)
-    assert _make_plan(q.shape, chunk_size, 1, "blocks", 512, 256).cross == "none"
+    assert not plan.is_dense_causal(t, chunk_size, 1) and not plan.needs_selection(t, chunk_size, 1)
     want = _masked_attention(q, k, v, _own_chunk_causal_mask(t, chunk_size))
     assert select_chunks(q, k, chunk_size, 1).shape == (B, t, H, 0)
     assert _rel_err(_run(q, k, v, chunk_size, 1, grads=False)[0], want) < TOL

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.topk_attention.gpu import gpu_work_fraction, topk_chunk_attention_gpu
+from pallas_kernels.topk_attention.gpu import (
+    BlockSizes,
+    gpu_work_fraction,
+    topk_chunk_attention_gpu,
+)
 from pallas_kernels.topk_attention.reference import (
     attended_mask,
     select_chunks,
@@ -44,14 +48,21 @@ def _oracle_lse(q, k, chunk_size, top_k):
     return jnp.swapaxes(jax.nn.logsumexp(logits, axis=-1), 1, 2)
 
 
-def _check_against_oracle(q, k, v, *, chunk_size, top_k, **blocks):
+def _check_against_oracle(q, k, v, *, chunk_size, top_k, block_sizes):
     """Compares o, lse and the q/k/v gradients of a loss using both with the dense oracle."""
     w_o = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
     w_lse = jax.random.normal(jax.random.PRNGKey(2), q.shape[:3], jnp.float32)
 
     def kernel(q, k, v):
         o, lse = topk_chunk_attention_gpu(
-            q, k, v, chunk_size=chunk_size, top_k=top_k, interpret=True, return_lse=True, **blocks
+            q,
+            k,
+            v,
+            chunk_size=chunk_size,
+            top_k=top_k,
+            block_sizes=block_sizes,
+            interpret=True,
+            return_lse=True,
         )
         return (o * w_o).sum() + (lse * w_lse).sum(), (o, lse)
 
@@ -73,18 +84,18 @@ def _check_against_oracle(q, k, v, *, chunk_size, top_k, **blocks):
     "t, chunk_size, top_k, blocks",
     [
         # Sparse, T not a multiple of the chunk, three chunks with tied means.
-        (100, 16, 3, dict(block_q=16, block_k=16, pair_tile=16)),
+        (100, 16, 3, BlockSizes(block_q=16, block_k=16, pair_tile=16)),
         # Sparse, chunk 32, one pick, block_q != block_k, pair tiles spanning two key blocks.
-        (80, 32, 2, dict(block_q=32, block_k=16, pair_tile=16)),
+        (80, 32, 2, BlockSizes(block_q=32, block_k=16, pair_tile=16)),
         # Own chunk only (no pairs), partial last chunk.
-        (50, 16, 1, dict(block_q=16, block_k=16, pair_tile=16)),
+        (50, 16, 1, BlockSizes(block_q=16, block_k=16, pair_tile=16)),
         # top_k above the number of chunks: one causal segment, block_k > block_q.
-        (70, 16, 8, dict(block_q=16, block_k=32, pair_tile=16)),
+        (70, 16, 8, BlockSizes(block_q=16, block_k=32, pair_tile=16)),
     ],
 )
 def test_matches_oracle_fp32(t, chunk_size, top_k, blocks):
     q, k, v = _inputs(t, tied_chunks=min(3, t // chunk_size), chunk_size=chunk_size)
-    _check_against_oracle(q, k, v, chunk_size=chunk_size, top_k=top_k, **blocks)
+    _check_against_oracle(q, k, v, chunk_size=chunk_size, top_k=top_k, block_sizes=blocks)
 
 
 def test_ties_are_exercised():
@@ -102,15 +113,15 @@ def test_ties_are_exercised():
 @pytest.mark.parametrize(
     "t, chunk_size, top_k, blocks",
     [
-        (128, 32, 3, dict(block_q=32, block_k=32, pair_tile=32)),
-        (120, 16, 2, dict(block_q=64, block_k=64, pair_tile=64)),
-        (96, 16, 4, dict(block_q=16, block_k=16, pair_tile=32)),
-        (40, 16, 3, dict(block_q=16, block_k=16, pair_tile=16)),
+        (128, 32, 3, BlockSizes(block_q=32, block_k=32, pair_tile=32)),
+        (120, 16, 2, BlockSizes(block_q=64, block_k=64, pair_tile=64)),
+        (96, 16, 4, BlockSizes(block_q=16, block_k=16, pair_tile=32)),
+        (40, 16, 3, BlockSizes(block_q=16, block_k=16, pair_tile=16)),
     ],
 )
 def test_matches_oracle_more_shapes(t, chunk_size, top_k, blocks):
     q, k, v = _inputs(t, d=32, seed=3)
-    _check_against_oracle(q, k, v, chunk_size=chunk_size, top_k=top_k, **blocks)
+    _check_against_oracle(q, k, v, chunk_size=chunk_size, top_k=top_k, block_sizes=blocks)
 
 
 @pytest.mark.slow
@@ -120,9 +131,7 @@ def test_bf16_inputs_close_to_fp32_oracle():
         *(x.astype(jnp.bfloat16) for x in (q, k, v)),
         chunk_size=16,
         top_k=3,
-        block_q=16,
-        block_k=16,
-        pair_tile=16,
+        block_sizes=BlockSizes(block_q=16, block_k=16, pair_tile=16),
         interpret=True,
     )
     assert o.dtype == jnp.bfloat16
@@ -184,7 +193,7 @@ def test_cuda_lowering_production_blocks(dtype, block_q, t):
 
     def attention(q, k, v):
         return topk_chunk_attention_gpu(
-            q, k, v, chunk_size=2048, top_k=3, block_q=block_q, block_k=64, pair_tile=64
+            q, k, v, chunk_size=2048, top_k=3, block_sizes=BlockSizes(block_q=block_q)
         )
 
     def loss(q, k, v):
@@ -206,7 +215,8 @@ def test_cuda_lowering_dense_regime():
     x = jax.ShapeDtypeStruct((2, 4096, 2, 64), jnp.bfloat16)
 
     def loss(q, k, v):
-        o = topk_chunk_attention_gpu(q, k, v, chunk_size=2048, top_k=3, block_q=128)
+        blocks = BlockSizes(block_q=128)
+        o = topk_chunk_attention_gpu(q, k, v, chunk_size=2048, top_k=3, block_sizes=blocks)
         return o.astype(jnp.float32).sum()
 
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
@@ -236,7 +246,8 @@ def test_triton_modules_pass_the_mlir_verifier(monkeypatch):
     x = jax.ShapeDtypeStruct((1, 8192, 2, 64), jnp.bfloat16)
 
     def loss(q, k, v):
-        o = topk_chunk_attention_gpu(q, k, v, chunk_size=2048, top_k=3, block_q=128)
+        blocks = BlockSizes(block_q=128)
+        o = topk_chunk_attention_gpu(q, k, v, chunk_size=2048, top_k=3, block_sizes=blocks)
         return o.astype(jnp.float32).sum()
 
     jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",))
@@ -244,11 +255,28 @@ def test_triton_modules_pass_the_mlir_verifier(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "sizes, match",
+    [
+        (dict(block_q=48), "block_q.*48"),
+        (dict(block_k=8), "block_k.*8"),
+        (dict(pair_tile=100), "pair_tile"),
+    ],
+)
+def test_bad_block_sizes_raise(sizes, match):
+    with pytest.raises(ValueError, match=match):
+        BlockSizes(**sizes)
+
+
+def test_block_sizes_defaults_and_type():
+    assert BlockSizes.get_default() == BlockSizes(block_q=64, block_k=64, pair_tile=64)
+    x = jnp.zeros((1, 100, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="block_sizes"):
+        topk_chunk_attention_gpu(x, x, x, chunk_size=16, top_k=2, block_sizes=dict(block_q=16))
+
+
+@pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(block_q=48), "block_q"),
-        (dict(block_k=8), "block_k"),
-        (dict(pair_tile=100), "pair_tile"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(top_k=0), "top_k"),
         (dict(chunk_size=24, top_k=2), "multiple of 16"),
@@ -301,7 +329,7 @@ def test_on_gpu_matches_xla_chunked(dtype, t, block_q, tol):
         (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return [o, *grads]
 
-    got = run(topk_chunk_attention_gpu, block_q=block_q)
+    got = run(topk_chunk_attention_gpu, block_sizes=BlockSizes(block_q=block_q))
     # The fp32 XLA version on fp32-upcast inputs is the reference.
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     want = run(topk_chunk_attention)

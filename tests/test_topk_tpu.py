@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.topk_attention import plan
 from pallas_kernels.topk_attention.reference import attended_mask, select_chunks
 from pallas_kernels.topk_attention.tpu import (
-    _make_plan,
-    _pair_tiles,
+    BlockSizes,
+    tile_info,
     topk_chunk_attention_tpu,
     tpu_work_fraction,
 )
@@ -100,19 +101,10 @@ SPARSE_CASES = [
 @pytest.mark.parametrize("t, d, chunk_size, top_k, block_q, block_k, pair_tile", SPARSE_CASES)
 def test_sparse_matches_oracle(t, d, chunk_size, top_k, block_q, block_k, pair_tile):
     q, k, v = _qkv(t, d, seed=t)
-    plan = _make_plan(t, d, chunk_size, top_k, block_q, block_k, pair_tile, True)
-    assert plan.segment == chunk_size and plan.pairs == (top_k > 1)
-    _check_against_oracle(
-        q,
-        k,
-        v,
-        chunk_size,
-        top_k,
-        block_q=block_q,
-        block_k=block_k,
-        pair_tile=pair_tile,
-        interpret=True,
-    )
+    assert not plan.is_dense_causal(t, chunk_size, top_k)
+    assert plan.needs_selection(t, chunk_size, top_k) == (top_k > 1)
+    blocks = BlockSizes(block_q=block_q, block_k=block_k, pair_tile=pair_tile)
+    _check_against_oracle(q, k, v, chunk_size, top_k, block_sizes=blocks, interpret=True)
 
 
 @pytest.mark.parametrize(
@@ -121,13 +113,11 @@ def test_sparse_matches_oracle(t, d, chunk_size, top_k, block_q, block_k, pair_t
 )
 def test_short_sequences_are_one_causal_segment(t, chunk_size, top_k, block):
     q, k, v = _qkv(t, seed=3)
-    plan = _make_plan(t, 32, chunk_size, top_k, block, block, block, True)
-    assert plan.segment == plan.padded_len and not plan.pairs
+    assert plan.is_dense_causal(t, chunk_size, top_k)
     # The oracle's mask is dense causal here; assert it so the comparison means what it says.
     assert bool((attended_mask(q, k, chunk_size, top_k) == jnp.tri(t, dtype=bool)).all())
-    _check_against_oracle(
-        q, k, v, chunk_size, top_k, block_q=block, block_k=block, pair_tile=block, interpret=True
-    )
+    blocks = BlockSizes(block_q=block, block_k=block, pair_tile=block)
+    _check_against_oracle(q, k, v, chunk_size, top_k, block_sizes=blocks, interpret=True)
 
 
 def _tied_inputs(t=112, d=32, chunk_size=16):
@@ -158,44 +148,34 @@ def test_ties_go_to_lower_chunks():
     mask |= (chunk[:, None] == 2) & (chunk[None, :] == 1)
     mask |= (chunk[:, None] >= 3) & (chunk[None, :] == 2)
     assert bool((attended_mask(q, k, chunk_size, top_k) == mask).all())
-    _check_against_oracle(
-        q, k, v, chunk_size, top_k, block_q=8, block_k=16, pair_tile=8, interpret=True
-    )
+    blocks = BlockSizes(block_q=8, block_k=16, pair_tile=8)
+    _check_against_oracle(q, k, v, chunk_size, top_k, block_sizes=blocks, interpret=True)
 
 
 def test_bfloat16_inputs_close_to_fp32_oracle():
     # bf16 MXU operands (p and ds rounded to bf16) against the fp32 oracle on the same inputs.
     q, k, v = _qkv(100, seed=11, dtype=jnp.bfloat16)
-    _check_against_oracle(
-        q, k, v, 16, 3, tol=2e-2, block_q=16, block_k=16, pair_tile=8, interpret=True
-    )
+    blocks = BlockSizes(block_q=16, block_k=16, pair_tile=8)
+    _check_against_oracle(q, k, v, 16, 3, tol=2e-2, block_sizes=blocks, interpret=True)
 
 
-def test_pair_tiles_are_single_chunk_and_cover_every_pair():
+def test_tile_info_marks_source_valid_and_first_tiles():
     t, chunk_size, top_k, size = 100, 16, 3, 8
     q, k, _ = _qkv(t, seed=4)
-    plan = _make_plan(t, 32, chunk_size, top_k, 8, 8, size, True)
-    sel = np.asarray(select_chunks(q, k, chunk_size, top_k))[0, :, 0]  # [T, 2], head 0
-    sel = np.pad(sel, ((0, plan.padded_len - t), (0, 0)), constant_values=-1)
-    rows, chunk, info, slot = (np.asarray(x) for x in _pair_tiles(jnp.asarray(sel), plan))
+    n_candidates = -(-t // chunk_size) - 1
+    n_tiles = plan.max_pair_tiles(plan.count_pairs(t, chunk_size, top_k - 1), n_candidates, size)
+    sel = np.asarray(select_chunks(q, k, chunk_size, top_k))[:, :, 0]  # [1, T, 2], head 0
+    tiles = plan.pack_pair_tiles(
+        jnp.asarray(sel), pair_tile=size, n_tiles=n_tiles, n_candidates=n_candidates
+    )
+    info, chunk = np.asarray(tile_info(tiles))[0], np.asarray(tiles.chunk)[0]
     src, valid, first = info // 4, (info // 2) % 2 == 1, info % 2 == 1
-    n_used = int(valid.sum())
-    assert valid[:n_used].all() and (src[:n_used] == np.arange(n_used)).all()
-    assert (src[n_used:] == n_used - 1).all() and (chunk[n_used:] == chunk[n_used - 1]).all()
-    assert (np.diff(chunk) >= 0).all()  # sorted by chunk: a chunk's tiles are consecutive
+    n_used = int(tiles.n_used[0])
+    assert 0 < n_used < n_tiles and (valid == (np.arange(n_tiles) < n_used)).all()
+    # Unused tiles reuse the last used tile's blocks, so their grid steps issue no DMA.
+    assert (src[:n_used] == np.arange(n_used)).all() and (src[n_used:] == n_used - 1).all()
+    assert (chunk[n_used:] == chunk[n_used - 1]).all()
     assert (first == np.concatenate([[True], chunk[1:] != chunk[:-1]])).all()
-    tiles = rows.reshape(plan.n_tiles, size)
-    for m in range(n_used):
-        real = tiles[m][tiles[m] < plan.padded_len]
-        assert real.size > 0 and (np.diff(real) > 0).all()
-        assert all(chunk[m] in sel[r] for r in real)  # every row picked the tile's chunk
-    for r in range(plan.padded_len):
-        for i in range(top_k - 1):
-            if sel[r, i] >= 0:
-                assert rows[slot[r, i]] == r and chunk[slot[r, i] // size] == sel[r, i]
-            else:
-                assert slot[r, i] == -1
-    assert (rows[n_used * size :] == plan.padded_len).all()
 
 
 def test_tpu_interpret_mode_has_no_races():
@@ -207,7 +187,8 @@ def test_tpu_interpret_mode_has_no_races():
         detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2
     )
     q, k, v = _qkv(48, seed=9)
-    _check_against_oracle(q, k, v, 16, 2, block_q=16, block_k=16, pair_tile=8, interpret=params)
+    blocks = BlockSizes(block_q=16, block_k=16, pair_tile=8)
+    _check_against_oracle(q, k, v, 16, 2, block_sizes=blocks, interpret=params)
     assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
 
 
@@ -252,11 +233,19 @@ def test_lowers_for_tpu_at_production_blocks(d, dtype, top_k, kernels):
     [
         ((1, 64, 2, 32), {"chunk_size": 0, "top_k": 2}, "chunk_size"),
         ((1, 64, 2, 32), {"chunk_size": 16, "top_k": 0}, "top_k"),
-        ((1, 64, 2, 32), {"chunk_size": 16, "top_k": 2, "block_q": 64}, "block_q"),
-        ((1, 64, 2, 32), {"chunk_size": 16, "top_k": 2, "pair_tile": 0}, "pair_tile"),
         (
             (1, 64, 2, 32),
-            {"chunk_size": 24, "top_k": 2, "block_q": 16, "interpret": True},
+            {"chunk_size": 16, "top_k": 2, "block_sizes": BlockSizes(block_q=64)},
+            "block_q.*128",
+        ),
+        (
+            (1, 64, 2, 32),
+            {
+                "chunk_size": 24,
+                "top_k": 2,
+                "block_sizes": BlockSizes(block_q=16),
+                "interpret": True,
+            },
             "chunk_size 24",
         ),
         ((1, 64, 2, 32), {"chunk_size": 16, "top_k": 2, "interpret": "yes"}, "interpret"),
@@ -267,6 +256,21 @@ def test_bad_arguments_raise(shapes, options, match):
     q = jnp.zeros(shapes, jnp.float32)
     with pytest.raises(ValueError, match=match):
         topk_chunk_attention_tpu(q, q, q, **options)
+
+
+@pytest.mark.parametrize(
+    "sizes, match", [({"pair_tile": 0}, "pair_tile.*0"), ({"block_k": 12}, "block_k.*12")]
+)
+def test_bad_block_sizes_raise(sizes, match):
+    with pytest.raises(ValueError, match=match):
+        BlockSizes(**sizes)
+
+
+def test_block_sizes_defaults_and_type():
+    assert BlockSizes.get_default() == BlockSizes(block_q=512, block_k=512, pair_tile=256)
+    q = jnp.zeros((1, 64, 2, 32), jnp.float32)
+    with pytest.raises(ValueError, match="block_sizes"):
+        topk_chunk_attention_tpu(q, q, q, chunk_size=16, top_k=2, block_sizes=(8, 8, 8))
 
 
 def test_mismatched_dtypes_raise():

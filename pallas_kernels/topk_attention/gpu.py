@@ -9,7 +9,8 @@ pure-JAX twin is `xla_chunked` with method="pairs"):
   fp32 softmax; it returns the normalised output and the log-sum-exp. When T <= chunk_size *
   top_k every earlier chunk is selected and the whole sequence is one causal segment.
 * Pairs: the (query, selected chunk) pairs of each (batch, head) are sorted by chunk and packed
-  into tiles of `pair_tile` rows that share one chunk (each chunk's run padded to whole tiles).
+  into tiles of `pair_tile` rows that share one chunk (each chunk's run padded to whole tiles;
+  `plan.pack_pair_tiles`, shared with the XLA and TPU versions).
   Queries are gathered into tile order in XLA; a kernel with one program per (batch*head, tile)
   reads its tile's chunk id from an int32 input (Triton has no scalar prefetch) and loops over
   that chunk's key blocks. Per-pair (o, lse) are merged with the own-chunk result by log-sum-exp
@@ -31,6 +32,7 @@ pure-JAX twin is `xla_chunked` with method="pairs"):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -42,20 +44,60 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .reference import _is_int, select_chunks, validate_args
-from .xla_chunked import _count_pairs
+from .plan import (
+    MASKED_LOGIT,
+    PairTiles,
+    count_pairs,
+    from_groups,
+    gather_rows,
+    is_dense_causal,
+    is_int,
+    max_pair_tiles,
+    options_or_default,
+    pack_pair_tiles,
+    sum_over_picks,
+    tile_operands,
+    to_groups,
+)
+from .reference import select_chunks, validate_args
+from .vjp import attention_vjp
 
-# Finite stand-in for -inf on masked logits: keeps exp(m_old - m_new) free of inf - inf NaNs.
-_MASKED = -1e30
-# lse given to empty tile rows in the backward: exp(s - 1e30) == 0, so they add no gradient.
-_ABSENT_LSE = 1e30
 _MIN_BLOCK = 16  # Triton dots need every dimension >= 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Block sizes of the GPU kernels: powers of 2 >= 16 (Triton block shapes and dots).
+
+    Attributes:
+      block_q: query rows of an own-chunk block (reduced to divide chunk_size).
+      block_k: key rows of an own-chunk block (reduced likewise), and of the pair kernels'
+        key blocks.
+      pair_tile: (query, chunk) pairs per tile.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    pair_tile: int = 64
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not _is_pow2(value) or value < _MIN_BLOCK:
+                raise ValueError(
+                    f"BlockSizes.{field.name} must be a power of 2 >= {_MIN_BLOCK} (Triton block "
+                    f"shapes), got {value!r}"
+                )
+
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        """The sizes the kernels use when none are given: 64 x 64 blocks, tiles of 64 pairs."""
+        return cls()
 
 
 class _Plan(NamedTuple):
     """Static description of one call (hashable: a nondiff argument of the custom VJP)."""
 
-    seq_len: int  # true T
     padded_len: int  # T rounded up to a multiple of max(block_q, block_k)
     head_dim: int  # D padded to a power of 2 >= 16 (zero columns change no dot product)
     segment: int  # length of a causal segment: chunk_size, or padded_len when dense
@@ -73,16 +115,6 @@ class _Plan(NamedTuple):
     interpret: bool
 
 
-class _Tiles(NamedTuple):
-    """Pair tiles of every (batch, head) group g (arrays carry a leading [G] axis)."""
-
-    rows: jax.Array  # int32 [G, M*P]: query row of each tile slot, Tp for empty slots
-    chunk: jax.Array  # int32 [G, M]: key chunk of each tile, -1 for unused tiles
-    slot: jax.Array  # int32 [G, Tp, n_pick]: tile slot of each (query, pick), M*P if none
-    start: jax.Array  # int32 [G, nCand]: first tile of each chunk
-    count: jax.Array  # int32 [G, nCand]: tiles of each chunk
-
-
 # ----------------------------------------------------------------------------- planning
 
 
@@ -91,7 +123,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _is_pow2(n) -> bool:
-    return _is_int(n) and n > 0 and (n & (n - 1)) == 0
+    return is_int(n) and n > 0 and (n & (n - 1)) == 0
 
 
 def _block_dividing(chunk_size: int, block: int) -> int:
@@ -102,12 +134,13 @@ def _block_dividing(chunk_size: int, block: int) -> int:
     return b
 
 
-def _make_plan(shape, chunk_size, top_k, block_q, block_k, pair_tile, interpret) -> _Plan:
+def _make_plan(shape, chunk_size, top_k, block_sizes: BlockSizes, interpret) -> _Plan:
     """Chooses the regime, block sizes and tile bound for [B, T, H, D] inputs."""
     _, t, _, d = shape
+    block_q, block_k, pair_tile = block_sizes.block_q, block_sizes.block_k, block_sizes.pair_tile
     n_chunks = -(-t // chunk_size)
     n_pick = top_k - 1
-    dense = n_chunks <= top_k  # every earlier chunk selected: one causal segment
+    dense = is_dense_causal(t, chunk_size, top_k)  # one causal segment
     if dense:
         span = max(_MIN_BLOCK, _next_pow2(t))
         bq, bk = min(block_q, span), min(block_k, span)
@@ -124,10 +157,8 @@ def _make_plan(shape, chunk_size, top_k, block_q, block_k, pair_tile, interpret)
     n_candidates = n_chunks - 1
     n_tiles = 0
     if use_pairs:
-        # Each chunk's run of pairs is padded to whole tiles: at most one extra tile per chunk.
-        n_tiles = -(-_count_pairs(t, chunk_size, n_pick) // pair_tile) + n_candidates
+        n_tiles = max_pair_tiles(count_pairs(t, chunk_size, n_pick), n_candidates, pair_tile)
     return _Plan(
-        seq_len=t,
         padded_len=padded,
         head_dim=max(_MIN_BLOCK, _next_pow2(d)),
         segment=padded if dense else chunk_size,
@@ -166,11 +197,6 @@ def _dot_nt(a, b):
     return _dot(a, b, 1, 1)
 
 
-def _dot_tn(a, b):
-    """a [k, m] x b [k, n] -> [m, n] (contract the first dims)."""
-    return _dot(a, b, 0, 0)
-
-
 def _causal(row0, n_rows: int, col0, n_cols: int, key_major: bool = False):
     """[n_rows, n_cols] mask, True where key position <= query position.
 
@@ -182,7 +208,7 @@ def _causal(row0, n_rows: int, col0, n_cols: int, key_major: bool = False):
 
 
 def _online_step(carry, s, v):
-    """Folds logits s [bq, bk] (masked entries already _MASKED) and values v into (m, l, acc)."""
+    """Folds logits s [bq, bk] (masked entries already MASKED_LOGIT) and v into (m, l, acc)."""
     m, l, acc = carry
     m_new = jnp.maximum(m, s.max(axis=1))
     p = jnp.exp(s - m_new[:, None])
@@ -230,11 +256,11 @@ def _own_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan):
         v = v_ref[pl.ds(j * bk, bk), :]
         s = _dot_nt(q, k) * plan.scale
         if masked:
-            s = jnp.where(_causal(row0, bq, j * bk, bk), s, _MASKED)
+            s = jnp.where(_causal(row0, bq, j * bk, bk), s, MASKED_LOGIT)
         return _online_step(carry, s, v)
 
     carry = (
-        jnp.full((bq,), _MASKED, jnp.float32),
+        jnp.full((bq,), MASKED_LOGIT, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros((bq, plan.head_dim), jnp.float32),
     )
@@ -314,7 +340,7 @@ def _pairs_fwd_kernel(chunk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _
         return _online_step(carry, _dot_nt(q, k) * plan.scale, v)
 
     carry = (
-        jnp.full((size,), _MASKED, jnp.float32),
+        jnp.full((size,), MASKED_LOGIT, jnp.float32),
         jnp.zeros((size,), jnp.float32),
         jnp.zeros((size, plan.head_dim), jnp.float32),
     )
@@ -323,7 +349,7 @@ def _pairs_fwd_kernel(chunk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _
     some = l > 0
     l_safe = jnp.where(some, l, 1.0)
     o_ref[...] = acc / l_safe[:, None]
-    lse_ref[...] = jnp.where(some, m + jnp.log(l_safe), _MASKED)
+    lse_ref[...] = jnp.where(some, m + jnp.log(l_safe), MASKED_LOGIT)
 
 
 def _pairs_dq_kernel(
@@ -469,8 +495,11 @@ def _own_backward(q, k, v, do, lse, delta, plan: _Plan):
     return dq, dk, dv
 
 
-def _pairs_forward(q_tiles, k, v, tiles: _Tiles, plan: _Plan):
-    """Per tile slot (o [G, M*P, D], lse [G, M*P]) over the slot's chunk."""
+def _pairs_forward(q_tiles, k, v, tile_chunk, plan: _Plan):
+    """Per tile slot (o [G, M*P, D], lse [G, M*P]) over the slot's chunk.
+
+    tile_chunk: int32 [G, M] from `_launched_chunks`.
+    """
     g, tp, d = k.shape
     m, size = plan.n_tiles, plan.pair_tile
     f32 = jnp.float32
@@ -485,10 +514,10 @@ def _pairs_forward(q_tiles, k, v, tiles: _Tiles, plan: _Plan):
             jax.ShapeDtypeStruct((g, m * size), f32),
         ],
         name="topk_pairs_fwd",
-    )(tiles.chunk, q_tiles, k, v)
+    )(tile_chunk, q_tiles, k, v)
 
 
-def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, tiles: _Tiles, plan: _Plan):
+def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, tiles: PairTiles, plan: _Plan):
     """Per tile slot dq [G, M*P, D] and per candidate-chunk key dk, dv [G, nCand*chunk, D]."""
     g, tp, d = k.shape
     m, size, bk = plan.n_tiles, plan.pair_tile, plan.block_k
@@ -510,7 +539,7 @@ def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, tiles: _Tiles, plan: _Plan)
         out_specs=_rows_spec(size, d),
         out_shape=jax.ShapeDtypeStruct((g, slots, d), f32),
         name="topk_pairs_dq",
-    )(tiles.chunk, q_t, do_t, lse_t, delta_t, k, v)
+    )(_launched_chunks(tiles), q_t, do_t, lse_t, delta_t, k, v)
     n_kb = plan.chunk_size // bk
     key_spec = pl.BlockSpec((None, bk, d), lambda gi, c, j: (gi, c * n_kb + j, 0))
     dk, dv = _call(
@@ -530,61 +559,25 @@ def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, tiles: _Tiles, plan: _Plan)
         out_specs=[key_spec, key_spec],
         out_shape=[jax.ShapeDtypeStruct((g, plan.n_candidates * plan.chunk_size, d), f32)] * 2,
         name="topk_pairs_dkv",
-    )(tiles.start, tiles.count, q_t, do_t, lse_t, delta_t, k, v)
+    )(tiles.first_tile, tiles.tile_count, q_t, do_t, lse_t, delta_t, k, v)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- tiles (XLA)
 
 
-def _build_tiles(sel_g, plan: _Plan) -> _Tiles:
-    """Packs one group's (query, chunk) pairs into single-chunk tiles (arrays without [G]).
-
-    Pairs are sorted by chunk (stable: queries stay in order inside a chunk); each chunk's run
-    is padded to whole tiles; empty slots point at the dummy row Tp.
-
-    Args:
-      sel_g: int32 [Tp, n_pick] selected chunk ids, -1 for none.
-    """
-    tp, n_pick = sel_g.shape
-    size, n_tiles, n_cand = plan.pair_tile, plan.n_tiles, plan.n_candidates
-    n_slots = n_tiles * size
-    chunk = sel_g.reshape(-1)
-    key = jnp.where(chunk >= 0, chunk, n_cand)  # missing picks sort last
-    order = jnp.argsort(key, stable=True)
-    sorted_key = key[order]
-    counts = jnp.bincount(key, length=n_cand + 1)[:n_cand]
-    tiles_per_chunk = (counts + size - 1) // size
-    tiles_end = jnp.cumsum(tiles_per_chunk)
-    first_tile = tiles_end - tiles_per_chunk
-    first_pair = jnp.cumsum(counts) - counts
-    valid = sorted_key < n_cand
-    safe = jnp.minimum(sorted_key, n_cand - 1)
-    rank = jnp.arange(tp * n_pick) - first_pair[safe]
-    slot = jnp.where(valid, first_tile[safe] * size + rank, n_slots).astype(jnp.int32)
-    rows = jnp.full((n_slots,), tp, jnp.int32).at[slot].set(order // n_pick, mode="drop")
-    pair_slot = jnp.full((tp * n_pick,), n_slots, jnp.int32).at[order].set(slot)
-    tile_ids = jnp.arange(n_tiles)
-    tile_chunk = jnp.searchsorted(tiles_end, tile_ids, side="right")
-    tile_chunk = jnp.where(tile_ids < tiles_end[-1], tile_chunk, -1).astype(jnp.int32)
-    return _Tiles(
-        rows=rows,
-        chunk=tile_chunk,
-        slot=pair_slot.reshape(tp, n_pick),
-        start=first_tile.astype(jnp.int32),
-        count=tiles_per_chunk.astype(jnp.int32),
-    )
-
-
-def _gather_rows(x, rows, fill):
-    """x [G, Tp, ...] gathered at rows [G, S] (row Tp gives `fill`) -> [G, S, ...]."""
-    pad = ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2)
-    x_ext = jnp.pad(x, pad, constant_values=fill)
-    return jax.vmap(lambda a, r: a[r])(x_ext, rows)
+def _launched_chunks(tiles: PairTiles):
+    """int32 [G, M]: each tile's chunk, -1 for an unused tile (its kernels run no iteration)."""
+    used = jnp.arange(tiles.chunk.shape[1]) < tiles.n_used[:, None]
+    return jnp.where(used, tiles.chunk, -1)
 
 
 def _merge(o_own, lse_own, o_pairs, lse_pairs, slot):
     """Log-sum-exp merge of the own-chunk and per-pair softmaxes of every query.
+
+    `plan.merge_own_and_picks` less one rounding: the weights are summed as own + (sum of the
+    picks), not over [own, picks] in order. Switching to the shared merge moves o, lse and the
+    gradients by up to 1 ulp with top_k >= 3, so it waits for a change that may move results.
 
     Args:
       o_own [G, Tp, D], lse_own [G, Tp]; o_pairs [G, S, D], lse_pairs [G, S] per tile slot;
@@ -593,8 +586,8 @@ def _merge(o_own, lse_own, o_pairs, lse_pairs, slot):
     Returns:
       o [G, Tp, D], lse [G, Tp] fp32.
     """
-    o_sel = _gather_rows(o_pairs, slot, 0.0)  # [G, Tp, n_pick, D]
-    lse_sel = _gather_rows(lse_pairs, slot, _MASKED)  # [G, Tp, n_pick]
+    o_sel = gather_rows(o_pairs, slot, 0.0)  # [G, Tp, n_pick, D]
+    lse_sel = gather_rows(lse_pairs, slot, MASKED_LOGIT)  # [G, Tp, n_pick]
     m = jnp.maximum(lse_own, lse_sel.max(axis=-1))
     w_own = jnp.exp(lse_own - m)
     w_sel = jnp.exp(lse_sel - m[..., None])
@@ -611,54 +604,31 @@ def _forward(q, k, v, sel, plan: _Plan):
     o, lse = _own_forward(q, k, v, plan)
     if not plan.use_pairs:
         return o, lse, None
-    tiles = jax.vmap(functools.partial(_build_tiles, plan=plan))(sel)
-    o_p, lse_p = _pairs_forward(_gather_rows(q, tiles.rows, 0), k, v, tiles, plan)
+    tiles = pack_pair_tiles(
+        sel, pair_tile=plan.pair_tile, n_tiles=plan.n_tiles, n_candidates=plan.n_candidates
+    )
+    o_p, lse_p = _pairs_forward(gather_rows(q, tiles.rows, 0), k, v, _launched_chunks(tiles), plan)
     o, lse = _merge(o, lse, o_p, lse_p, tiles.slot)
     return o, lse, tiles
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, sel, plan: _Plan):
-    o, lse, _ = _forward(q, k, v, sel, plan)
-    return o, lse
-
-
-def _attention_fwd(q, k, v, sel, plan: _Plan):
-    o, lse, tiles = _forward(q, k, v, sel, plan)
-    return (o, lse), (q, k, v, o, lse, tiles)
-
-
-def _attention_bwd(plan: _Plan, residuals, cotangents):
-    q, k, v, o, lse, tiles = residuals
-    d_o, d_lse = cotangents
-    # d lse / d logits = p, so a cotangent on lse just shifts delta.
-    delta = (o * d_o).sum(axis=-1) - d_lse
+def _backward(plan: _Plan, residuals, d_o, delta):
+    q, k, v, _, lse, tiles = residuals
     do = d_o.astype(q.dtype)
     dq, dk, dv = _own_backward(q, k, v, do, lse, delta, plan)
     if plan.use_pairs:
-        q_t, do_t = _gather_rows(q, tiles.rows, 0), _gather_rows(do, tiles.rows, 0)
-        lse_t = _gather_rows(lse, tiles.rows, _ABSENT_LSE)
-        delta_t = _gather_rows(delta, tiles.rows, 0.0)
+        q_t, do_t, lse_t, delta_t = tile_operands(tiles, q, do, lse, delta)
         dq_t, dk_p, dv_p = _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, tiles, plan)
-        dq = dq + _gather_rows(dq_t, tiles.slot, 0.0).sum(axis=-2)
+        dq = dq + sum_over_picks(dq_t, tiles.slot)
         tail = ((0, 0), (0, plan.padded_len - dk_p.shape[1]), (0, 0))
         dk, dv = dk + jnp.pad(dk_p, tail), dv + jnp.pad(dv_p, tail)
-    sel_cotangent = None
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), sel_cotangent
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
-
-
-def _validate_blocks(block_q, block_k, pair_tile) -> None:
-    for name, value in (("block_q", block_q), ("block_k", block_k), ("pair_tile", pair_tile)):
-        if not _is_pow2(value) or value < _MIN_BLOCK:
-            raise ValueError(
-                f"{name} must be a power of 2 >= {_MIN_BLOCK} (Triton block shapes), got {value!r}"
-            )
 
 
 def topk_chunk_attention_gpu(
@@ -668,9 +638,7 @@ def topk_chunk_attention_gpu(
     *,
     chunk_size: int,
     top_k: int,
-    block_q: int = 64,
-    block_k: int = 64,
-    pair_tile: int = 64,
+    block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     return_lse: bool = False,
 ):
@@ -684,9 +652,7 @@ def topk_chunk_attention_gpu(
       chunk_size: chunk length, chunks aligned at position 0. When T > chunk_size * top_k it
         must be a multiple of 16 (kernel blocks divide it).
       top_k: chunks attended per query, own chunk included (>= 1).
-      block_q, block_k: query/key block of the own-chunk kernels (powers of 2 >= 16; reduced to
-        divide chunk_size); block_k is also the key block of the pair kernels.
-      pair_tile: (query, chunk) pairs per tile (power of 2 >= 16).
+      block_sizes: kernel block sizes, `BlockSizes.get_default()` when None.
       interpret: run the kernels in Pallas interpret mode (CPU tests).
       return_lse: also return the fp32 log-sum-exp of the scaled logits (differentiable).
 
@@ -694,26 +660,26 @@ def topk_chunk_attention_gpu(
       o [B, T, H, D] in q.dtype, or (o, lse [B, T, H] fp32) when return_lse.
     """
     validate_args(q, k, v, chunk_size, top_k)
-    _validate_blocks(block_q, block_k, pair_tile)
-    plan = _make_plan(q.shape, chunk_size, top_k, block_q, block_k, pair_tile, interpret)
+    plan = _make_plan(
+        q.shape,
+        chunk_size,
+        top_k,
+        options_or_default(block_sizes, BlockSizes, "block_sizes"),
+        interpret,
+    )
     b, t, h, d = q.shape
-    pad_t, pad_d = plan.padded_len - t, plan.head_dim - d
 
-    def to_groups(x):  # [B, T, H, D] -> [B*H, Tp, Dp], dtype kept
-        x = jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad_t), (0, pad_d)))
-        return x.reshape(b * h, plan.padded_len, plan.head_dim)
+    def kernel_layout(x):  # [B, T, H, D] -> [B*H, Tp, Dp], dtype kept
+        return jnp.pad(to_groups(x, plan.padded_len), ((0, 0), (0, 0), (0, plan.head_dim - d)))
 
     if plan.use_pairs:
-        sel = jnp.swapaxes(select_chunks(q, k, chunk_size, top_k), 1, 2)
-        sel = jnp.pad(sel, ((0, 0), (0, 0), (0, pad_t), (0, 0)), constant_values=-1)
-        sel = sel.reshape(b * h, plan.padded_len, plan.n_pick)
+        sel = to_groups(select_chunks(q, k, chunk_size, top_k), plan.padded_len, fill=-1)
     else:
         sel = jnp.zeros((b * h, plan.padded_len, 0), jnp.int32)
-    o, lse = _attention(to_groups(q), to_groups(k), to_groups(v), sel, plan)
-    o = jnp.swapaxes(o.reshape(b, h, plan.padded_len, plan.head_dim)[:, :, :t, :d], 1, 2)
-    o = o.astype(q.dtype)
+    o, lse = _attention(kernel_layout(q), kernel_layout(k), kernel_layout(v), sel, plan)
+    o = from_groups(o, b, t)[..., :d].astype(q.dtype)
     if return_lse:
-        return o, jnp.swapaxes(lse.reshape(b, h, plan.padded_len)[:, :, :t], 1, 2)
+        return o, from_groups(lse, b, t)
     return o
 
 
@@ -722,9 +688,7 @@ def gpu_work_fraction(
     *,
     chunk_size: int,
     top_k: int,
-    block_q: int = 64,
-    block_k: int = 64,
-    pair_tile: int = 64,
+    block_sizes: BlockSizes | None = None,
     sel=None,
 ) -> float:
     """Fraction of the dense-causal (query, key) products the forward kernels compute, per head.
@@ -735,20 +699,20 @@ def gpu_work_fraction(
 
     Args:
       seq_len: T.
-      chunk_size, top_k, block_q, block_k, pair_tile: as in `topk_chunk_attention_gpu`.
+      chunk_size, top_k, block_sizes: as in `topk_chunk_attention_gpu`.
       sel: optional int32 [B, T, H, top_k - 1] selection (`select_chunks`); when given, tiles are
         counted exactly (averaged over batch and heads), else the static bound the kernels launch.
 
     Returns:
       Visited products / (T (T + 1) / 2).
     """
-    if not _is_int(seq_len) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    _validate_blocks(block_q, block_k, pair_tile)
+    block_sizes = options_or_default(block_sizes, BlockSizes, "block_sizes")
     dummy = jax.ShapeDtypeStruct((1, seq_len, 1, 1), jnp.float32)
     validate_args(dummy, dummy, dummy, chunk_size, top_k)
-    plan = _make_plan(dummy.shape, chunk_size, top_k, block_q, block_k, pair_tile, False)
-    bq, bk = plan.block_q, plan.block_k
+    plan = _make_plan(dummy.shape, chunk_size, top_k, block_sizes, False)
+    bq, bk, pair_tile = plan.block_q, plan.block_k, plan.pair_tile
     own = 0
     for i in range(plan.padded_len // bq):
         row0 = i * bq

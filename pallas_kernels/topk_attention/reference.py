@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from .plan import is_int
+
 _HIGHEST = lax.Precision.HIGHEST
-
-
-def _is_int(x) -> bool:
-    """True for Python/NumPy integers (not bools): static sizes must be concrete ints."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def validate_args(q, k, v, chunk_size: int, top_k: int) -> None:
@@ -26,9 +21,9 @@ def validate_args(q, k, v, chunk_size: int, top_k: int) -> None:
       chunk_size: positive chunk length.
       top_k: number of chunks attended per query (own chunk included), at least 1.
     """
-    if not _is_int(chunk_size) or chunk_size <= 0:
+    if not is_int(chunk_size) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not _is_int(top_k) or top_k < 1:
+    if not is_int(top_k) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1 (own chunk included), got {top_k!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:

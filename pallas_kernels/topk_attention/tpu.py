@@ -13,14 +13,16 @@ Design (oracle: `reference.topk_chunk_attention_reference`; the pure-JAX twin is
   needed block so a skipped step issues no DMA.
 * Selected chunks ("pairs"): the (query, selected chunk) pairs of each group are sorted by
   chunk in XLA and packed into tiles of `pair_tile` rows that share one chunk (each chunk's run
-  padded to whole tiles; empty slots point at a zero dummy row). The tile queries are gathered
-  into tile order in XLA. The kernel grid is (G, tile, key block of the tile's chunk), driven by
-  two scalar-prefetched [G, n_tiles] int32 arrays: the tile's chunk and a packed word
-  (source tile, valid, first tile of its chunk). Unused tail tiles (the tile count is a static
+  padded to whole tiles; empty slots point at a zero dummy row; `plan.pack_pair_tiles`, shared
+  with the XLA and GPU versions). The tile queries are gathered into tile order in XLA. The
+  kernel grid is (G, tile, key block of the tile's chunk), driven by two scalar-prefetched
+  [G, n_tiles] int32 arrays: the tile's chunk and a packed word (`tile_info`: source tile,
+  valid, first tile of its chunk). Unused tail tiles (the tile count is a static
   bound) repeat the last used tile's block indices and compute nothing, so they cost a grid
   step but no DMA. Because those tail steps share the last used tile's output block, the
   tile axis is "arbitrary" (sequential on one core); only batch*heads is "parallel", so keep
-  B*H >= 2 for two-core chips. The two partial softmaxes are merged by log-sum-exp in XLA.
+  B*H >= 2 for two-core chips. The two partial softmaxes are merged by log-sum-exp in XLA
+  (`plan.merge_own_and_picks`).
 * Backward (one custom_vjp, FlashAttention-2 recompute from the saved log-sum-exp,
   delta = rowsum(o * do) - dlse): own part dq kernel and dk/dv kernel; pairs dq kernel over
   tiles (scattered back to queries by a gather in XLA) and a dk/dv kernel with grid
@@ -42,7 +44,7 @@ Design (oracle: `reference.topk_chunk_attention_reference`; the pure-JAX twin is
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -52,16 +54,27 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .reference import _is_int, select_chunks, validate_args
-from .xla_chunked import _count_pairs
+from .plan import (
+    MASKED_LOGIT,
+    PairTiles,
+    count_pairs,
+    from_groups,
+    gather_rows,
+    is_dense_causal,
+    is_int,
+    max_pair_tiles,
+    merge_own_and_picks,
+    options_or_default,
+    pack_pair_tiles,
+    sum_over_picks,
+    tile_operands,
+    to_groups,
+)
+from .reference import select_chunks, validate_args
+from .vjp import attention_vjp
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
-# Finite stand-in for -inf on masked logits: keeps exp(m_old - m_new) free of inf - inf NaNs.
-_MASKED = -1e30
-# Log-sum-exp given to empty tile slots in the backward: exp(logit - 1e30) = 0, so they add
-# nothing to dk/dv without an in-kernel mask.
-_EMPTY_SLOT_LSE = 1e30
 _LANES = 128
 _SUBLANES = 8
 # Dot dimension numbers (contracting dims of lhs, rhs).
@@ -70,16 +83,46 @@ _NT = ((1,), (1,))
 _TN = ((0,), (0,))
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Block sizes of the TPU kernels: positive multiples of 8 (sublanes).
+
+    Compiled kernels further need multiples of 128 (log-sum-exp and delta travel as lane rows
+    of a block's length); that is checked at the call, which knows whether it is compiled.
+
+    Attributes:
+      block_q: query rows of a flash block (capped at chunk_size).
+      block_k: key rows of a flash block and of the pair kernels' key blocks (capped likewise).
+      pair_tile: (query, chunk) pairs per tile.
+    """
+
+    block_q: int = 512
+    block_k: int = 512
+    pair_tile: int = 256
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not is_int(value) or value <= 0 or value % _SUBLANES:
+                raise ValueError(
+                    f"BlockSizes.{field.name} must be a positive multiple of {_SUBLANES}, "
+                    f"got {value!r}"
+                )
+
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        """The sizes the kernels use when none are given: 512 x 512 blocks, tiles of 256."""
+        return cls()
+
+
 class _Plan(NamedTuple):
     """Static description of one call (hashable: it is a nondiff argument of the custom VJP)."""
 
-    seq_len: int  # true T
     padded_len: int  # Tp: T rounded up to whole query and key blocks
     block_q: int
     block_k: int
     segment: int  # rows of one causal segment: chunk_size, or padded_len in the dense regime
     chunk_size: int
-    n_pick: int  # top_k - 1
     pairs: bool  # whether selected chunks exist (sparse regime and top_k > 1)
     n_candidates: int  # chunks that can be selected: all but the last
     pair_tile: int
@@ -103,14 +146,7 @@ def _check_interpret(interpret) -> None:
 
 
 def _make_plan(
-    seq_len: int,
-    head_dim: int,
-    chunk_size: int,
-    top_k: int,
-    block_q: int,
-    block_k: int,
-    pair_tile: int,
-    interpret,
+    seq_len: int, head_dim: int, chunk_size: int, top_k: int, block_sizes: BlockSizes, interpret
 ) -> _Plan:
     """Chooses the regime and checks the block sizes against Mosaic's tiling rules.
 
@@ -118,16 +154,21 @@ def _make_plan(
     lane rows of a block's length); interpret mode accepts multiples of 8 for small tests.
     """
     _check_interpret(interpret)
+    if interpret is False:
+        for field in dataclasses.fields(block_sizes):
+            value = getattr(block_sizes, field.name)
+            if value % _LANES:
+                raise ValueError(
+                    f"BlockSizes.{field.name} must be a multiple of {_LANES} for compiled TPU "
+                    f"kernels, got {value!r}"
+                )
     align = _SUBLANES if interpret is not False else _LANES
-    for name, value in (("block_q", block_q), ("block_k", block_k), ("pair_tile", pair_tile)):
-        if not _is_int(value) or value <= 0 or value % align:
-            mode = "in interpret mode" if interpret is not False else "for compiled TPU kernels"
-            raise ValueError(f"{name} must be a positive multiple of {align} {mode}, got {value!r}")
+    block_q, block_k, pair_tile = block_sizes.block_q, block_sizes.block_k, block_sizes.pair_tile
     n_chunks = -(-seq_len // chunk_size)
     n_pick = top_k - 1
-    if n_chunks <= top_k:
-        # Every earlier chunk is selected (or there is one chunk): one causal segment spanning
-        # the sequence, no selection. A short sequence is one block equal to the full length.
+    if is_dense_causal(seq_len, chunk_size, top_k):
+        # One causal segment spanning the sequence, no selection. A short sequence is one
+        # block equal to the full length.
         if seq_len <= min(block_q, block_k):
             bq = bk = padded = _round_up(seq_len, _SUBLANES)
         else:
@@ -147,16 +188,13 @@ def _make_plan(
     n_candidates = n_chunks - 1
     n_tiles = 0
     if pairs:
-        # Each chunk's run of pairs is padded to whole tiles: at most one extra tile per chunk.
-        n_tiles = -(-_count_pairs(seq_len, chunk_size, n_pick) // pair_tile) + n_candidates
+        n_tiles = max_pair_tiles(count_pairs(seq_len, chunk_size, n_pick), n_candidates, pair_tile)
     return _Plan(
-        seq_len=seq_len,
         padded_len=padded,
         block_q=bq,
         block_k=bk,
         segment=segment,
         chunk_size=chunk_size,
-        n_pick=n_pick,
         pairs=pairs,
         n_candidates=n_candidates,
         pair_tile=pair_tile,
@@ -178,9 +216,7 @@ def tpu_work_fraction(
     *,
     chunk_size: int,
     top_k: int,
-    block_q: int = 512,
-    block_k: int = 512,
-    pair_tile: int = 256,
+    block_sizes: BlockSizes | None = None,
 ) -> float:
     """Query-key products the kernels compute, as a fraction of dense causal T(T+1)/2.
 
@@ -190,12 +226,19 @@ def tpu_work_fraction(
 
     Args:
       seq_len: T.
-      chunk_size, top_k, block_q, block_k, pair_tile: as in `topk_chunk_attention_tpu`.
+      chunk_size, top_k, block_sizes: as in `topk_chunk_attention_tpu`.
 
     Returns:
       computed products / (T * (T + 1) / 2).
     """
-    plan = _make_plan(seq_len, 1, chunk_size, top_k, block_q, block_k, pair_tile, False)
+    plan = _make_plan(
+        seq_len,
+        1,
+        chunk_size,
+        top_k,
+        options_or_default(block_sizes, BlockSizes, "block_sizes"),
+        False,
+    )
     n_q_blocks = plan.padded_len // plan.block_q
     own = sum(_last_key_block(i, plan) + 1 for i in range(n_q_blocks)) * plan.block_q * plan.block_k
     pairs = plan.n_tiles * plan.pair_tile * plan.chunk_size
@@ -224,7 +267,7 @@ def _causal(q_start, k_start, shape, key_axis: int):
 
 
 def _init_softmax(m_scr, l_scr, acc_scr):
-    m_scr[...] = jnp.full(m_scr.shape, _MASKED, _F32)
+    m_scr[...] = jnp.full(m_scr.shape, MASKED_LOGIT, _F32)
     l_scr[...] = jnp.zeros(l_scr.shape, _F32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, _F32)
 
@@ -235,7 +278,7 @@ def _online_update(s, v, m_scr, l_scr, acc_scr):
     m and l are [bq, 128] with all lanes equal (lane-dense VMEM); [:, :1] gives the column.
     A row never meets a fully masked block before a real one (the first key block of its
     segment holds the segment's first key, which every row sees), so masked entries always
-    get exp(_MASKED - finite) = 0 and need no second mask.
+    get exp(MASKED_LOGIT - finite) = 0 and need no second mask.
     """
     m_prev = m_scr[...]
     m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -301,7 +344,7 @@ def _own_forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_s
     def compute(masked):
         s = _dot(q_ref[...], k_ref[...], _NT) * plan.scale
         if masked:
-            s = jnp.where(_causal(q_start, k_start, (bq, bk), 1), s, _MASKED)
+            s = jnp.where(_causal(q_start, k_start, (bq, bk), 1), s, MASKED_LOGIT)
         _online_update(s, v_ref[...], m_scr, l_scr, acc_scr)
 
     _run_causal_block(q_start, k_start, j, last, bk, compute)
@@ -447,79 +490,20 @@ def _own_backward(q, k, v, do, lse, delta, plan: _Plan):
 # ----------------------------------------------------------------------------- pair tiles
 
 
-class _Tiles(NamedTuple):
-    """Pair tiles of every group (G = B*H).
+def tile_info(tiles: PairTiles) -> jax.Array:
+    """int32 [G, M]: the scalar-prefetched word of each tile, src * 4 + valid * 2 + first.
 
-    rows: int32 [G, n_tiles * pair_tile]: query row of each slot, Tp for an empty slot.
-    chunk: int32 [G, n_tiles]: the tile's chunk (unused tiles: the last used tile's chunk).
-    info: int32 [G, n_tiles]: src * 4 + valid * 2 + first, where src is the tile whose blocks
-      the step uses (itself, or the last used tile for unused ones), valid marks used tiles and
-      first marks the first tile of a chunk's run.
-    slot: int32 [G, Tp, n_pick]: slot of each (query, pick) pair in tile order, -1 for none.
+    src is the tile whose blocks the grid step uses (itself, or the last used tile for unused
+    ones, which so issue no DMA), valid marks used tiles and first marks the first tile of a
+    chunk's run (where the dk/dv kernel starts a key block from the own part's gradients).
     """
-
-    rows: jax.Array
-    chunk: jax.Array
-    info: jax.Array
-    slot: jax.Array
-
-
-def _pair_tiles(sel_g, plan: _Plan):
-    """Sorts one group's (query, chunk) pairs by chunk and packs them into single-chunk tiles.
-
-    Args:
-      sel_g: int32 [Tp, n_pick] selected chunks, -1 for none.
-
-    Returns:
-      (rows, chunk, info, slot) for one group, shapes as in `_Tiles` without G.
-    """
-    tp, n_pick = sel_g.shape
-    size, n_tiles, n_cand = plan.pair_tile, plan.n_tiles, plan.n_candidates
-    n_pairs = tp * n_pick
-    picked = sel_g.reshape(-1)
-    key = jnp.where(picked >= 0, picked, n_cand)  # missing picks sort last
-    order = jnp.argsort(key, stable=True)  # stable: queries stay in order inside a chunk
-    rank = jnp.zeros(n_pairs, jnp.int32).at[order].set(jnp.arange(n_pairs, dtype=jnp.int32))
-
-    counts = jnp.bincount(key, length=n_cand + 1)[:n_cand]
-    tiles_per_chunk = -(-counts // size)
-    tiles_end = jnp.cumsum(tiles_per_chunk)
-    first_tile = tiles_end - tiles_per_chunk
-    first_pair = jnp.cumsum(counts) - counts
-    safe = jnp.minimum(key, n_cand - 1)
-    slot = jnp.where(key < n_cand, first_tile[safe] * size + rank - first_pair[safe], -1)
-    slot = slot.astype(jnp.int32)
-
-    query = jnp.arange(n_pairs, dtype=jnp.int32) // n_pick
-    rows = jnp.full((n_tiles * size,), tp, jnp.int32)
-    rows = rows.at[jnp.where(slot >= 0, slot, n_tiles * size)].set(query, mode="drop")
-
-    n_used = tiles_end[-1]
-    tile = jnp.arange(n_tiles, dtype=jnp.int32)
+    chunk = tiles.chunk
+    n_used = tiles.n_used[:, None]
+    tile = jnp.arange(chunk.shape[1], dtype=jnp.int32)
     valid = tile < n_used
     src = jnp.minimum(tile, jnp.maximum(n_used - 1, 0))
-    # Tile m belongs to the first chunk whose tiles end after m.
-    owner = jnp.searchsorted(tiles_end, tile, side="right")
-    chunk = jnp.minimum(owner[src], n_cand - 1).astype(jnp.int32)
-    first = jnp.concatenate([jnp.ones((1,), bool), chunk[1:] != chunk[:-1]])
-    info = (src * 4 + valid.astype(jnp.int32) * 2 + first.astype(jnp.int32)).astype(jnp.int32)
-    return rows, chunk, info, slot.reshape(tp, n_pick)
-
-
-def _gather_rows(x, rows, fill: float):
-    """x [G, Tp, ...] at rows [G, N] (row Tp reads `fill`) -> [G, N, ...]."""
-    pad = ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2)
-    x = jnp.pad(x, pad, constant_values=fill)
-    index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
-
-
-def _gather_slots(x, slot):
-    """x [G, N, ...] at slot [G, Tp, n] (clamped; callers mask slot < 0) -> [G, Tp, n, ...]."""
-    g, tp, n = slot.shape
-    flat = jnp.maximum(slot, 0).reshape(g, tp * n)
-    out = jnp.take_along_axis(x, flat.reshape(flat.shape + (1,) * (x.ndim - 2)), axis=1)
-    return out.reshape(g, tp, n, *x.shape[2:])
+    first = jnp.concatenate([jnp.ones_like(chunk[:, :1], bool), chunk[:, 1:] != chunk[:, :-1]], 1)
+    return (src * 4 + valid.astype(jnp.int32) * 2 + first.astype(jnp.int32)).astype(jnp.int32)
 
 
 def _tile_src(info_ref, g, t):
@@ -581,7 +565,7 @@ def _pairs_specs_tile_major(plan: _Plan, d: int):
     return tile_spec, row_spec, kv_spec
 
 
-def _pairs_forward(q_t, k, v, tiles: _Tiles, plan: _Plan):
+def _pairs_forward(q_t, k, v, tiles: PairTiles, info, plan: _Plan):
     """Attention of each tile slot over its tile's chunk.
 
     Args:
@@ -612,7 +596,7 @@ def _pairs_forward(q_t, k, v, tiles: _Tiles, plan: _Plan):
         out_shape=[jax.ShapeDtypeStruct((g, n, d), _F32), jax.ShapeDtypeStruct((g, 1, n), _F32)],
         compiler_params=_compiler_params(1, 2),
         interpret=plan.interpret,
-    )(tiles.chunk, tiles.info, q_t, k, v)
+    )(tiles.chunk, info, q_t, k, v)
 
 
 def _pairs_dq_kernel(
@@ -668,7 +652,7 @@ def _pairs_dkv_kernel(
         dk_ref[...] += plan.scale * _dot(ds.astype(q.dtype), q, _NN)
 
 
-def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, dk, dv, tiles: _Tiles, plan: _Plan):
+def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, dk, dv, tiles: PairTiles, info, plan: _Plan):
     """Pair gradients: dq per tile slot, and dk/dv added in place to the own part's.
 
     Args:
@@ -692,7 +676,7 @@ def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, dk, dv, tiles: _Tiles, plan
         out_shape=jax.ShapeDtypeStruct((g, n, d), _F32),
         compiler_params=_compiler_params(1, 2),
         interpret=plan.interpret,
-    )(tiles.chunk, tiles.info, q_t, do_t, lse_t, delta_t, k, v)
+    )(tiles.chunk, info, q_t, do_t, lse_t, delta_t, k, v)
 
     # Grid (G, j, tile): for a fixed j the key block (chunk, j) is revisited only while the
     # sorted tiles stay on that chunk, i.e. on consecutive steps.
@@ -715,84 +699,44 @@ def _pairs_backward(q_t, do_t, lse_t, delta_t, k, v, dk, dv, tiles: _Tiles, plan
         input_output_aliases={8: 0, 9: 1},
         compiler_params=_compiler_params(1, 2),
         interpret=plan.interpret,
-    )(tiles.chunk, tiles.info, q_t, do_t, lse_t, delta_t, k, v, dk, dv)
+    )(tiles.chunk, info, q_t, do_t, lse_t, delta_t, k, v, dk, dv)
     return dq_t, dk, dv
-
-
-def _merge(o_own, lse_own, o_t, lse_t, slot):
-    """Log-sum-exp merge of the own part with each query's pair results.
-
-    Args:
-      o_own: [G, Tp, D] fp32; lse_own: [G, Tp]; o_t: [G, N, D]; lse_t: [G, N]; slot: [G, Tp, n].
-
-    Returns:
-      o [G, Tp, D] fp32, lse [G, Tp] fp32.
-    """
-    has = slot >= 0
-    # where() before any arithmetic: unused tile slots were never written (may hold NaN).
-    lse_p = jnp.where(has, _gather_slots(lse_t, slot), _MASKED)
-    o_p = jnp.where(has[..., None], _gather_slots(o_t, slot), 0.0)
-    lse_all = jnp.concatenate([lse_own[..., None], lse_p], axis=-1)
-    m = lse_all.max(axis=-1, keepdims=True)
-    w = jnp.exp(lse_all - m)
-    total = w.sum(axis=-1)
-    o = (w[..., 0, None] * o_own + (w[..., 1:, None] * o_p).sum(axis=-2)) / total[..., None]
-    return o, m[..., 0] + jnp.log(total)
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 
 def _forward(q, k, v, sel, plan: _Plan):
-    """Returns o [G,Tp,D] fp32, lse [G,Tp] fp32 and the tiles (None without pairs)."""
+    """Returns o [G,Tp,D] fp32, lse [G,Tp] fp32 and the (tiles, info) (None without pairs)."""
     o, lse = _own_forward(q, k, v, plan)
     lse = lse[:, 0]
-    tiles = None
-    if plan.pairs:
-        tiles = _Tiles(*jax.vmap(lambda s: _pair_tiles(s, plan))(sel))
-        o_t, lse_t = _pairs_forward(_gather_rows(q, tiles.rows, 0.0), k, v, tiles, plan)
-        o, lse = _merge(o, lse, o_t, lse_t[:, 0], tiles.slot)
-    return o, lse, tiles
+    if not plan.pairs:
+        return o, lse, None
+    tiles = pack_pair_tiles(
+        sel, pair_tile=plan.pair_tile, n_tiles=plan.n_tiles, n_candidates=plan.n_candidates
+    )
+    info = tile_info(tiles)
+    o_t, lse_t = _pairs_forward(gather_rows(q, tiles.rows, 0.0), k, v, tiles, info, plan)
+    # Slots of unused tiles were never written (they may hold NaN): no pick points at them.
+    o, lse = merge_own_and_picks(o, lse, o_t, lse_t[:, 0], tiles.slot)
+    return o, lse, (tiles, info)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, sel, plan: _Plan):
-    o, lse, _ = _forward(q, k, v, sel, plan)
-    return o, lse
-
-
-def _attention_fwd(q, k, v, sel, plan: _Plan):
-    o, lse, tiles = _forward(q, k, v, sel, plan)
-    return (o, lse), (q, k, v, o, lse, tiles)
-
-
-def _attention_bwd(plan: _Plan, residuals, cotangents):
-    q, k, v, o, lse, tiles = residuals
-    d_out, d_lse = cotangents
-    # d lse / d logits = p, so a cotangent on lse just shifts delta.
-    delta = (o * d_out).sum(axis=-1) - d_lse
+def _backward(plan: _Plan, residuals, d_out, delta):
+    q, k, v, _, lse, pair_tiles = residuals
     do = d_out.astype(q.dtype)  # MXU operand dtype
     dq, dk, dv = _own_backward(q, k, v, do, lse[:, None], delta[:, None], plan)
     if plan.pairs:
-        rows = tiles.rows
+        tiles, info = pair_tiles
+        q_t, do_t, lse_t, delta_t = tile_operands(tiles, q, do, lse, delta)
         dq_t, dk, dv = _pairs_backward(
-            _gather_rows(q, rows, 0.0),
-            _gather_rows(do, rows, 0.0),
-            _gather_rows(lse, rows, _EMPTY_SLOT_LSE)[:, None],
-            _gather_rows(delta, rows, 0.0)[:, None],
-            k,
-            v,
-            dk,
-            dv,
-            tiles,
-            plan,
+            q_t, do_t, lse_t[:, None], delta_t[:, None], k, v, dk, dv, tiles, info, plan
         )
-        has = (tiles.slot >= 0)[..., None]
-        dq = dq + jnp.where(has, _gather_slots(dq_t, tiles.slot), 0.0).sum(axis=2)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+        dq = dq + sum_over_picks(dq_t, tiles.slot)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -805,9 +749,7 @@ def topk_chunk_attention_tpu(
     *,
     chunk_size: int,
     top_k: int,
-    block_q: int = 512,
-    block_k: int = 512,
-    pair_tile: int = 256,
+    block_sizes: BlockSizes | None = None,
     interpret=False,
     return_lse: bool = False,
 ):
@@ -822,9 +764,8 @@ def topk_chunk_attention_tpu(
       chunk_size: chunk length, chunks aligned at position 0. When T > chunk_size * top_k it
         must be a multiple of the (capped) block sizes.
       top_k: chunks attended per query, own chunk included (>= 1).
-      block_q, block_k: query/key block rows of the flash kernels (capped at chunk_size);
-        multiples of 128 when compiled, of 8 in interpret mode.
-      pair_tile: (query, chunk) pairs per tile; same alignment rule.
+      block_sizes: kernel block sizes, `BlockSizes.get_default()` when None; multiples of 128
+        when compiled, of 8 in interpret mode.
       interpret: False (compile with Mosaic), True (Pallas interpreter) or a
         `pltpu.InterpretParams` (TPU interpret mode with DMA/race simulation).
       return_lse: also return the fp32 log-sum-exp of each query's logits, [B, T, H]
@@ -837,19 +778,15 @@ def topk_chunk_attention_tpu(
     if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, t, h, d = q.shape
-    plan = _make_plan(t, d, int(chunk_size), int(top_k), block_q, block_k, pair_tile, interpret)
-    pad = plan.padded_len - t
-
-    def to_groups(x, fill=0):  # [B, T, H, ...] -> [B*H, Tp, ...]
-        x = jnp.swapaxes(x, 1, 2).reshape(b * h, t, *x.shape[3:])
-        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
-
+    block_sizes = options_or_default(block_sizes, BlockSizes, "block_sizes")
+    plan = _make_plan(t, d, int(chunk_size), int(top_k), block_sizes, interpret)
+    tp = plan.padded_len
     if plan.pairs:
-        sel = to_groups(select_chunks(q, k, plan.chunk_size, top_k), fill=-1)
+        sel = to_groups(select_chunks(q, k, plan.chunk_size, top_k), tp, fill=-1)
     else:
-        sel = jnp.zeros((b * h, plan.padded_len, 0), jnp.int32)
-    o, lse = _attention(to_groups(q), to_groups(k), to_groups(v), sel, plan)
-    o = jnp.swapaxes(o[:, :t].reshape(b, h, t, d), 1, 2).astype(q.dtype)
+        sel = jnp.zeros((b * h, tp, 0), jnp.int32)
+    o, lse = _attention(to_groups(q, tp), to_groups(k, tp), to_groups(v, tp), sel, plan)
+    o = from_groups(o, b, t).astype(q.dtype)
     if return_lse:
-        return o, jnp.swapaxes(lse[:, :t].reshape(b, h, t), 1, 2)
+        return o, from_groups(lse, b, t)
     return o

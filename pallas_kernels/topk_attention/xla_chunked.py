@@ -9,8 +9,9 @@ Design (SPEC §4 train semantics; the oracle is `reference.topk_chunk_attention_
 * Part (b) has two implementations (`method`):
   - "pairs" (default): exact cost. The (query, selected chunk) pairs of each (batch, head) are
     sorted by chunk and packed into tiles of `pair_tile` pairs that share one chunk, so a tile
-    is one [tile, D] x [D, chunk] matmul against a contiguous key chunk. Tiles are merged into
-    the per-query softmax state by log-sum-exp. Work is T * (top_k - 1) * chunk per head.
+    is one [tile, D] x [D, chunk] matmul against a contiguous key chunk (`plan.pack_pair_tiles`,
+    shared with the Pallas versions). Tiles are folded into the per-query online-softmax state
+    (`fold_pair_tiles`). Work is T * (top_k - 1) * chunk per head.
   - "blocks": dense by block. Each query block also loops over every key block of every
     earlier chunk, masking rows that did not select that chunk and skipping a block only when
     no row of any (batch, head) in it selected the chunk. Work is ~T²/2 per head whatever
@@ -39,7 +40,6 @@ Design (SPEC §4 train semantics; the oracle is `reference.topk_chunk_attention_
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -47,11 +47,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .plan import (
+    MASKED_LOGIT,
+    PairTiles,
+    count_pairs,
+    from_groups,
+    is_dense_causal,
+    max_pair_tiles,
+    pack_pair_tiles,
+    take_rows,
+    to_groups,
+)
 from .reference import select_chunks, validate_args
+from .vjp import attention_vjp
 
 _HIGHEST = lax.Precision.HIGHEST
-# Finite stand-in for -inf on masked logits: keeps exp(m_old - m_new) free of inf - inf NaNs.
-_MASKED = -1e30
 
 
 class _Plan(NamedTuple):
@@ -62,7 +72,6 @@ class _Plan(NamedTuple):
     block: int  # rows/cols of one flash block; divides chunk_size in the sparse regime
     segment_blocks: int  # blocks per causal segment: one chunk, or the whole sequence when dense
     chunk_size: int
-    n_pick: int  # top_k - 1
     cross: str  # "none" (no selection needed), "pairs" or "blocks"
     n_candidates: int  # chunks that can be selected: all but the last
     pair_tile: int
@@ -80,15 +89,6 @@ def _pick_block(chunk_size: int, block_size: int) -> int:
     return chunk_size if best < min(chunk_size, 64) else best
 
 
-def _count_pairs(seq_len: int, chunk_size: int, n_pick: int) -> int:
-    """Number of valid (query, selected chunk) pairs: query t has min(t // chunk, n_pick)."""
-    total = 0
-    for c in range(-(-seq_len // chunk_size)):
-        rows = min(chunk_size, seq_len - c * chunk_size)
-        total += rows * min(c, n_pick)
-    return total
-
-
 def _whole_sequence_block(seq_len: int, block_size: int) -> int:
     """Block for one causal segment spanning the sequence: <= block_size, little padding."""
     if seq_len <= block_size:
@@ -102,9 +102,8 @@ def _make_plan(shape, chunk_size, top_k, method, block_size, pair_tile) -> _Plan
     _, t, _, d = shape
     n_chunks = -(-t // chunk_size)
     n_pick = top_k - 1
-    if n_chunks <= top_k:
-        # Every earlier chunk is selected (or there is one chunk): plain causal attention over
-        # one segment spanning the sequence, and no selection to compute.
+    if is_dense_causal(t, chunk_size, top_k):
+        # Plain causal attention over one segment spanning the sequence, no selection.
         block = _whole_sequence_block(t, block_size)
         padded = -(-t // block) * block
         segment_blocks, cross = padded // block, "none"
@@ -116,15 +115,13 @@ def _make_plan(shape, chunk_size, top_k, method, block_size, pair_tile) -> _Plan
     n_candidates = n_chunks - 1  # the last chunk is nobody's candidate
     n_tiles = 0
     if cross == "pairs":
-        # Each chunk's run of pairs is padded to whole tiles: at most one extra tile per chunk.
-        n_tiles = -(-_count_pairs(t, chunk_size, n_pick) // pair_tile) + n_candidates
+        n_tiles = max_pair_tiles(count_pairs(t, chunk_size, n_pick), n_candidates, pair_tile)
     return _Plan(
         seq_len=t,
         padded_len=padded,
         block=block,
         segment_blocks=segment_blocks,
         chunk_size=chunk_size,
-        n_pick=n_pick,
         cross=cross,
         n_candidates=n_candidates,
         pair_tile=pair_tile,
@@ -165,7 +162,7 @@ def online_softmax_update(state, s, mask, v_blk):
     """
     m, l, acc = state
     if mask is not None:
-        s = jnp.where(mask, s, _MASKED)
+        s = jnp.where(mask, s, MASKED_LOGIT)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.exp(s - m_new[..., None])
     if mask is not None:
@@ -207,7 +204,7 @@ def _flash_forward(q, k, v, sel, plan: _Plan):
     def query_block(i):
         q_i = _rows(q, i * bs, bs)
         state = (
-            jnp.full((b, h, bs), _MASKED, jnp.float32),
+            jnp.full((b, h, bs), MASKED_LOGIT, jnp.float32),
             jnp.zeros((b, h, bs), jnp.float32),
             jnp.zeros((b, h, bs, d), jnp.float32),
         )
@@ -292,105 +289,56 @@ def _flash_backward(q, k, v, sel, do, lse, delta, plan: _Plan):
 # ----------------------------------------------------------------------------- pairs part
 
 
-def _build_tiles(sel_g, plan: _Plan):
-    """Packs one (batch, head)'s (query, chunk) pairs into single-chunk tiles.
-
-    Pairs are sorted by chunk (stable, so queries stay in order inside a chunk); each chunk's
-    run is padded to a whole number of tiles. Empty slots point at the dummy row Tp.
-
-    Args:
-      sel_g: [Tp, n_pick] int32 selected chunk ids, -1 for none.
-
-    Returns:
-      tile_rows int32 [n_tiles, pair_tile] (query row or Tp), tile_chunk int32 [n_tiles].
-    """
-    tp, n_pick = sel_g.shape
-    size, n_tiles, n_candidates = plan.pair_tile, plan.n_tiles, plan.n_candidates
-    chunk = sel_g.reshape(-1)
-    query = jnp.arange(tp * n_pick, dtype=jnp.int32) // n_pick
-    key = jnp.where(chunk >= 0, chunk, n_candidates)  # missing picks sort last
-    order = jnp.argsort(key, stable=True)
-    sorted_chunk, sorted_query = key[order], query[order]
-
-    counts = jnp.bincount(key, length=n_candidates + 1)[:n_candidates]
-    tiles_per_chunk = -(-counts // size)
-    tiles_end = jnp.cumsum(tiles_per_chunk)
-    first_tile = tiles_end - tiles_per_chunk
-    first_pair = jnp.cumsum(counts) - counts
-    valid = sorted_chunk < n_candidates
-    safe_chunk = jnp.minimum(sorted_chunk, n_candidates - 1)
-    rank_in_chunk = jnp.arange(tp * n_pick) - first_pair[safe_chunk]
-    slot = jnp.where(valid, first_tile[safe_chunk] * size + rank_in_chunk, n_tiles * size)
-    tile_rows = jnp.full((n_tiles * size,), tp, jnp.int32)
-    tile_rows = tile_rows.at[slot].set(sorted_query, mode="drop").reshape(n_tiles, size)
-    # Tile m belongs to the first chunk whose tiles end after m (unused tiles: any chunk).
-    tile_chunk = jnp.searchsorted(tiles_end, jnp.arange(n_tiles), side="right")
-    tile_chunk = jnp.minimum(tile_chunk, n_candidates - 1).astype(jnp.int32)
-    return tile_rows, tile_chunk
+def _tiles_by_index(tiles: PairTiles):
+    """(rows [G, M, P], chunk [G, M]): the tiles' query rows split per tile, and their chunks."""
+    g, n_tiles = tiles.chunk.shape
+    return tiles.rows.reshape(g, n_tiles, -1), tiles.chunk
 
 
-def _tile_operands(rows, chunk, xs_rows, xs_chunk, chunk_size: int):
-    """Gathers a tile's query-side rows and its key chunk for every group g = (batch, head).
+def chunk_reader(k, v, chunk_size: int):
+    """read(chunk [G]) -> (k_c, v_c) [G, chunk_size, D]: chunk c of every group's keys/values.
 
     Args:
-      rows: [G, P] int32; chunk: [G] int32.
-      xs_rows: arrays [G, Tp+1, ...] indexed by rows; xs_chunk: arrays [G, Tp, D] sliced by chunk.
+      k, v: [G, Tk, D] keys and values, Tk a multiple of chunk_size.
+      chunk_size: chunk length.
     """
-    take = jax.vmap(lambda x, r: x[r])
-    return [take(x, rows) for x in xs_rows], list(_chunk_reader(*xs_chunk, chunk_size)(chunk))
-
-
-def _chunk_reader(k, v, chunk_size: int):
-    """read(chunk [G]) -> (k_c, v_c) [G, chunk_size, D]: chunk c of every group's keys/values."""
     cut = jax.vmap(lambda x, c: lax.dynamic_slice_in_dim(x, c * chunk_size, chunk_size, 0))
     return lambda chunk: (cut(k, chunk), cut(v, chunk))
 
 
-def _used_tiles(rows, tp: int):
-    """How many leading tiles hold pairs in some group (the rest only hold the dummy row Tp).
+def fold_pair_tiles(q, tiles: PairTiles, state, read_chunks, sources, *, scale: float):
+    """Folds the (query, selected chunk) pairs into each query's online-softmax state.
 
-    A chunk's pairs fill its tiles from their first slot and chunks with no pairs get no tile,
-    so the used tiles of a group are a prefix and a used tile's first slot is a real row.
-    """
-    return jnp.max(jnp.sum(rows[:, :, 0] < tp, axis=1))
-
-
-def _pairs_forward(q, k, v, tiles, state, plan: _Plan, read_chunks=None, sources=None):
-    """Folds the selected-chunk pairs into the softmax state.
-
-    Only the tiles that hold pairs are visited (a dynamic trip count), so the cost follows the
-    pairs actually selected, not the static tile bound (which grows with the candidates).
+    Only the tiles that hold pairs in some group are visited (a dynamic trip count), so the
+    cost follows the pairs actually selected, not the static tile bound (which grows with the
+    candidates).
 
     Args:
-      q: [G, Tp, D] fp32. k, v: [G, Tk, D] fp32, or None when `read_chunks` is given.
-      tiles: (rows [G, M, P], chunk [G, M]).
-      state: (m [G,Tp], l [G,Tp], acc [G,Tp,D]) from the flash part.
-      read_chunks, sources: for keys that are not one array (a KV cache's slots followed by
-        new tokens): read_chunks(sources, chunk [G]) -> (k_c, v_c) [G, chunk_size, D]. The
-        sources travel through the loop and come back unchanged, so that a caller who then
-        updates them in place (the KV cache) gets the buffers without XLA copying them for
-        the loop.
+      q: [G, Tp, D] fp32 queries.
+      tiles: `plan.PairTiles` of the pairs, chunks indexing the keys `read_chunks` reads.
+      state: (m [G, Tp], l [G, Tp], acc [G, Tp, D]) fp32 running softmax state.
+      read_chunks: read_chunks(sources, chunk [G]) -> fp32 (k_c, v_c) [G, chunk_size, D].
+      sources: the keys and values in any form `read_chunks` takes (one array each, or a KV
+        cache's slots followed by new tokens). They travel through the loop and come back
+        unchanged, so that a caller who then updates them in place (the KV cache) gets the
+        buffers without XLA copying them for the loop.
+      scale: logit scale, 1 / sqrt(D).
 
     Returns:
-      Updated state, same shapes; (state, sources) when `sources` is given.
+      (state, sources): the updated state, same shapes, and the sources.
     """
-    g, tp, d = q.shape
-    given_sources = sources is not None
-    if read_chunks is None:
-        read_chunks = lambda kv, chunk: _chunk_reader(*kv, plan.chunk_size)(chunk)
-        sources = (k, v)
+    tp = q.shape[1]
     q_ext = jnp.pad(q, ((0, 0), (0, 1), (0, 0)))  # dummy row Tp absorbs empty tile slots
     state = tuple(jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2)) for x in state)
-    take = jax.vmap(lambda x, r: x[r])
     scatter = jax.vmap(lambda x, r, val: x.at[r].set(val))
-    all_rows, all_chunks = tiles
+    all_rows, all_chunks = _tiles_by_index(tiles)
 
     def tile_step(i, carry):
         state, sources = carry
         rows, chunk = all_rows[:, i], all_chunks[:, i]
-        q_t, m_old, l_old, a_old = (take(x, rows) for x in (q_ext, *state))
+        q_t, m_old, l_old, a_old = (take_rows(x, rows) for x in (q_ext, *state))
         k_c, v_c = read_chunks(sources, chunk)
-        s = jnp.einsum("gpd,gcd->gpc", q_t, k_c, precision=_HIGHEST) * plan.scale
+        s = jnp.einsum("gpd,gcd->gpc", q_t, k_c, precision=_HIGHEST) * scale
         m_new = jnp.maximum(m_old, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])  # candidate chunks are complete: nothing to mask
         alpha = jnp.exp(m_old - m_new)
@@ -400,19 +348,17 @@ def _pairs_forward(q, k, v, tiles, state, plan: _Plan, read_chunks=None, sources
         new_state = tuple(
             scatter(x, rows, val) for x, val in zip(state, (m_new, l_new, a_new), strict=True)
         )
-        if given_sources:
-            # Opaque to XLA's while-loop simplifier, which would otherwise see the sources as
-            # loop-invariant and hand the caller the loop's input again: that input is then
-            # still live after the loop, and XLA copies it (the whole cache) for the loop.
-            sources = lax.optimization_barrier(sources)
-        return new_state, sources
+        # Opaque to XLA's while-loop simplifier, which would otherwise see the sources as
+        # loop-invariant and hand the caller the loop's input again: that input is then
+        # still live after the loop, and XLA copies it (a whole KV cache) for the loop.
+        return new_state, lax.optimization_barrier(sources)
 
-    state, sources = lax.fori_loop(0, _used_tiles(all_rows, tp), tile_step, (state, sources))
-    state = tuple(x[:, :tp] for x in state)
-    return (state, sources) if given_sources else state
+    n_used = jnp.max(tiles.n_used)
+    state, sources = lax.fori_loop(0, n_used, tile_step, (state, sources))
+    return tuple(x[:, :tp] for x in state), sources
 
 
-def _pairs_backward(q, k, v, do, lse, delta, tiles, grads, plan: _Plan):
+def _pairs_backward(q, k, v, do, lse, delta, tiles: PairTiles, grads, plan: _Plan):
     """Adds the selected-chunk pairs' gradients to (dq, dk, dv) [G, Tp, D]."""
     g, tp, d = q.shape
     size = plan.chunk_size
@@ -421,6 +367,7 @@ def _pairs_backward(q, k, v, do, lse, delta, tiles, grads, plan: _Plan):
     dq, dk, dv = grads
     dq = pad_row(dq)
     add_rows = jax.vmap(lambda x, r, val: x.at[r].add(val))
+    read = chunk_reader(k, v, size)
 
     def add_chunk(x, chunk, val):
         def one(x_g, c, val_g):
@@ -433,9 +380,10 @@ def _pairs_backward(q, k, v, do, lse, delta, tiles, grads, plan: _Plan):
     def tile_step(grads, tile):
         dq, dk, dv = grads
         rows, chunk = tile
-        (q_t, do_t, lse_t, delta_t), (k_c, v_c) = _tile_operands(
-            rows, chunk, (q_ext, do_ext, lse_ext, delta_ext), (k, v), size
+        q_t, do_t, lse_t, delta_t = (
+            take_rows(x, rows) for x in (q_ext, do_ext, lse_ext, delta_ext)
         )
+        k_c, v_c = read(chunk)
         # Chunk-major [G, C, P] logits: dk and dv become plain matmuls (measured ~1.6x faster).
         s = jnp.einsum("gcd,gpd->gcp", k_c, q_t, precision=_HIGHEST) * plan.scale
         p = jnp.where((rows < tp)[:, None, :], jnp.exp(s - lse_t[:, None, :]), 0.0)
@@ -449,7 +397,7 @@ def _pairs_backward(q, k, v, do, lse, delta, tiles, grads, plan: _Plan):
         dv = add_chunk(dv, chunk, jnp.einsum("gcp,gpd->gcd", p, do_t, precision=_HIGHEST))
         return (dq, dk, dv), None
 
-    rows, chunk = tiles
+    rows, chunk = _tiles_by_index(tiles)
     (dq, dk, dv), _ = lax.scan(
         tile_step, (dq, dk, dv), (jnp.moveaxis(rows, 1, 0), jnp.moveaxis(chunk, 1, 0))
     )
@@ -465,38 +413,31 @@ def _groups(x):
 
 
 def _forward(q, k, v, sel, plan: _Plan):
-    """Returns o [B,H,Tp,D], lse [B,H,Tp] and the pair tiles (None unless cross == "pairs")."""
+    """Returns o [B,H,Tp,D], lse [B,H,Tp] and (sel, the pair tiles or None) for the backward."""
     b, h, tp, d = q.shape
     m, l, acc = _flash_forward(q, k, v, sel, plan)
     tiles = None
     if plan.cross == "pairs":
-        tiles = jax.vmap(functools.partial(_build_tiles, plan=plan))(_groups(sel))
-        state = _pairs_forward(
-            _groups(q), _groups(k), _groups(v), tiles, (_groups(m), _groups(l), _groups(acc)), plan
+        tiles = pack_pair_tiles(
+            _groups(sel),
+            pair_tile=plan.pair_tile,
+            n_tiles=plan.n_tiles,
+            n_candidates=plan.n_candidates,
+        )
+        read = lambda kv, chunk: chunk_reader(*kv, plan.chunk_size)(chunk)
+        state = (_groups(m), _groups(l), _groups(acc))
+        state, _ = fold_pair_tiles(
+            _groups(q), tiles, state, read, (_groups(k), _groups(v)), scale=plan.scale
         )
         m, l, acc = (x.reshape(b, h, *x.shape[1:]) for x in state)
     out = acc / l[..., None]
     lse = m + jnp.log(l)
-    return out, lse, tiles
+    return out, lse, (sel, tiles)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, sel, plan: _Plan):
-    out, lse, _ = _forward(q, k, v, sel, plan)
-    return out, lse
-
-
-def _attention_fwd(q, k, v, sel, plan: _Plan):
-    out, lse, tiles = _forward(q, k, v, sel, plan)
-    return (out, lse), (q, k, v, sel, out, lse, tiles)
-
-
-def _attention_bwd(plan: _Plan, residuals, cotangents):
-    q, k, v, sel, out, lse, tiles = residuals
-    d_out, d_lse = cotangents
+def _backward(plan: _Plan, residuals, d_out, delta):
+    q, k, v, _, lse, (sel, tiles) = residuals
     b, h, tp, d = q.shape
-    # d lse / d logits = p, so a cotangent on lse just shifts delta.
-    delta = (out * d_out).sum(axis=-1) - d_lse
     dq, dk, dv = _flash_backward(q, k, v, sel, d_out, lse, delta, plan)
     if plan.cross == "pairs":
         grads = _pairs_backward(
@@ -506,10 +447,10 @@ def _attention_bwd(plan: _Plan, residuals, cotangents):
             plan,
         )
         dq, dk, dv = (x.reshape(b, h, tp, d) for x in grads)
-    return dq, dk, dv, None
+    return dq, dk, dv
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -652,42 +593,30 @@ def selected_chunks_attention_sources(
     n_pick = sel.shape[-1]
     n_chunks = [ks.shape[2] // chunk_size for ks in key_sources]
     n_candidates = sum(n_chunks)
-    plan = _Plan(
-        seq_len=tq,
-        padded_len=tq,
-        block=1,
-        segment_blocks=1,
-        chunk_size=chunk_size,
-        n_pick=n_pick,
-        cross="pairs",
-        n_candidates=n_candidates,
+    tiles = pack_pair_tiles(
+        to_groups(sel.astype(jnp.int32), tq),
         pair_tile=pair_tile,
-        n_tiles=-(-tq * n_pick // pair_tile) + n_candidates,
-        scale=1.0 / math.sqrt(d),
+        n_tiles=max_pair_tiles(tq * n_pick, n_candidates, pair_tile),
+        n_candidates=n_candidates,
     )
-    groups = lambda x: _groups(jnp.swapaxes(x, 1, 2))  # [B, T, H, ...] -> [B*H, T, ...]
-    q_g = groups(q.astype(jnp.float32))
-    sel_g = groups(sel.astype(jnp.int32))
-    tiles = jax.vmap(functools.partial(_build_tiles, plan=plan))(sel_g)
     state = (
-        jnp.full((b * h, tq), _MASKED, jnp.float32),
+        jnp.full((b * h, tq), MASKED_LOGIT, jnp.float32),
         jnp.zeros((b * h, tq), jnp.float32),
         jnp.zeros((b * h, tq, d), jnp.float32),
     )
-    grouped = ([_groups(x) for x in key_sources], [_groups(x) for x in value_sources])
+    head_groups = lambda x: x.reshape(b * h, *x.shape[2:])  # [B, H, Tk, D] -> [B*H, Tk, D]
+    grouped = ([head_groups(x) for x in key_sources], [head_groups(x) for x in value_sources])
     read = _sources_reader(n_chunks, chunk_size)
-    (m, l, acc), grouped = _pairs_forward(
-        q_g, None, None, tiles, state, plan, read_chunks=read, sources=grouped
-    )
+    q_g = to_groups(q.astype(jnp.float32), tq)
+    (m, l, acc), grouped = fold_pair_tiles(q_g, tiles, state, read, grouped, scale=1 / math.sqrt(d))
     some = l > 0
     out = jnp.where(some[..., None], acc / jnp.where(some, l, 1.0)[..., None], 0.0)
     lse = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
-    ungroup = lambda x: jnp.swapaxes(x.reshape(b, h, *x.shape[1:]), 1, 2)
     sources_back = tuple(
         [g.reshape(x.shape) for g, x in zip(group, original, strict=True)]
         for group, original in zip(grouped, (key_sources, value_sources), strict=True)
     )
-    return ungroup(out), ungroup(lse), sources_back
+    return from_groups(out, b, tq), from_groups(lse, b, tq), sources_back
 
 
 def _sources_reader(n_chunks, chunk_size: int):
@@ -705,7 +634,7 @@ def _sources_reader(n_chunks, chunk_size: int):
         k_c = v_c = None
         for ks, vs, start, count in zip(key_sources, value_sources, starts, n_chunks, strict=True):
             local = jnp.clip(chunk - start, 0, count - 1)
-            k_i, v_i = (c.astype(jnp.float32) for c in _chunk_reader(ks, vs, chunk_size)(local))
+            k_i, v_i = (c.astype(jnp.float32) for c in chunk_reader(ks, vs, chunk_size)(local))
             if k_c is None:
                 k_c, v_c = k_i, v_i
                 continue
