@@ -5,14 +5,15 @@
 
 For each T (B = 1, D = 64) it times forward and forward+backward (q, k, v gradients, random
 output cotangent) of
-  * ours: `pallas_kernels.topk_chunk_attention(backend="gpu" | "tpu")`, selection included;
+  * ours: `pallas_kernels.topk_chunk_attention(backend="pallas_gpu" | "pallas_tpu")`, selection
+    included;
   * dense causal flash attention: JAX's Pallas GPU attention (`jax.experimental.pallas.ops.gpu
     .attention.mha`, causal=True) on GPU, splash attention on TPU (not wired up yet: TPU runs
     print ours only);
 and prints the ratios dense / ours (> 1: ours is faster) and the fraction of the dense-causal
 query-key products our kernels compute (`work_fraction`, padding and whole visited blocks
 counted). At the smallest T it also checks ours against the pure-JAX exact-cost version
-(`backend="xla"`, itself tested against the dense oracle) in fp32: output and gradients.
+(`backend="xla_chunked"`, itself tested against the dense oracle) in fp32: output and gradients.
 Timings: median of --repeats after a warm-up call, device-synchronised.
 """
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_ms, rel_err  # noqa: E402
 
 import pallas_kernels  # noqa: E402
+from pallas_kernels.backends import platform_backend  # noqa: E402
 
 D = 64
 
@@ -56,7 +58,7 @@ def ours_fns(backend: str, chunk: int, topk: int):
 
 def dense_fns(backend: str, T: int, heads: int):
     """Dense causal flash attention: Pallas GPU `mha`, or splash attention on TPU."""
-    if backend == "tpu":
+    if backend == "pallas_tpu":
         return splash_fns(T, heads)
     from jax.experimental.pallas.ops.gpu import attention
 
@@ -98,7 +100,7 @@ def work_fraction(q, k, chunk: int, topk: int, backend: str) -> float:
     bound of the launched grid, whatever the inputs.
     """
     T = q.shape[1]
-    if backend == "gpu":
+    if backend == "pallas_gpu":
         from pallas_kernels.topk_attention import select_chunks
         from pallas_kernels.topk_attention.gpu import gpu_work_fraction
 
@@ -112,13 +114,13 @@ def work_fraction(q, k, chunk: int, topk: int, backend: str) -> float:
 def check_against_xla(T, heads, chunk, topk, backend) -> dict:
     (q, k, v), do = inputs(T, heads, jnp.float32)
     results = {}
-    for name in (backend, "xla"):
+    for name in (backend, "xla_chunked"):
         forward, grads = ours_fns(name, chunk, topk)
         results[name] = (forward(q, k, v), *grads(q, k, v, do))
     labels = ("o", "dq", "dk", "dv")
     return {
         label: rel_err(a, b)
-        for label, a, b in zip(labels, results[backend], results["xla"], strict=True)
+        for label, a, b in zip(labels, results[backend], results["xla_chunked"], strict=True)
     }
 
 
@@ -139,7 +141,7 @@ def main() -> None:
     platform = jax.default_backend()
     if platform not in ("gpu", "tpu"):
         sys.exit("bench/topk_attention.py times accelerator kernels; this JAX sees no GPU or TPU")
-    backend = "tpu" if platform == "tpu" else "gpu"
+    backend = platform_backend(platform)
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0].device_kind
     print(f"# top-k chunk attention: {device}, jax {jax.__version__}, chunk {args.chunk}, "

@@ -12,11 +12,12 @@ inputs: max|y - y_ref| / max|y_ref|, and the final state likewise. At the smalle
 Pallas implementation's gradients are compared with the chunked XLA path's (itself tested
 against the oracle).
 
-Implementations: "pallas" = `pallas_kernels.wkv7(backend="gpu")` on GPU or "tpu" on TPU;
-"xla" = `backend="xla"` (chunk 16); "fla" = fla's Triton `chunk_rwkv7` through PyTorch (GPU only;
-needs the `fla-core` package; given RWKV-7's decay bound as `lower_bound`, fla's fastest legal
-setting). Inputs follow RWKV-7's ranges: log-decay in [-0.6065, 0), a = -kk, b = kk * a_rate with
-kk unit-norm per head. Timings: median of --repeats after one warm-up call, device-synchronised.
+Implementations: "pallas" = `pallas_kernels.wkv7(backend="pallas_gpu")` on GPU or "pallas_tpu"
+on TPU; "xla" = `backend="xla_chunked"` (chunk 16); "fla" = fla's Triton `chunk_rwkv7` through
+PyTorch (GPU only; needs the `fla-core` package; given RWKV-7's decay bound as `lower_bound`,
+fla's fastest legal setting). Inputs follow RWKV-7's ranges: log-decay in [-0.6065, 0),
+a = -kk, b = kk * a_rate with kk unit-norm per head. Timings: median of --repeats after one
+warm-up call, device-synchronised.
 Results stream to stdout (a markdown table) and, with --json, to a file after every case.
 """
 
@@ -88,7 +89,7 @@ def kernel_for(impl: str):
     pallas@chunk_size=32,value_tile=32, pallas@schedule=chunk_parallel,num_warps=8).
     """
     if impl == "xla":
-        return functools.partial(pallas_kernels.wkv7, backend="xla")
+        return functools.partial(pallas_kernels.wkv7, backend="xla_chunked")
     # On a CPU (--allow-cpu, to check this driver) the GPU kernels run in interpret mode.
     interpret = jax.default_backend() == "cpu"
     if impl == "pallas":
@@ -96,7 +97,7 @@ def kernel_for(impl: str):
             pallas_kernels.wkv7, backend=accelerator_backend(), interpret=interpret
         )
     name, _, options = impl.partition("@")
-    if name != "pallas" or accelerator_backend() != "gpu":
+    if name != "pallas" or accelerator_backend() != "pallas_gpu":
         raise ValueError(f"unknown implementation {impl!r} on {jax.default_backend()}")
     from pallas_kernels.wkv7.gpu import wkv7_gpu
     from pallas_kernels.wkv7.gpu_options import GpuOptions
@@ -289,8 +290,9 @@ def gradients(xs, impl: str):
 
 
 def accelerator_backend() -> str:
+    """The Pallas backend of this accelerator (the GPU kernels, interpreted, on a CPU host)."""
     platform = jax.default_backend()
-    return "tpu" if platform == "tpu" else "gpu"
+    return "pallas_tpu" if platform == "tpu" else "pallas_gpu"
 
 
 def main() -> None:

@@ -9,13 +9,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pallas_kernels.backends import BACKENDS
 from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE as DEFAULT_WKV_CHUNK_SIZE
 
 HEAD_SIZE = 64
 
 # "auto" picks the Pallas kernel of a TPU or GPU and "xla_chunked" elsewhere (rwkvx_jax.ops).
-WKV_BACKENDS = ("auto", "reference", "xla_chunked", "pallas_tpu", "pallas_gpu")
-ATTENTION_BACKENDS = ("auto", "reference", "xla_chunked", "pallas_tpu", "pallas_gpu")
+WKV_BACKENDS = ATTENTION_BACKENDS = BACKENDS
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -17,19 +17,13 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 from jax.sharding import Mesh
 
-from pallas_kernels.backends import platform_backend as _kernel_platform_backend
-from pallas_kernels.topk_attention import topk_chunk_attention as _topk_attention
-from pallas_kernels.topk_attention import topk_chunk_attention_reference as _topk_reference
-from pallas_kernels.wkv7 import wkv7 as _wkv7
-from pallas_kernels.wkv7 import wkv7_reference as _wkv7_reference
+from pallas_kernels import topk_chunk_attention as kernel_topk_chunk_attention
+from pallas_kernels import wkv7 as kernel_wkv7
+
+# The backend names and what "auto" means, re-exported for the library (configs, AOT).
+from pallas_kernels.backends import BACKENDS, PALLAS_BACKENDS, platform_backend, resolve_backend
 from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE
 from rwkvx_jax.sharding import MESH_AXES, logical_to_partition_spec
-
-# Config backend name -> `pallas_kernels` backend name.
-_KERNEL_BACKEND = {"xla_chunked": "xla", "pallas_tpu": "tpu", "pallas_gpu": "gpu"}
-_FROM_PLATFORM = {"xla": "xla_chunked", "tpu": "pallas_tpu", "gpu": "pallas_gpu"}
-BACKENDS = ("auto", "reference", *_KERNEL_BACKEND)
-_PALLAS = ("pallas_tpu", "pallas_gpu")
 
 _kernel_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
     "kernel_mesh", default=None
@@ -87,24 +81,6 @@ def _per_device(
     )(*args)  # fmt: skip
 
 
-def platform_backend(platform: str) -> str:
-    """The backend "auto" means on a JAX platform ("tpu", "gpu", "cpu", ...), such as a
-    device's that is not this host's (ahead-of-time compilation for a TPU slice)."""
-    return _FROM_PLATFORM[_kernel_platform_backend(platform)]
-
-
-def resolve_backend(name: str) -> str:
-    """Maps "auto" to the implementation for the default device's platform.
-
-    TPU -> "pallas_tpu", GPU -> "pallas_gpu", anything else (CPU) -> "xla_chunked".
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
-    if name != "auto":
-        return name
-    return platform_backend(jax.default_backend())
-
-
 def wkv7(
     r, w, k, v, a, b, state=None, *, backend: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE
 ):
@@ -113,19 +89,17 @@ def wkv7(
     Args:
       r, w, k, v, a, b: [B, T, H, N]; w is the log-decay (<= 0).
       state: optional [B, H, N, N] fp32 initial state (rows: value dims, columns: key dims).
-      backend: "auto", "reference", "xla_chunked", "pallas_tpu" or "pallas_gpu".
+      backend: a `pallas_kernels.backends.Backend` name ("auto", "reference", "xla_chunked",
+        "pallas_tpu", "pallas_gpu").
       chunk_size: chunk length of the chunked XLA form (the Pallas kernels use their own).
 
     Returns:
       (y [B, T, H, N] fp32, final_state [B, H, N, N] fp32).
     """
-    backend = resolve_backend(backend)
-    if backend == "reference":
-        return _wkv7_reference(r, w, k, v, a, b, state)
-    kernel_backend = _KERNEL_BACKEND[backend]
-    if backend not in _PALLAS:
-        return _wkv7(r, w, k, v, a, b, state, backend=kernel_backend, chunk_size=chunk_size)
-    kernel = lambda *xs: tuple(_wkv7(*xs, backend=kernel_backend))
+    backend = resolve_backend(backend, what="wkv_backend")
+    if backend not in PALLAS_BACKENDS:
+        return kernel_wkv7(r, w, k, v, a, b, state, backend=backend, chunk_size=chunk_size)
+    kernel = lambda *xs: tuple(kernel_wkv7(*xs, backend=backend))
     args = (r, w, k, v, a, b) if state is None else (r, w, k, v, a, b, state)
     in_axes = (_TOKENS,) * 6 + (() if state is None else (_STATE,))
     return _per_device(kernel, args, in_axes, (_TOKENS, _STATE))
@@ -137,18 +111,26 @@ def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str =
     Args:
       q, k, v: [B, T, H, D].
       chunk_size: chunk length; top_k: chunks attended per query, its own included.
-      backend: "auto", "reference" (dense masked, O(T^2) memory), "xla_chunked",
-        "pallas_tpu" or "pallas_gpu".
+      backend: a `pallas_kernels.backends.Backend` name ("auto", "reference" (dense masked,
+        O(T^2) memory), "xla_chunked", "pallas_tpu", "pallas_gpu").
 
     Returns:
       o: [B, T, H, D] in q's dtype.
     """
-    backend = resolve_backend(backend)
-    if backend == "reference":
-        return _topk_reference(q, k, v, chunk_size=chunk_size, top_k=top_k)
+    backend = resolve_backend(backend, what="attention_backend")
     kernel = lambda *qkv: (
-        _topk_attention(*qkv, chunk_size=chunk_size, topk=top_k, backend=_KERNEL_BACKEND[backend]),
+        kernel_topk_chunk_attention(*qkv, chunk_size=chunk_size, topk=top_k, backend=backend),
     )
-    if backend not in _PALLAS:
+    if backend not in PALLAS_BACKENDS:
         return kernel(q, k, v)[0]
     return _per_device(kernel, (q, k, v), (_TOKENS,) * 3, (_TOKENS,))[0]
+
+
+__all__ = [
+    "BACKENDS",
+    "kernel_mesh",
+    "platform_backend",
+    "resolve_backend",
+    "topk_chunk_attention",
+    "wkv7",
+]

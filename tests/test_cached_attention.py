@@ -5,11 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.topk_attention import (
-    selected_chunks_attention,
-    topk_chunk_attention_reference,
-)
+from pallas_kernels.topk_attention import topk_chunk_attention_reference
 from rwkvx_jax.sparse import cached_attention
+from rwkvx_jax.sparse.chunk_sources import selected_chunks_attention
 from rwkvx_jax.sparse.kv_cache import init_cache, push_chunks
 
 TOL = 1e-5

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.backends import resolve_backend
+from pallas_kernels.backends import BACKENDS, Backend, resolve_backend
 from pallas_kernels.topk_attention import topk_chunk_attention_reference
 from pallas_kernels.wkv7 import wkv7_chunked, wkv7_reference
 
@@ -21,10 +21,24 @@ def _wkv_inputs(T=40, H=2, N=16):
     return r, w, k, v, -kk, 0.5 * kk
 
 
-def test_auto_is_xla_on_cpu():
+def test_auto_is_xla_chunked_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert resolve_backend("auto", kernel="x") == "xla"
-    assert resolve_backend("gpu", kernel="x") == "gpu"
+    assert resolve_backend("auto") == "xla_chunked"
+    assert resolve_backend("pallas_gpu") == Backend.PALLAS_GPU == "pallas_gpu"
+
+
+def test_one_vocabulary_for_configs_dispatch_and_kernels():
+    """The config fields, the model's dispatch and the kernel entries take the same names."""
+    from rwkvx_jax import config, ops
+
+    assert config.WKV_BACKENDS == config.ATTENTION_BACKENDS == ops.BACKENDS == BACKENDS
+    assert BACKENDS == ("auto", "reference", "xla_chunked", "pallas_tpu", "pallas_gpu")
+
+
+@pytest.mark.parametrize(("old", "new"), [("xla", "xla_chunked"), ("gpu", "pallas_gpu")])
+def test_former_kernel_names_say_their_new_name(old, new):
+    with pytest.raises(ValueError, match=f"backend '{old}' is now called '{new}'"):
+        pallas_kernels.wkv7(*_wkv_inputs(), backend=old)
 
 
 def test_auto_of_another_platform():
@@ -56,20 +70,21 @@ def test_wkv7_package_is_callable_and_keeps_its_submodules():
     assert pallas_kernels.wkv7.reference.wkv7_reference is wkv7_reference
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu", "reference"])
 def test_wkv7_kernels_through_the_entry_point(backend):
-    args = _wkv_inputs(T=40, H=1, N=16 if backend == "gpu" else 64)
-    y, s = pallas_kernels.wkv7(*args, backend=backend, interpret=True, chunk_size=16)
+    args = _wkv_inputs(T=40, H=1, N=16 if backend == "pallas_gpu" else 64)
+    options = {} if backend == "reference" else {"interpret": True, "chunk_size": 16}
+    y, s = pallas_kernels.wkv7(*args, backend=backend, **options)
     y_ref, s_ref = wkv7_reference(*args)
     np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()))
     np.testing.assert_allclose(s, s_ref, atol=1e-5 * float(jnp.abs(s_ref).max()))
 
 
-@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+@pytest.mark.parametrize("backend", ["xla_chunked", "pallas_gpu", "pallas_tpu", "reference"])
 def test_topk_attention_through_the_entry_point(backend):
     keys = jax.random.split(jax.random.key(1), 3)
     q, k, v = (jax.random.normal(key, (1, 64, 2, 32)) for key in keys)
-    kwargs = {} if backend == "xla" else {"interpret": True}
+    kwargs = {"interpret": True} if backend.startswith("pallas") else {}
     out = pallas_kernels.topk_chunk_attention(
         q, k, v, chunk_size=16, topk=2, backend=backend, **kwargs
     )

@@ -53,6 +53,7 @@ from .plan import (
     is_dense_causal,
     is_int,
     max_pair_tiles,
+    merge_own_and_picks,
     options_or_default,
     pack_pair_tiles,
     sum_over_picks,
@@ -572,30 +573,6 @@ def _launched_chunks(tiles: PairTiles):
     return jnp.where(used, tiles.chunk, -1)
 
 
-def _merge(o_own, lse_own, o_pairs, lse_pairs, slot):
-    """Log-sum-exp merge of the own-chunk and per-pair softmaxes of every query.
-
-    `plan.merge_own_and_picks` less one rounding: the weights are summed as own + (sum of the
-    picks), not over [own, picks] in order. Switching to the shared merge moves o, lse and the
-    gradients by up to 1 ulp with top_k >= 3, so it waits for a change that may move results.
-
-    Args:
-      o_own [G, Tp, D], lse_own [G, Tp]; o_pairs [G, S, D], lse_pairs [G, S] per tile slot;
-      slot [G, Tp, n_pick] (S for a missing pick).
-
-    Returns:
-      o [G, Tp, D], lse [G, Tp] fp32.
-    """
-    o_sel = gather_rows(o_pairs, slot, 0.0)  # [G, Tp, n_pick, D]
-    lse_sel = gather_rows(lse_pairs, slot, MASKED_LOGIT)  # [G, Tp, n_pick]
-    m = jnp.maximum(lse_own, lse_sel.max(axis=-1))
-    w_own = jnp.exp(lse_own - m)
-    w_sel = jnp.exp(lse_sel - m[..., None])
-    l = w_own + w_sel.sum(axis=-1)
-    o = (w_own[..., None] * o_own + (w_sel[..., None] * o_sel).sum(axis=-2)) / l[..., None]
-    return o, m + jnp.log(l)
-
-
 # ----------------------------------------------------------------------------- custom VJP
 
 
@@ -608,7 +585,7 @@ def _forward(q, k, v, sel, plan: _Plan):
         sel, pair_tile=plan.pair_tile, n_tiles=plan.n_tiles, n_candidates=plan.n_candidates
     )
     o_p, lse_p = _pairs_forward(gather_rows(q, tiles.rows, 0), k, v, _launched_chunks(tiles), plan)
-    o, lse = _merge(o, lse, o_p, lse_p, tiles.slot)
+    o, lse = merge_own_and_picks(o, lse, o_p, lse_p, tiles.slot)
     return o, lse, tiles
 
 

@@ -1,8 +1,9 @@
-"""`wkv7`: the public WKV-7 entry point, choosing the TPU, GPU or chunked-XLA implementation."""
+"""`wkv7`: the public WKV-7 entry point, choosing the TPU, GPU, chunked-XLA or reference form."""
 
 from __future__ import annotations
 
-from pallas_kernels.backends import resolve_backend
+from pallas_kernels.backends import Backend, resolve_backend
+from pallas_kernels.wkv7.reference import wkv7_reference
 from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE, wkv7_chunked
 
 
@@ -20,19 +21,23 @@ def wkv7(r, w, k, v, a, b, state=None, *, backend="auto", interpret=False, chunk
       r, w, k, v, a, b: [B, T, H, N], float32 or bfloat16; `w` is the log-decay (<= 0; RWKV-7
         keeps it >= -0.6065 per step). Any T: the tail is padded internally.
       state: optional [B, H, N, N] float32 initial state (zeros when None).
-      backend: "auto" (TPU kernel on TPU, GPU kernel on GPU, "xla" elsewhere), "tpu", "gpu" or
-        "xla" (the chunked matmul form in plain JAX).
-      interpret: run a Pallas kernel in interpret mode (CPU testing). For "tpu" this may also be
-        a `jax.experimental.pallas.tpu.InterpretParams`. Ignored by "xla".
-      chunk_size: chunk length; None takes the backend's default (xla 16, gpu 16, tpu 64).
+      backend: a `pallas_kernels.backends.Backend` name: "auto" (the Pallas kernel on a TPU or
+        GPU, "xla_chunked" elsewhere), "pallas_tpu", "pallas_gpu", "xla_chunked" (the chunked
+        matmul form in plain JAX) or "reference" (the `lax.scan` oracle).
+      interpret: run a Pallas kernel in interpret mode (CPU testing). For "pallas_tpu" this may
+        also be a `jax.experimental.pallas.tpu.InterpretParams`. Ignored by the others.
+      chunk_size: chunk length; None takes the backend's default (xla_chunked 16, pallas_gpu 16,
+        pallas_tpu 64; the reference has none).
 
     Returns:
       (y [B, T, H, N] float32, final_state [B, H, N, N] float32).
     """
-    backend = resolve_backend(backend, kernel="wkv7")
-    if backend == "xla":
+    backend = resolve_backend(backend, what="wkv7")
+    if backend == Backend.REFERENCE:
+        return wkv7_reference(r, w, k, v, a, b, state)
+    if backend == Backend.XLA_CHUNKED:
         return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
-    if backend == "gpu":
+    if backend == Backend.PALLAS_GPU:
         from pallas_kernels.wkv7.gpu import wkv7_gpu
         from pallas_kernels.wkv7.gpu_options import GpuOptions
 

@@ -22,10 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.topk_attention.xla_chunked import (
-    online_softmax_update,
-    selected_chunks_attention_sources,
-)
+from pallas_kernels.topk_attention.xla_chunked import online_softmax_update
+from rwkvx_jax.sparse.chunk_sources import selected_chunks_attention_sources
 from rwkvx_jax.sparse.kv_cache import ChunkKVCache, chunk_mean, chunk_order, push_chunks
 
 _HIGHEST = lax.Precision.HIGHEST

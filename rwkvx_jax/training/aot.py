@@ -71,7 +71,7 @@ def aot_compile(config: TrainConfig, devices, model_config: RWKVXConfig | None =
     """
     mesh = shd.make_mesh(config.mesh, devices=devices)
     model_config = model_config or config.model
-    platform_backend = ops.platform_backend(devices[0].platform)
+    platform_backend = ops.platform_backend(devices[0].platform).value
     model_config = model_config.replace(
         **{
             name: platform_backend
