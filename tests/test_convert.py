@@ -293,3 +293,37 @@ def test_demo_without_torch_says_what_to_install_and_leaves_nothing(tmp_path, ca
     assert convert_torch.main(["--demo", str(tmp_path / "work")]) == 2
     capsys.readouterr()
     assert sorted(os.listdir(scratch)) == [] and not (tmp_path / "work").exists()
+
+
+def test_cli_dtype_chunk_and_top_k_reach_the_checkpoint(tmp_path):
+    """--dtype, --chunk-size and --top-k on import, --dtype on export, as the files record them."""
+    from rwkvx_jax.checkpoints.directory import load_metadata, load_params
+
+    write_pth(tmp_path / "in.pth", random_state_dict(SMALL, dtype="float32"))
+    argv = ["--dtype", "bfloat16", "--chunk-size", "512", "--top-k", "4"]
+    assert convert_torch.main([str(tmp_path / "in.pth"), str(tmp_path / "ckpt"), *argv]) == 0
+    config, params = load_params(tmp_path / "ckpt")
+    assert (config.chunk_size, config.top_k, config.param_dtype) == (512, 4, "bfloat16")
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
+    assert load_metadata(tmp_path / "ckpt")["source_dtype"] == "float32"
+    # Export: the source's dtype by default, --dtype when given.
+    assert convert_torch.main([str(tmp_path / "ckpt"), str(tmp_path / "same.pth")]) == 0
+    assert {v.dtype for v in read_pth(tmp_path / "same.pth").values()} == {np.dtype(np.float32)}
+    back = tmp_path / "half.pth"
+    assert convert_torch.main([str(tmp_path / "ckpt"), str(back), "--dtype", "float16"]) == 0
+    original = read_pth(tmp_path / "in.pth")
+    halves = read_pth(back)
+    assert list(halves) == list(original)
+    for key, value in original.items():  # float32 -> bfloat16 (stored) -> float16 (exported)
+        expected = value.astype(ml_dtypes.bfloat16).astype(np.float32).astype(np.float16)
+        np.testing.assert_array_equal(halves[key], expected, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--chunk-size", "0"), ("--top-k", "-1"), ("--dtype", "int8")]
+)
+def test_cli_refuses_bad_settings(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_torch.main([str(tmp_path / "in.pth"), str(tmp_path / "out"), flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err

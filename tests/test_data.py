@@ -7,6 +7,7 @@ import sysconfig
 
 import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from rwkvx_jax.data import (
@@ -240,7 +241,6 @@ def test_iterator_state_resumes_exactly(order):
 
 
 def test_orbax_checkpoint_of_iterator(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
     iterator = _iterator()
     take(iterator, 2)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:

@@ -48,6 +48,7 @@ SMALL_RUN = (
 # Tests of the training logic (not of the kernels) use the pure-JAX reference kernels: they
 # compile in about half the time of the chunked forms on CPU.
 REFERENCE_KERNELS = ["model.wkv_backend=reference", "model.attention_backend=reference"]
+REFERENCE_BACKENDS = {"wkv_backend": "reference", "attention_backend": "reference"}
 
 
 def small_config(tmp_path, *overrides: str) -> TrainConfig:
@@ -135,6 +136,39 @@ def test_recipes_follow_spec():
         )  # fmt: skip
         assert config.model.dtype == "bfloat16" and config.loss.l2wrap
     assert TrainConfig() == recipe("tiny")
+
+
+def test_cli_lists_every_recipe_as_its_config(capsys):
+    """`train.py --list`: each recipe under its name, as the JSON its config writes."""
+    import train
+
+    assert train.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    sections = re.split(r"^--- (\S+)\n", out, flags=re.MULTILINE)[1:]
+    listed = dict(zip(sections[::2], sections[1::2], strict=True))
+    assert list(listed) == list(RECIPES)
+    for name, text in listed.items():
+        assert config_from_dict(json.loads(text)) == recipe(name), name
+
+
+def test_training_reads_a_jsonl_corpus(tmp_path):
+    """data.corpus=FILE.jsonl: each record's text field, tokenized (bytes here), documents
+    joined by the end-of-document id; a run trains on it."""
+    records = [{"text": "def f():\n    return 1\n"}, {"text": "héllo", "id": 2}]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = small_config(
+        tmp_path / "run", *REFERENCE_KERNELS, f"data.corpus={corpus}", "data.max_tokens=none",
+        "data.tokenizer=bytes", "data.ctx=8", "data.batch_size=2", "steps=2",
+        "checkpoint.every=0",
+    )  # fmt: skip
+    tokens = np.asarray(training.load_corpus(config.data, config.model.vocab_size))
+    expected = []
+    for record in records:
+        expected += list(record["text"].encode("utf-8")) + [0]
+    assert tokens.tolist() == expected
+    result = training.train(config, mesh=single_device_mesh(), progress=False, log=lambda _: None)
+    assert sorted(result.losses) == [1, 2] and all(np.isfinite(list(result.losses.values())))
 
 
 def test_cli_reports_config_errors(capsys):
@@ -239,6 +273,32 @@ def test_zero_expansion_keeps_rwkv7_logits_exactly():
     assert not np.allclose(_logits(target, copied, tokens), reference, atol=1e-3)
 
 
+def test_expand_init_zero_from_the_training_config(tmp_path):
+    """`expand_init=zero` as train.py receives it: the run's starting params compute exactly
+    the RWKV-7 checkpoint's logits; "copy" (the default) does not."""
+    from rwkvx_jax.checkpoints.random_weights import random_state_dict
+    from rwkvx_jax.checkpoints.tensor_files import write_pth
+    from rwkvx_jax.training.initial_params import initial_params
+
+    rwkv7 = preset("tiny", n_rwkv_layer=2, n_attn_layer=0, **REFERENCE_BACKENDS)
+    pth = tmp_path / "rwkv7.pth"
+    write_pth(pth, random_state_dict(rwkv7, seed=0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 256)
+    reference = _logits(rwkv7, _random_rwkv7(rwkv7), tokens)
+    starts = {}
+    for init in ("zero", "copy"):
+        config = apply_overrides(
+            TrainConfig(),
+            ["model.n_rwkv_layer=2", "model.n_attn_layer=2", *REFERENCE_KERNELS,
+             "stage=stage1", f"init_checkpoint={pth}", f"expand_init={init}"],
+        )  # fmt: skip
+        model_config, params = initial_params(config, lambda _: None)
+        assert model_config.n_attn_layer == 2
+        starts[init] = _logits(model_config, params, tokens)
+    np.testing.assert_array_equal(starts["zero"], reference)
+    assert not np.allclose(starts["copy"], reference, atol=1e-3)
+
+
 def test_copy_expansion_copies_the_preceding_block():
     target = preset("tiny")  # L4 A2: order b0 b1 moba0 b2 b3 moba1
     assert [source_block(target, j) for j in range(2)] == [1, 3]
@@ -299,13 +359,8 @@ def reference_run(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "mesh_shape",
-    # (2, 2, 2) uses every axis; the other two shapes are in the slow set (-m slow) to keep the
-    # default run short.
-    [
-        pytest.param((8, 1, 1), marks=pytest.mark.slow),
-        pytest.param((2, 4, 1), marks=pytest.mark.slow),
-        (2, 2, 2),
-    ],
+    # Data parallel only, FSDP with data, and every axis at once.
+    [(8, 1, 1), (2, 4, 1), (2, 2, 2)],
 )
 def test_sharded_steps_match_one_device(reference_run, mesh_shape):
     config, params, batches, losses = reference_run
@@ -400,17 +455,14 @@ def test_longce_step_traces(reference_run):
 
 
 def test_stage1_expands_a_pth_and_trains_only_sparse_blocks(tmp_path):
-    from rwkvx_jax.checkpoints.directory import load_params, save_params
+    from rwkvx_jax.checkpoints.directory import load_params
+    from rwkvx_jax.checkpoints.official_layout import state_dict_from_params
     from rwkvx_jax.checkpoints.random_weights import random_state_dict
-    from rwkvx_jax.checkpoints.tensor_files import write_pth
+    from rwkvx_jax.checkpoints.tensor_files import read_pth, write_pth
 
     rwkv7 = preset("tiny", n_rwkv_layer=1, n_attn_layer=0)
     pth = str(tmp_path / "rwkv7.pth")
-    try:
-        write_pth(pth, random_state_dict(rwkv7, seed=0))
-    except ImportError:  # no torch: start from the converted-directory form instead
-        pth = str(tmp_path / "rwkv7")
-        save_params(pth, rwkv7, _random_rwkv7(rwkv7))
+    write_pth(pth, random_state_dict(rwkv7, seed=0))
     config = small_config(
         tmp_path / "run", *REFERENCE_KERNELS, "stage=stage1", "steps=3", "checkpoint.every=0",
         "checkpoint.export=true", "data.batch_size=4", f"init_checkpoint={pth}",
@@ -438,8 +490,12 @@ def test_stage1_expands_a_pth_and_trains_only_sparse_blocks(tmp_path):
     assert exported_config == result.model_config and exported_config.n_attn_layer == 1
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(final), strict=True):
         np.testing.assert_array_equal(a, b)
-    pytest.importorskip("torch")
-    assert os.path.getsize(os.path.join(result.export_dir, "model.pth")) > 0
+    # ... and the official .pth holds them too, key by key, in the source's float32.
+    official = read_pth(os.path.join(result.export_dir, "model.pth"))
+    expected = state_dict_from_params(final, exported_config, "float32")
+    assert list(official) == list(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(official[key], value, err_msg=key)
     records = training.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["mfu"] > 0 and r["tokens_per_s"] > 0 for r in records)
