@@ -14,6 +14,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    # Ahead-of-time TPU compiles (-m aot) load libtpu in every xdist worker; by default libtpu
+    # takes a machine-wide lock file and a second process aborts. Nothing runs on a TPU here.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # The official runtimes read these at import time: pure-PyTorch CPU paths, RWKV-7 enabled.
 os.environ["RWKV_CUDA_ON"] = "0"
 os.environ["RWKV_JIT_ON"] = "0"
