@@ -6,8 +6,8 @@ without a GPU.
                                 [--seq-len 4096] [--bh 8] [--dtype bfloat16] [--arch 90]
                                 [--json FILE]
 
-Each implementation (bench/wkv7.py's syntax: "pallas@KEY=VALUE;...", ';' between options) is
-cross-lowered for CUDA as JAX would run it, forward and gradient; every Pallas kernel's Triton
+Each implementation (bench/wkv7_kernels.py's syntax: "pallas@KEY=VALUE;...", ';' between options)
+is cross-lowered for CUDA as JAX would run it, forward and gradient; every Pallas kernel's Triton
 IR is taken from the lowering, with the num_warps / num_stages of its custom call, compiled for
 sm_90 by the `triton` package (for --arch: 90 an H100 / H200, 80 an A100, 89 an L4 / RTX 4090) and
 passed through its bundled `ptxas -v`. The table gives each
@@ -169,9 +169,9 @@ def main() -> None:
         import triton  # noqa: F401
     except ImportError:
         sys.exit("bench/triton_spills.py needs the triton package: pip install triton==3.6.0")
-    # bench/wkv7.py's implementation syntax and JSON writer (this script's folder is on
+    # bench/wkv7_kernels.py's implementation syntax and JSON writer (this script's folder is on
     # sys.path when it runs as a script).
-    from wkv7 import impl_options, write_json
+    from wkv7_kernels import impl_options, write_json
 
     rows = []
     columns = (

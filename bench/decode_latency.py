@@ -1,9 +1,9 @@
 """Decode benchmarks (issue 3 item 9): per-token latency and memory of `Decoder.step` on CPU.
 
-  python bench/decode.py --contexts [--max-context 65536]       # (a) small model, 1K .. 1M
-  python bench/decode.py --vs-official [--quick]                # (b) 0.22B shape vs official
-  python bench/decode.py --cache-sweep                          # step cost against the cap
-  python bench/decode.py --contexts --vs-official               # both
+  python bench/decode_latency.py --contexts [--max-context 65536]   # (a) small model, 1K .. 1M
+  python bench/decode_latency.py --vs-official [--quick]            # (b) 0.22B shape vs official
+  python bench/decode_latency.py --cache-sweep                      # step cost against the cap
+  python bench/decode_latency.py --contexts --vs-official           # both
 
 (a) `--contexts`: a small model (default C=256, L=4, A=2, V=256, chunk 512, top-k 3, fp32,
     random weights) with a fixed KV-cache cap (default 16 chunks). Every context runs in a fresh

@@ -1,8 +1,8 @@
 """WKV-7 on an accelerator: the Pallas kernel against the chunked XLA path and fla, same run.
 
-  python bench/wkv7.py [--seq-lens 4096,16384,65536] [--bh 8,64] [--dtypes bfloat16,float32]
-                       [--impls pallas,xla,fla] [--repeats 5] [--json FILE] [--quick]
-                       [--forward-only]
+  python bench/wkv7_kernels.py [--seq-lens 4096,16384,65536] [--bh 8,64]
+                               [--dtypes bfloat16,float32] [--impls pallas,xla,fla] [--repeats 5]
+                               [--json FILE] [--quick] [--forward-only]
 
 For every T x B*H (B = 1, H = B*H, N = 64) and dtype it times forward and forward+backward
 (all seven gradients, random cotangents on y and the final state) of each implementation and
@@ -356,7 +356,7 @@ def main() -> None:
     impls = [impl.replace(";", ",") for impl in args.impls.split(",")]
     impls_fp32 = [x.replace(";", ",") for x in (args.impls_fp32 or args.impls).split(",")]
     if jax.default_backend() not in ("gpu", "tpu") and not args.allow_cpu:
-        sys.exit("bench/wkv7.py times accelerator kernels; this JAX sees no GPU or TPU")
+        sys.exit("bench/wkv7_kernels.py times accelerator kernels; this JAX sees no GPU or TPU")
     if jax.default_backend() == "tpu":  # fla is a CUDA (Triton) library
         impls = [impl for impl in impls if impl != "fla"]
         impls_fp32 = [impl for impl in impls_fp32 if impl != "fla"]

@@ -1,6 +1,6 @@
 """CPU forward (prefill) throughput: rwkvx-jax vs the official runtime on the same weights.
 
-  python bench/forward.py [--preset rwkvx-0.22b] [--seq-len 4096] [--repeats 3]
+  python bench/forward_throughput.py [--preset rwkvx-0.22b] [--seq-len 4096] [--repeats 3]
 
 Random weights in the official layout are written once to a .pth, loaded by both sides. The
 official runtime (`rwkv-x==0.2.7`, "cpu fp32") is timed in the same run, and so is this machine's

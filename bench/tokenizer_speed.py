@@ -1,6 +1,6 @@
 """Encode/decode throughput of the RWKV World tokenizer: rwkvx-jax vs the official TRIE_TOKENIZER.
 
-  python bench/tokenizer.py [--step 1] [--repeats 3]
+  python bench/tokenizer_speed.py [--step 1] [--repeats 3]
 
 Corpus: the local Python standard library's .py files (every `step`-th, sorted; site-packages
 excluded). Both tokenizers run in the same process, interleaved, best of `repeats` wall-clock

@@ -1,8 +1,8 @@
 """CPU training throughput and MFU of the library's train step, fp32.
 
-  python bench/train.py [--models tiny,0.1b,0.22b] [--seq-len 4096] [--batch 1] [--steps 3]
-                        [--breakdown] [--set model.wkv_chunk_size=32 ...]
-  python bench/train.py --models 0.1b,0.1b+loss.chunk_tokens=0   # chunked vs whole logits
+  python bench/train_throughput.py [--models tiny,0.1b,0.22b] [--seq-len 4096] [--batch 1]
+                                   [--steps 3] [--breakdown] [--set model.wkv_chunk_size=32 ...]
+  python bench/train_throughput.py --models 0.1b,0.1b+loss.chunk_tokens=0  # chunked vs whole logits
 
 Each model runs `rwkvx_jax.training.TrainProgram` (the step `train.py` runs: loss with L2Wrap,
 gradients, AdamW with clipping, parameter update), built from the `tiny` recipe with the model,
