@@ -23,14 +23,19 @@ import json
 import os
 import re
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark; skips probing other backends
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from decode_latency import machine_line, measure_read_bandwidth, weight_bytes_per_token
+from decode_latency import (
+    logits_ready,
+    machine_line,
+    measure_read_bandwidth,
+    weight_bytes_per_token,
+)
+from timing import timed
 from tqdm.auto import tqdm
 
 from rwkvx_jax import preset
@@ -182,11 +187,9 @@ def main() -> None:
     def run_steps(n, record):
         nonlocal state
         for _ in range(n):
-            start = time.perf_counter()
-            logits, state = decoder.step(tokens, state)
-            jax.block_until_ready(logits)
+            step_s, (_, state) = timed(decoder.step, tokens, state, sync=logits_ready)
             if record:
-                walls.append(time.perf_counter() - start)
+                walls.append(step_s)
 
     run_steps(args.warmup, False)
     times = trace_op_times(lambda: run_steps(args.steps, True), args.steps)

@@ -38,15 +38,16 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
+from timing import timed  # noqa: E402
 
 from pallas_kernels.wkv7.gpu import wkv7_gpu  # noqa: E402
 from pallas_kernels.wkv7.gpu_options import GpuOptions  # noqa: E402
@@ -124,9 +125,10 @@ def compile_report(name: str, source: dict, workdir: Path, arch: int = 90) -> di
     path = workdir / f"{name}.ttir"
     path.write_text(source["ttir"])
     options = {"num_warps": source["num_warps"], "num_stages": source["num_stages"]}
-    start = time.perf_counter()
-    compiled = triton.compile(str(path), target=GPUTarget("cuda", arch, 32), options=options)
-    seconds = time.perf_counter() - start
+    seconds, compiled = timed(
+        lambda: triton.compile(str(path), target=GPUTarget("cuda", arch, 32), options=options),
+        sync=None,
+    )
     ptx = workdir / f"{name}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -170,7 +172,7 @@ def main() -> None:
     except ImportError:
         sys.exit("bench/triton_spills.py needs the triton package: pip install triton==3.6.0")
     # bench/wkv7_kernels.py's implementation syntax and JSON writer (this script's folder is on
-    # sys.path when it runs as a script).
+    # sys.path).
     from wkv7_kernels import impl_options, write_json
 
     rows = []

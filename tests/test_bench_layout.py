@@ -1,4 +1,5 @@
-"""bench/'s layout: no script shadows a module, and every bench path the repository names exists.
+"""bench/'s layout: no script shadows a module, every script times through bench/timing.py, and
+every bench path the repository names exists.
 
 Running a bench script puts its folder first on sys.path, so a script named like a module of the
 project (train.py, wkv7.py, tokenizer.py) or of Python and its packages would be imported in that
@@ -7,6 +8,7 @@ module's place.
 
 from __future__ import annotations
 
+import ast
 import importlib.machinery
 import re
 import sys
@@ -66,6 +68,28 @@ def test_no_bench_script_is_named_like_an_importable_module():
 def test_bench_script_names_are_unique():
     stems = [p.stem for p in _bench_scripts()]
     assert len(stems) == len(set(stems)), sorted(stems)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules.add(node.module.split(".")[0])
+    return modules
+
+
+def test_bench_scripts_time_through_bench_timing():
+    """Only bench/timing.py reads a clock: the others call it (one helper, one way to warm up,
+    sync and take the best or median), so no script keeps a timing loop of its own."""
+    clocks = {"time", "timeit"}
+    own_clocks = {
+        str(p.relative_to(ROOT)): sorted(_imported_modules(p) & clocks)
+        for p in _bench_scripts()
+        if p != BENCH / "timing.py" and _imported_modules(p) & clocks
+    }
+    assert not own_clocks, f"bench scripts timing without bench/timing.py: {own_clocks}"
 
 
 def test_every_named_bench_path_exists():
