@@ -8,8 +8,8 @@ profiler (XLA:CPU records every executed op) and adds the ops' times up by the p
 their HLO metadata names: the RWKV-7 blocks, the sparse blocks' projections and channel mix, the
 sparse blocks' attention over the KV cache, the head, and the rest. Each part's weight bytes
 give its achieved read bandwidth, next to the best bandwidth of jitted reads of a 1 GiB array
-measured in the same run (the floor `bench/decode.py --vs-official` uses). The op times are
-summed as recorded (ops of one step hardly ever overlap on XLA:CPU); the step's wall time is
+measured in the same run (the floor `bench/decode_latency.py --vs-official` uses). The op times
+are summed as recorded (ops of one step hardly ever overlap on XLA:CPU); the step's wall time is
 printed beside them.
 """
 
@@ -23,14 +23,19 @@ import json
 import os
 import re
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark; skips probing other backends
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from decode import machine_line, measure_read_bandwidth, weight_bytes_per_token
+from decode_latency import (
+    logits_ready,
+    machine_line,
+    measure_read_bandwidth,
+    weight_bytes_per_token,
+)
+from timing import timed
 from tqdm.auto import tqdm
 
 from rwkvx_jax import preset
@@ -182,11 +187,9 @@ def main() -> None:
     def run_steps(n, record):
         nonlocal state
         for _ in range(n):
-            start = time.perf_counter()
-            logits, state = decoder.step(tokens, state)
-            jax.block_until_ready(logits)
+            step_s, (_, state) = timed(decoder.step, tokens, state, sync=logits_ready)
             if record:
-                walls.append(time.perf_counter() - start)
+                walls.append(step_s)
 
     run_steps(args.warmup, False)
     times = trace_op_times(lambda: run_steps(args.steps, True), args.steps)

@@ -11,23 +11,17 @@ Prints best-of-N milliseconds and ratios.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import best_seconds
 
 from pallas_kernels.topk_attention.xla_chunked import topk_chunk_attention
 from pallas_kernels.wkv7 import wkv7_chunked, wkv7_reference
 
 
 def best_ms(fn, *args, repeats: int = 3) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best
+    return 1e3 * best_seconds(lambda: fn(*args), repeats)
 
 
 def wkv_inputs(key, T: int, H: int = 12, N: int = 64):

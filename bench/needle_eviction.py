@@ -18,9 +18,9 @@ Usage: python bench/needle_eviction.py [--cache-chunks 8] [--chunk 64] [--contex
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from timing import Stopwatch
 from tqdm import tqdm
 
 from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
@@ -93,7 +93,7 @@ def main() -> None:
         f"cache cap {cap} tokens ({args.context / cap:.1f}x over), random weights"
     )
     results = {policy: [] for policy in ("distinct", "oldest")}
-    start = time.time()
+    clock = Stopwatch()
     for seed in args.seeds:
         params = params_from_state_dict(random_state_dict(config, seed=seed), config)
         exact = Decoder(config, params, DecodeConfig(cache_size=exact_cache, prefill_chunk=512))
@@ -123,7 +123,7 @@ def main() -> None:
         kept = sum(r[2] for r in rows)
         errors = [r[3] for r in rows]
         print(f"| {policy} | {kept}/{len(rows)} | {np.median(errors):.2e} | {max(errors):.2e} |")
-    print(f"\n({time.time() - start:.0f} s)")
+    print(f"\n({clock.seconds():.0f} s)")
 
 
 if __name__ == "__main__":

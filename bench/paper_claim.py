@@ -34,9 +34,9 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
+from timing import Stopwatch
 
 # The bench scripts run from the repository root without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -218,7 +218,7 @@ def make_data(s: Settings, out: str, phase: Phase) -> None:
         log(f"data {phase.name}: {prefix}.bin exists")
         return
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    start = time.perf_counter()
+    clock = Stopwatch()
     mix = RetrievalMix(
         ByteTokenizer(),
         stdlib_corpus_tokens(s.plain_bytes),
@@ -232,7 +232,7 @@ def make_data(s: Settings, out: str, phase: Phase) -> None:
     n = mix.write_binidx(prefix, phase.windows + 1)
     log(
         f"data {phase.name}: {phase.windows + 1} windows x {phase.ctx} tokens ({n:,} tokens) in "
-        f"{prefix} ({time.perf_counter() - start:.1f} s); documents {mix.min_length}.."
+        f"{prefix} ({clock.seconds():.1f} s); documents {mix.min_length}.."
         f"{phase.ctx} tokens, curriculum over the first {mix.curriculum_windows} windows"
     )
 
@@ -278,9 +278,9 @@ def train_phase(name: str, s: Settings, out: str, phase: Phase, progress: bool) 
     command = " ".join(["python train.py"] + train_overrides(name, s, out, phase))
     log(f"train {name} {phase.name}: {command}")
     os.makedirs(config.workdir, exist_ok=True)
-    start = time.perf_counter()
+    clock = Stopwatch()
     training.train(config, progress=progress, log=log)
-    seconds = previous["seconds"] + time.perf_counter() - start
+    seconds = previous["seconds"] + clock.seconds()
     _write_json(timing_path, {"seconds": seconds, "complete": True})
     log(f"train {name} {phase.name}: {seconds:.0f} s")
     return seconds
@@ -320,7 +320,7 @@ def evaluate(name: str, s: Settings, out: str, progress: bool) -> list:
     config, params = rwkvx_jax.load(final_params(out, model, s))
     config, params = ablated(config, params, change, max(s.lengths))
     evaluator = PasskeyEvaluator(config, params)
-    start = time.perf_counter()
+    clock = Stopwatch()
     run = evaluator.run(
         passkey_dir(out, name),
         s.lengths,
@@ -329,7 +329,7 @@ def evaluate(name: str, s: Settings, out: str, progress: bool) -> list:
         model_name=f"paper-claim-{name}",
         progress=progress,
     )
-    log(f"eval {name}: {run.computed} prompts in {time.perf_counter() - start:.0f} s")
+    log(f"eval {name}: {run.computed} prompts in {clock.seconds():.0f} s")
     log(format_summary(run.rows))
     return run.rows
 

@@ -6,8 +6,8 @@ without a GPU.
                                 [--seq-len 4096] [--bh 8] [--dtype bfloat16] [--arch 90]
                                 [--json FILE]
 
-Each implementation (bench/wkv7.py's syntax: "pallas@KEY=VALUE;...", ';' between options) is
-cross-lowered for CUDA as JAX would run it, forward and gradient; every Pallas kernel's Triton
+Each implementation (bench/wkv7_kernels.py's syntax: "pallas@KEY=VALUE;...", ';' between options)
+is cross-lowered for CUDA as JAX would run it, forward and gradient; every Pallas kernel's Triton
 IR is taken from the lowering, with the num_warps / num_stages of its custom call, compiled for
 sm_90 by the `triton` package (for --arch: 90 an H100 / H200, 80 an A100, 89 an L4 / RTX 4090) and
 passed through its bundled `ptxas -v`. The table gives each
@@ -38,15 +38,16 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
+from timing import timed  # noqa: E402
 
 from pallas_kernels.wkv7.gpu import wkv7_gpu  # noqa: E402
 from pallas_kernels.wkv7.gpu_options import GpuOptions  # noqa: E402
@@ -124,9 +125,10 @@ def compile_report(name: str, source: dict, workdir: Path, arch: int = 90) -> di
     path = workdir / f"{name}.ttir"
     path.write_text(source["ttir"])
     options = {"num_warps": source["num_warps"], "num_stages": source["num_stages"]}
-    start = time.perf_counter()
-    compiled = triton.compile(str(path), target=GPUTarget("cuda", arch, 32), options=options)
-    seconds = time.perf_counter() - start
+    seconds, compiled = timed(
+        lambda: triton.compile(str(path), target=GPUTarget("cuda", arch, 32), options=options),
+        sync=None,
+    )
     ptx = workdir / f"{name}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -169,9 +171,9 @@ def main() -> None:
         import triton  # noqa: F401
     except ImportError:
         sys.exit("bench/triton_spills.py needs the triton package: pip install triton==3.6.0")
-    # bench/wkv7.py's implementation syntax and JSON writer (this script's folder is on
-    # sys.path when it runs as a script).
-    from wkv7 import impl_options, write_json
+    # bench/wkv7_kernels.py's implementation syntax and JSON writer (this script's folder is on
+    # sys.path).
+    from wkv7_kernels import impl_options, write_json
 
     rows = []
     columns = (

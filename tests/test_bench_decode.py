@@ -1,5 +1,5 @@
-"""bench/decode.py's measuring tools: the matrix-vector chain covers exactly the step's matrices,
-and the paired floor reports per-step ratios from its own samples."""
+"""bench/decode_latency.py's measuring tools: the matrix-vector chain covers exactly the step's
+matrices, and the paired floor reports per-step ratios from its own samples."""
 
 import importlib.util
 from pathlib import Path
@@ -17,9 +17,9 @@ from rwkvx_jax.decoding.weights import prepare_decode_weights
 
 
 def _load_bench_decode():
-    """bench/decode.py as a module, loaded by path: putting bench/ on sys.path would shadow
-    top-level modules (bench/train.py vs train.py) for the tests that run after this one."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    """bench/decode_latency.py as a module, loaded by path (bench/ is a folder of scripts, not a
+    package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode_latency.py"
     spec = importlib.util.spec_from_file_location("bench_decode", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

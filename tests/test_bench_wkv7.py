@@ -1,7 +1,7 @@
-"""bench/wkv7.py's driver, run on the CPU (GPU kernels in interpret mode): every implementation
-named gets its rows, gradient check and oracle errors (and with --stages the chunk-parallel
-kernels' own times), and a failing one becomes an error row instead of ending the run. The
-timings of such a run mean nothing and are not checked."""
+"""bench/wkv7_kernels.py's driver, run on the CPU (GPU kernels in interpret mode): every
+implementation named gets its rows, gradient check and oracle errors (and with --stages the
+chunk-parallel kernels' own times), and a failing one becomes an error row instead of ending the
+run. The timings of such a run mean nothing and are not checked."""
 
 import json
 import os
@@ -15,11 +15,11 @@ FACTORED_STAGE_NAMES = ["fwd terms", "pass", "bwd terms", "reverse pass", "gradi
 
 
 def _run_wkv7_bench(out, *args):
-    """bench/wkv7.py on the CPU at T = 32, B*H = 2, one repeat, JSON to `out`; its results.
+    """bench/wkv7_kernels.py on the CPU at T = 32, B*H = 2, one repeat, JSON to `out`; its results.
 
-    A subprocess: the script puts bench/ on sys.path, which would shadow train.py here."""
+    A subprocess, as the documented commands run it."""
     command = [
-        sys.executable, str(ROOT / "bench" / "wkv7.py"), "--allow-cpu", "--seq-lens", "32",
+        sys.executable, str(ROOT / "bench" / "wkv7_kernels.py"), "--allow-cpu", "--seq-lens", "32",
         "--bh", "2", "--repeats", "1", "--json", str(out), *args,
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -110,7 +110,8 @@ def test_wkv7_bench_forward_only(tmp_path):
 def _best(tmp_path, rows, *args):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(rows))
-    command = [sys.executable, str(ROOT / "bench" / "wkv7_best.py"), str(path), *args]
+    script = ROOT / "bench" / "accelerator" / "wkv7_best.py"
+    command = [sys.executable, str(script), str(path), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 

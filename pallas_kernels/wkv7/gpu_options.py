@@ -33,7 +33,7 @@ DEFAULT_CHUNK_SIZE = 16
 # sequential schedule stays the default. Its gradient kernel spilled ~11 KB per thread there
 # (bench/triton_spills.py, compiled for sm_90 offline); with 32-row value tiles and 8 warps it
 # spills ~200 B, and no other chunk-parallel kernel spills at 8 warps: hence these defaults, not
-# yet timed on a GPU (bench/wkv7_gpu_session.sh).
+# yet timed on a GPU (bench/accelerator/wkv7_gpu_session.sh).
 DEFAULT_SCHEDULE = "sequential"
 SCHEDULE_DEFAULTS = {
     "sequential": {"chunk_size": DEFAULT_CHUNK_SIZE, "num_warps": 4},

@@ -15,7 +15,8 @@ forward exactly. When a chunk completes and the slots are full, one chunk of the
   Chunk means are exactly what the gate scores, so two chunks with near-identical means compete
   for the same queries and one of them suffices for retrieval; a chunk unlike the rest (a needle
   in a haystack of repeated text) has a low similarity to everything and is kept however old it
-  is. Measured against "oldest" in `bench/decode.py` (needle-in-haystack run over the cap).
+  is. Measured against "oldest" in `bench/needle_eviction.py` (a needle in a haystack past the
+  cap).
 * "oldest": a sliding window of chunks (drop the oldest); loses anything older than the window.
 
 Either way the memory is fixed and the per-token work is bounded by the slot count.

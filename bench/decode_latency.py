@@ -1,9 +1,9 @@
 """Decode benchmarks (issue 3 item 9): per-token latency and memory of `Decoder.step` on CPU.
 
-  python bench/decode.py --contexts [--max-context 65536]       # (a) small model, 1K .. 1M
-  python bench/decode.py --vs-official [--quick]                # (b) 0.22B shape vs official
-  python bench/decode.py --cache-sweep                          # step cost against the cap
-  python bench/decode.py --contexts --vs-official               # both
+  python bench/decode_latency.py --contexts [--max-context 65536]   # (a) small model, 1K .. 1M
+  python bench/decode_latency.py --vs-official [--quick]            # (b) 0.22B shape vs official
+  python bench/decode_latency.py --cache-sweep                      # step cost against the cap
+  python bench/decode_latency.py --contexts --vs-official           # both
 
 (a) `--contexts`: a small model (default C=256, L=4, A=2, V=256, chunk 512, top-k 3, fp32,
     random weights) with a fixed KV-cache cap (default 16 chunks). Every context runs in a fresh
@@ -52,14 +52,16 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark; skips probing other backends
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/timing.py, when tests load this
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import Stopwatch, seconds, timed
 from tqdm.auto import tqdm
 
 from rwkvx_jax import preset
@@ -122,6 +124,11 @@ def machine_line() -> str:
     )
 
 
+def logits_ready(outputs) -> None:
+    """The sync of a timed `prefill` or `step`: waits for its logits (its first output)."""
+    outputs[0].block_until_ready()
+
+
 def time_steps(
     decoder: Decoder, state, tokens: np.ndarray, warmup: int, desc: str, before_each=None
 ):
@@ -135,11 +142,9 @@ def time_steps(
         column = jnp.asarray(tokens[:, i], jnp.int32)
         if before_each is not None and i >= warmup:
             before_each()
-        start = time.perf_counter()
-        logits, state = decoder.step(column, state)
-        logits.block_until_ready()
+        step_s, (_, state) = timed(decoder.step, column, state, sync=logits_ready)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(step_s)
     return np.array(times), state
 
 
@@ -197,13 +202,10 @@ def context_child(args) -> None:
     # arrays bounded by the segment (prefill keeps several copies of its [B, T] input).
     piece = decoder.decode_config.prefill_chunk
     first = min(piece, n_prefill)
-    start = time.perf_counter()
-    logits, state = decoder.prefill(draw(first))
-    logits.block_until_ready()
-    first_piece_s = time.perf_counter() - start
+    first_piece_s, (_, state) = timed(lambda: decoder.prefill(draw(first)), sync=logits_ready)
     rss_first_piece = current_rss_mib()
     segment = max(args.prefill_segment // piece, 1) * piece
-    start = time.perf_counter()
+    clock = Stopwatch()
     bar = tqdm(total=n_prefill - first, desc=f"prefill {short(ctx)}", unit="tok", leave=False)
     with bar:
         done = first
@@ -213,13 +215,12 @@ def context_child(args) -> None:
             logits.block_until_ready()
             done += n
             bar.update(n)
-    prefill_s = time.perf_counter() - start
+    prefill_s = clock.seconds()
     rss_prefill = current_rss_mib()
     tokens = draw(n_steps)
-    first_start = time.perf_counter()
-    logits, state = decoder.step(jnp.asarray(tokens[:, 0], jnp.int32), state)
-    logits.block_until_ready()
-    first_step_s = time.perf_counter() - first_start
+    first_step_s, (_, state) = timed(
+        lambda: decoder.step(jnp.asarray(tokens[:, 0], jnp.int32), state), sync=logits_ready
+    )
     times, state = time_steps(
         decoder, state, tokens[:, 1:], args.warmup - 1, desc=f"steps @{short(ctx)}"
     )
@@ -296,7 +297,7 @@ def run_contexts(args) -> None:
     )
     results = []
     for ctx in tqdm(contexts, desc="contexts", unit="ctx"):
-        start = time.perf_counter()
+        clock = Stopwatch()
         proc = subprocess.run(child_command(args, ctx), stdout=subprocess.PIPE, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -315,7 +316,7 @@ def run_contexts(args) -> None:
             f"{tok_s(r)} tok/s after a first piece of {r['first_piece_s']:.1f} s (compiling); "
             f"first step {r['first_step_s']:.1f} s; "
             f"compiled step x{r['step_compiles']}, piece x{r['piece_compiles']}; "
-            f"wall {time.perf_counter() - start:.0f} s"
+            f"wall {clock.seconds():.0f} s"
         )
     if not results:
         return
@@ -419,11 +420,9 @@ def time_prefill_pieces(decoder: Decoder, state, rng, repeats: int) -> float:
     times = []
     for i in range(repeats + 1):  # the first call compiles
         tokens = rng.integers(0, vocab, size=(1, piece))
-        start = time.perf_counter()
-        logits, state = decoder.prefill(tokens, state)
-        jax.block_until_ready(logits)
+        piece_s, (_, state) = timed(decoder.prefill, tokens, state, sync=logits_ready)
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(piece_s)
     return 1e3 * float(np.median(times))
 
 
@@ -453,12 +452,6 @@ def _elements(gib: float) -> int:
     return n - n % (64 * 1024)
 
 
-def _seconds(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     """Best-of-`repeats` bytes/s of jitted fp32 reads of a `gib` GiB array (`_read_probes`; the
     fastest read counts). The best, not the mean: a slow repeat (another job on the cores)
@@ -466,7 +459,7 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     """
     n = _elements(gib)
     x, variants = _read_probes(n)
-    best = min(_seconds(fn, x) for fn in variants.values() for _ in range(repeats))
+    best = min(seconds(fn, x) for fn in variants.values() for _ in range(repeats))
     del x
     return 4 * n / best
 
@@ -511,7 +504,7 @@ class MatrixVectorChain:
         self.seconds()  # compiles
 
     def seconds(self) -> float:
-        return _seconds(self.chain, self.arrays, self.seed)
+        return seconds(self.chain, self.arrays, self.seed)
 
     def compiled_text(self) -> str:
         return self.chain.lower(self.arrays, self.seed).compile().as_text()
@@ -536,7 +529,7 @@ class PairedFloor:
         self.chain_seconds: list[float] = []
 
     def sample(self) -> None:
-        best = min(_seconds(fn, self.array) for fn in self.variants.values())
+        best = min(seconds(fn, self.array) for fn in self.variants.values())
         self.bandwidths.append(4 * self.n / best)
         self.chain_seconds.append(self.chain.seconds())
 
@@ -594,10 +587,9 @@ def official_decode(path: str, tokens: np.ndarray, plan, warmup: int) -> dict[in
             _, state = model.forward(tokens[begin:end].tolist(), state)
             times = []
             for i in tqdm(range(n_steps), desc=f"official @{short(ctx)}", leave=False):
-                start = time.perf_counter()
-                model.forward(int(tokens[end + i]), state)
+                step_s = seconds(model.forward, int(tokens[end + i]), state, sync=None)
                 if i >= warmup:
-                    times.append(time.perf_counter() - start)
+                    times.append(step_s)
             out[ctx] = np.array(times)
     del model, state
     gc.collect()

@@ -1,8 +1,8 @@
 """CPU training throughput and MFU of the library's train step, fp32.
 
-  python bench/train.py [--models tiny,0.1b,0.22b] [--seq-len 4096] [--batch 1] [--steps 3]
-                        [--breakdown] [--set model.wkv_chunk_size=32 ...]
-  python bench/train.py --models 0.1b,0.1b+loss.chunk_tokens=0   # chunked vs whole logits
+  python bench/train_throughput.py [--models tiny,0.1b,0.22b] [--seq-len 4096] [--batch 1]
+                                   [--steps 3] [--breakdown] [--set model.wkv_chunk_size=32 ...]
+  python bench/train_throughput.py --models 0.1b,0.1b+loss.chunk_tokens=0  # chunked vs whole logits
 
 Each model runs `rwkvx_jax.training.TrainProgram` (the step `train.py` runs: loss with L2Wrap,
 gradients, AdamW with clipping, parameter update), built from the `tiny` recipe with the model,
@@ -40,12 +40,12 @@ import os
 import platform
 import resource
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from timing import Stopwatch, seconds, timed
 
 from rwkvx_jax import ops
 from rwkvx_jax import sharding as shd
@@ -65,20 +65,7 @@ from rwkvx_jax.training.program import TrainProgram
 MODELS = {"tiny": "tiny", "0.1b": "rwkv7-world-0.1b", "0.22b": "rwkvx-0.22b"}
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-def timed(fn, *args, repeats: int) -> tuple[float, list[float]]:
-    """(first call seconds incl. compile, steady-state seconds of `repeats` more calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return first, times
+# ----------------------------------------------------------------------------- peak and memory
 
 
 class Peak:
@@ -166,27 +153,17 @@ def bench_model(name: str, args, mesh, peak: Peak) -> dict:
     ) + f"; per step {flops_step / 1e9:.1f} GFLOP")  # fmt: skip
 
     state = program.init_state()
-    start = time.perf_counter()
-    compiled = program.compile(T)
-    compile_s = time.perf_counter() - start
+    compile_s, compiled = timed(program.compile, T, sync=None)
     print(f"   compiled in {compile_s:.1f} s; {describe_memory(compiled)}")
     rng = np.random.default_rng(0)
     batch = program.global_batch(rng.integers(0, mc.vocab_size, (B, T + 1)))
 
-    def run(state):
-        state, metrics = program.step(state, batch)
-        jax.block_until_ready((state, metrics))
-        return state, metrics
-
-    start = time.perf_counter()
-    state, metrics = run(state)
-    first = time.perf_counter() - start
+    first, (state, metrics) = timed(program.step, state, batch)
     steps = args.steps if first >= 2.0 else max(args.steps, 10)
     times, losses = [], [float(metrics["loss"])]
     for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = run(state)
-        times.append(time.perf_counter() - start)
+        step_s, (state, metrics) = timed(program.step, state, batch)
+        times.append(step_s)
         losses.append(float(metrics["loss"]))
         peak.probe()
     best, median = min(times), statistics.median(times)
@@ -351,18 +328,16 @@ def breakdown(program: TrainProgram, state, batch, args, peak: Peak) -> list:
 
     calls = [(i, kind, fn, part[5]) for i, part in enumerate(parts)
              for kind, fn in (("fwd", part[3]), ("both", part[4])) if fn is not None]  # fmt: skip
-    start = time.perf_counter()
+    clock = Stopwatch()
     for _, _, fn, fn_args in calls:  # compile + one run each
         jax.block_until_ready(fn(*fn_args))
-    compiled_s = time.perf_counter() - start
+    compiled_s = clock.seconds()
     print(f"   breakdown: {len(calls)} functions compiled and run once in {compiled_s:.0f} s; "
           f"now {args.breakdown_repeats} timed rounds")  # fmt: skip
     times = {(i, kind): [] for i, kind, _, _ in calls}
     for _ in range(args.breakdown_repeats):
         for i, kind, fn, fn_args in calls:
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*fn_args))
-            times[(i, kind)].append(time.perf_counter() - start)
+            times[(i, kind)].append(seconds(fn, *fn_args))
         peak.probe()
     rows = []
     for i, (label, depth, count, *_, gflop) in enumerate(parts):

@@ -1,6 +1,6 @@
 """CPU forward (prefill) throughput: rwkvx-jax vs the official runtime on the same weights.
 
-  python bench/forward.py [--preset rwkvx-0.22b] [--seq-len 4096] [--repeats 3]
+  python bench/forward_throughput.py [--preset rwkvx-0.22b] [--seq-len 4096] [--repeats 3]
 
 Random weights in the official layout are written once to a .pth, loaded by both sides. The
 official runtime (`rwkv-x==0.2.7`, "cpu fp32") is timed in the same run, and so is this machine's
@@ -13,13 +13,13 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_seconds, seconds
 
 from rwkvx_jax import forward, preset
 from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
@@ -44,26 +44,13 @@ def measure_matmul_rate(n: int = 2048, repeats: int = 7) -> float:
     """
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    return 2.0 * n**3 / best_seconds(lambda: f(a), repeats)
 
 
 def time_ours(config, params, tokens, repeats: int) -> tuple[float, float]:
     """(compile + first call seconds, best steady-state seconds)."""
-    start = time.perf_counter()
-    forward(config, params, tokens).block_until_ready()
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(config, params, tokens).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return first, best
+    first = seconds(forward, config, params, tokens)
+    return first, best_seconds(lambda: forward(config, params, tokens), repeats, warmup=0)
 
 
 def time_official(path: str, tokens: np.ndarray, repeats: int) -> float:
@@ -72,13 +59,13 @@ def time_official(path: str, tokens: np.ndarray, repeats: int) -> float:
     from rwkv_x import model_old
 
     model = model_old.RWKV_X(path, "cpu fp32")
-    best = float("inf")
     with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.forward(tokens.tolist(), None, full_output=True)
-            best = min(best, time.perf_counter() - start)
-    return best
+        return best_seconds(
+            lambda: model.forward(tokens.tolist(), None, full_output=True),
+            repeats,
+            sync=None,
+            warmup=0,
+        )
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
-# Sourced by the accelerator session scripts (bench/accelerator_session.sh,
-# bench/wkv7_gpu_session.sh): $OUT, the carried wheels, the environment, the machine's header.
+# bench/accelerator/: what drives a session on a lent accelerator, run from the repository root
+# (the device tool's working directory). This file is sourced by the session scripts beside it
+# (accelerator_session.sh, wkv7_gpu_session.sh): $OUT, the carried wheels, the environment, the
+# machine's header.
 OUT=${OUT:-/tmp/accelerator_out}
 mkdir -p "$OUT"
 # Carried wheels in .whl/ (fla-core for the fla baseline) go to /tmp/site once per machine:
@@ -13,8 +15,8 @@ fi
 # the baseline of issue 5's target, and the GPU machine cannot fetch it. ALLOW_NO_FLA=1 goes on.
 require_fla_wheel() {
   if compgen -G ".whl/fla_core-*.whl" >/dev/null || [ "${ALLOW_NO_FLA:-0}" = 1 ]; then return; fi
-  echo "no fla-core wheel in .whl/: run 'bash bench/wkv7_gpu_session.sh wheels' here first" \
-    "and carry .whl (ALLOW_NO_FLA=1 runs without fla)" >&2
+  echo "no fla-core wheel in .whl/: run 'bash bench/accelerator/wkv7_gpu_session.sh wheels'" \
+    "here first and carry .whl (ALLOW_NO_FLA=1 runs without fla)" >&2
   exit 2
 }
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

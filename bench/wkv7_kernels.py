@@ -1,8 +1,8 @@
 """WKV-7 on an accelerator: the Pallas kernel against the chunked XLA path and fla, same run.
 
-  python bench/wkv7.py [--seq-lens 4096,16384,65536] [--bh 8,64] [--dtypes bfloat16,float32]
-                       [--impls pallas,xla,fla] [--repeats 5] [--json FILE] [--quick]
-                       [--forward-only]
+  python bench/wkv7_kernels.py [--seq-lens 4096,16384,65536] [--bh 8,64]
+                               [--dtypes bfloat16,float32] [--impls pallas,xla,fla] [--repeats 5]
+                               [--json FILE] [--quick] [--forward-only]
 
 For every T x B*H (B = 1, H = B*H, N = 64) and dtype it times forward and forward+backward
 (all seven gradients, random cotangents on y and the final state) of each implementation and
@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import median_ms  # noqa: E402
+from timing import Stopwatch, median_ms  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 from pallas_kernels.wkv7 import wkv7_reference  # noqa: E402
@@ -356,7 +355,7 @@ def main() -> None:
     impls = [impl.replace(";", ",") for impl in args.impls.split(",")]
     impls_fp32 = [x.replace(";", ",") for x in (args.impls_fp32 or args.impls).split(",")]
     if jax.default_backend() not in ("gpu", "tpu") and not args.allow_cpu:
-        sys.exit("bench/wkv7.py times accelerator kernels; this JAX sees no GPU or TPU")
+        sys.exit("bench/wkv7_kernels.py times accelerator kernels; this JAX sees no GPU or TPU")
     if jax.default_backend() == "tpu":  # fla is a CUDA (Triton) library
         impls = [impl for impl in impls if impl != "fla"]
         impls_fp32 = [impl for impl in impls_fp32 if impl != "fla"]
@@ -457,7 +456,7 @@ def run_size(xs, T, bh, dtype, impls, repeats, after_each=None, backward=True) -
         row = {"T": T, "bh": bh, "dtype": dtype, "impl": impl}
         # A progress line per implementation, so a stalled one is named in the log.
         print(f"  T={T} B*H={bh} {dtype} {impl}: ...", end="", flush=True)
-        start = time.perf_counter()
+        clock = Stopwatch()
         try:
             case = fla_case if impl == "fla" else functools.partial(jax_case, impl)
             fwd, both, y, s = case(xs, dtype, repeats, backward)
@@ -470,7 +469,7 @@ def run_size(xs, T, bh, dtype, impls, repeats, after_each=None, backward=True) -
         done = f"fwd {row['fwd_ms']:.2f} ms" if "fwd_ms" in row else "failed"
         if "fwd_bwd_ms" in row:
             done += f", fwd+bwd {row['fwd_bwd_ms']:.2f} ms"
-        print(f" {done} ({time.perf_counter() - start:.1f} s)", flush=True)
+        print(f" {done} ({clock.seconds():.1f} s)", flush=True)
         rows[impl] = row
         if after_each:
             after_each(rows)

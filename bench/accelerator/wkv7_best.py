@@ -1,10 +1,11 @@
-"""The fastest implementation in a bench/wkv7.py JSON file, as an --impls argument.
+"""The fastest implementation in a bench/wkv7_kernels.py JSON file, as an --impls argument.
 
-  python bench/wkv7_best.py RESULTS.json [--prefix PREFIX] [--dtype bfloat16]
+  python bench/accelerator/wkv7_best.py RESULTS.json [--prefix PREFIX] [--dtype bfloat16]
 
 Among the implementations whose name starts with --prefix, the one with the smallest geometric
 mean of forward+backward time over the sizes (T, B*H) that every candidate finished; printed with
 ';' between its options, as --impls takes it. Exits non-zero, naming why, when nothing qualifies.
+bench/accelerator/wkv7_gpu_session.sh calls it to pick the variant it sets against fla.
 """
 
 from __future__ import annotations

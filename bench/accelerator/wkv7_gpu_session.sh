@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurement of the parallel WKV-7 schedules, planned for one lent H100
+# Issue 5's GPU measurement of the parallel WKV-7 schedules (bench/wkv7_kernels.py runs), run from
+# the repository root (the device tool's working directory) and planned for one lent H100
 # (15 device minutes, start-up included) as at most two calls on one warm machine; call `run`
 # with carry [".whl"] (the fla-core wheel; add ".triton_cache" when a saved one exists, below)
 # and timeout_s 595:
 #
-#   bash bench/wkv7_gpu_session.sh measure
+#   bash bench/accelerator/wkv7_gpu_session.sh measure
 #       1. the sequential kernel (baseline), the factored schedule (its defaults; with
 #          split-bf16 tensor-core exact dots, exact_dot_precision=bf16x3, and full-row
 #          gradients; that at chunk 32) and the chunk-parallel one (bf16x3, full-row
@@ -18,11 +19,11 @@
 #          bf16x3 variant at 4 warps (for its passes' times; its gradient kernel spills there);
 #       3. fla's Triton autotuning in a process of its own (setsid, so it outlives the call;
 #          the GPU is otherwise idle while it times configurations), then, if it finishes in
-#          time, fla against the fastest of step 1's variants (bench/wkv7_best.py).
-#   bash bench/wkv7_gpu_session.sh fla
+#          time, fla against the fastest of step 1's variants (bench/accelerator/wkv7_best.py).
+#   bash bench/accelerator/wkv7_gpu_session.sh fla
 #       step 3 on its own: waits for the autotuning started by `measure` (or starts it). Run it
 #       at once when `measure` ends with the autotuning unfinished (a machine stays warm 30 s).
-#   bash bench/wkv7_gpu_session.sh wheels
+#   bash bench/accelerator/wkv7_gpu_session.sh wheels
 #       on the development machine, before the first call: downloads the fla-core wheel into
 #       .whl/ (ignored by git, so a new checkout lacks it; the GPU machine cannot fetch it).
 #       `measure` and `fla` stop at once, before any timing, when .whl/ holds no fla-core wheel.
@@ -34,11 +35,12 @@
 # it is used as TRITON_CACHE_DIR and spares the next machine the autotuning.
 #
 # Logs and JSON land in $OUT. CALL_LIMIT (seconds, default 580) is the time this call plans to;
-# SIZES / STAGE_SIZES override the sizes, BENCH_ARGS adds arguments to every bench/wkv7.py run (a
-# dry run of this script on CPU: SIZES=STAGE_SIZES="--seq-lens 64 --bh 2" BENCH_ARGS=--allow-cpu,
-# with the wheel fetched or ALLOW_NO_FLA=1; fla's rows then fail for want of CUDA, as they should).
+# SIZES / STAGE_SIZES override the sizes, BENCH_ARGS adds arguments to every bench/wkv7_kernels.py
+# run (a dry run of this script on CPU: SIZES=STAGE_SIZES="--seq-lens 64 --bh 2"
+# BENCH_ARGS=--allow-cpu, with the wheel fetched or ALLOW_NO_FLA=1; fla's rows then fail for want
+# of CUDA, as they should).
 set -u
-phase=${1:?usage: bash bench/wkv7_gpu_session.sh measure|fla|wheels}
+phase=${1:?usage: bash bench/accelerator/wkv7_gpu_session.sh measure|fla|wheels}
 case "$phase" in
   measure | fla | wheels) ;;
   *)
@@ -62,14 +64,14 @@ if [ "$phase" = wheels ]; then
   ls -l .whl
   exit 0
 fi
-. bench/accelerator_env.sh
+. bench/accelerator/accelerator_env.sh
 require_fla_wheel
 export TRITON_CACHE_DIR=/tmp/triton_cache
 if [ -d .triton_cache ] && [ ! -d $TRITON_CACHE_DIR ]; then cp -r .triton_cache $TRITON_CACHE_DIR; fi
 
 left() { echo $((CALL_LIMIT - SECONDS)); }
 
-bench() {  # bench NAME TIMEOUT ARGS...: bench/wkv7.py, log and JSON in $OUT
+bench() {  # bench NAME TIMEOUT ARGS...: bench/wkv7_kernels.py, log and JSON in $OUT
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit} s, $(date -u +%T))"
@@ -79,7 +81,7 @@ bench() {  # bench NAME TIMEOUT ARGS...: bench/wkv7.py, log and JSON in $OUT
   fi
   set -o pipefail
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-  timeout "$limit" python3 bench/wkv7.py --json "$OUT/$name.json" "$@" $BENCH_ARGS 2>&1 \
+  timeout "$limit" python3 bench/wkv7_kernels.py --json "$OUT/$name.json" "$@" $BENCH_ARGS 2>&1 \
     | tee "$OUT/$name.log"
   echo "== $name exit $? after $SECONDS s"
 }
@@ -100,8 +102,9 @@ start_fla_warmup() {
   if [ -e $WARM_DONE ] || pgrep -f "fla_warmup_marker" >/dev/null; then return; fi
   echo "== fla warm-up started ($(date -u +%T))"
   # setsid: the device tool ends a call's processes except those in a session of their own.
-  setsid bash -c "python3 bench/wkv7.py --seq-lens 16384 --bh 8 --dtypes bfloat16 --impls fla \
-    --repeats 1 --skip-gradient-check --json /tmp/fla_warm.json $BENCH_ARGS > $WARM_LOG 2>&1; \
+  setsid bash -c "python3 bench/wkv7_kernels.py --seq-lens 16384 --bh 8 --dtypes bfloat16 \
+    --impls fla --repeats 1 --skip-gradient-check --json /tmp/fla_warm.json $BENCH_ARGS \
+    > $WARM_LOG 2>&1; \
     touch $WARM_DONE # fla_warmup_marker" </dev/null >/dev/null 2>&1 &
 }
 
@@ -114,13 +117,15 @@ wait_fla_warmup() {  # wait_fla_warmup SECONDS_TO_LEAVE: true once the autotunin
     echo "== fla warm-up finished after $SECONDS s of this call"
     return 0
   fi
-  echo "== fla warm-up still running at $SECONDS s: run 'bash bench/wkv7_gpu_session.sh fla' now"
+  echo "== fla warm-up still running at $SECONDS s:" \
+    "run 'bash bench/accelerator/wkv7_gpu_session.sh fla' now"
   return 1
 }
 
 compare_with_fla() {
   local best
-  best=$(python3 bench/wkv7_best.py /tmp/wkv7_schedules.json --prefix pallas) || best="$FA"
+  best=$(python3 bench/accelerator/wkv7_best.py /tmp/wkv7_schedules.json --prefix pallas) \
+    || best="$FA"
   echo "== fastest variant: $best"
   # fla first in each size, before JAX's memory pool grows at that size.
   # shellcheck disable=SC2086  # SIZES is a list of arguments

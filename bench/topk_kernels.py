@@ -1,7 +1,7 @@
 """Top-k chunk attention on an accelerator: our Pallas kernel against dense causal flash attention.
 
-  python bench/topk_attention.py [--seq-lens 16384,65536,131072] [--heads 8] [--dtype bfloat16]
-                                 [--chunk 2048] [--topk 3] [--repeats 5] [--json FILE] [--quick]
+  python bench/topk_kernels.py [--seq-lens 16384,65536,131072] [--heads 8] [--dtype bfloat16]
+                               [--chunk 2048] [--topk 3] [--repeats 5] [--json FILE] [--quick]
 
 For each T (B = 1, D = 64) it times forward and forward+backward (q, k, v gradients, random
 output cotangent) of
@@ -140,7 +140,7 @@ def main() -> None:
         args.seq_lens, args.heads, args.repeats, args.check_seq_len = "8192", 2, 2, 8192
     platform = jax.default_backend()
     if platform not in ("gpu", "tpu"):
-        sys.exit("bench/topk_attention.py times accelerator kernels; this JAX sees no GPU or TPU")
+        sys.exit("bench/topk_kernels.py times accelerator kernels; this JAX sees no GPU or TPU")
     backend = platform_backend(platform)
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0].device_kind

@@ -1,6 +1,6 @@
 """Encode/decode throughput of the RWKV World tokenizer: rwkvx-jax vs the official TRIE_TOKENIZER.
 
-  python bench/tokenizer.py [--step 1] [--repeats 3]
+  python bench/tokenizer_speed.py [--step 1] [--repeats 3]
 
 Corpus: the local Python standard library's .py files (every `step`-th, sorted; site-packages
 excluded). Both tokenizers run in the same process, interleaved, best of `repeats` wall-clock
@@ -14,10 +14,10 @@ import os
 import platform
 import sys
 import sysconfig
-import time
 
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+from timing import timed
 
 from rwkvx_jax.tokenizer import WORLD_VOCAB_FILE, WorldTokenizer
 
@@ -37,12 +37,6 @@ def stdlib_sources(step: int) -> list[bytes]:
     return sources
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", type=int, default=1, help="take every step-th stdlib file")
@@ -58,10 +52,11 @@ def main() -> None:
     print(f"corpus: {len(sources)} stdlib .py files (every {args.step}), {total / 1e6:.1f} MB")
 
     official_load, official = timed(
-        lambda: TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), WORLD_VOCAB_FILE))
+        lambda: TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), WORLD_VOCAB_FILE)),
+        sync=None,
     )
-    ours_load, ours = timed(WorldTokenizer)
-    ours_compile, _ = timed(lambda: ours.encode(""))
+    ours_load, ours = timed(WorldTokenizer, sync=None)
+    ours_compile, _ = timed(ours.encode, "", sync=None)
     print(
         f"load: official {official_load:.2f} s; ours {ours_load:.2f} s, plus {ours_compile:.2f} s "
         "to compile the pattern on first encode"
@@ -75,7 +70,7 @@ def main() -> None:
     ids = {}
     for _ in range(args.repeats):
         for name, encode in encoders.items():
-            seconds, ids[name] = timed(encode)
+            seconds, ids[name] = timed(encode, sync=None)
             best[name] = min(best[name], seconds)
     if ids["ours"] != ids["official"]:
         sys.exit("ids differ between ours and the official tokenizer")
@@ -95,7 +90,7 @@ def main() -> None:
     best = dict.fromkeys(decoders, float("inf"))
     for _ in range(args.repeats):
         for name, decode in decoders.items():
-            best[name] = min(best[name], timed(decode)[0])
+            best[name] = min(best[name], timed(decode, sync=None)[0])
     print("decode to bytes:")
     for name, seconds in best.items():
         print(f"  {name:9s} {total / seconds / 1e6:7.2f} MB/s")
