@@ -202,7 +202,6 @@ def test_cli_errors(tmp_path, capsys, argv, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_long_window_memory_stays_bounded(model, tmp_path):
     """4K tokens through a 512-token cache: eviction keeps the state's size fixed."""
     bounded = PositionLoss(

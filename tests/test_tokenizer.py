@@ -138,7 +138,7 @@ def test_stdlib_sample_matches_official(world, official):
     check_stdlib(world, official, step=10)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 23 s on 2 cores: every file of the standard library (.ci/extended)
 def test_whole_stdlib_matches_official(world, official):
     check_stdlib(world, official, step=1)
 
