@@ -61,11 +61,13 @@ def assert_forward_matches(args, chunk_size):
 
 
 def assert_vjp_matches(args, chunk_size):
-    """Pulls one random cotangent (for y and final state) back through both implementations."""
+    """Pulls one random cotangent (for y and final state) back through both implementations;
+    checks the outputs of the same call too."""
 
     def pullback(fn):
         def run(args, cot):
-            return jax.vjp(fn, *args)[1](cot)
+            out, vjp = jax.vjp(fn, *args)
+            return out, vjp(cot)
 
         return jax.jit(run)
 
@@ -75,8 +77,10 @@ def assert_vjp_matches(args, chunk_size):
         jnp.asarray(rng.standard_normal(shape), jnp.float32)
         for shape in (args[0].shape, (batch, heads, n, n))
     )
-    want = pullback(wkv7_reference)(args, cot)
-    got = pullback(partial(wkv7_chunked, chunk_size=chunk_size))(args, cot)
+    (y_ref, s_ref), want = pullback(wkv7_reference)(args, cot)
+    (y, s), got = pullback(partial(wkv7_chunked, chunk_size=chunk_size))(args, cot)
+    assert_close(y, y_ref, "y")
+    assert_close(s, s_ref, "final state")
     for name, g, g_ref in zip(("r", "w", "k", "v", "a", "b", "state"), got, want, strict=True):
         assert_close(g, g_ref, f"d{name}")
 
@@ -130,6 +134,25 @@ def test_forward_matches_reference(chunk_size, seq, heads, n, decay):
 )
 def test_gradients_match_reference(chunk_size, seq, heads, decay):
     args = model_like_inputs(2, 2, seq, heads, 64, decay=decay)
+    assert_vjp_matches(args, chunk_size)
+
+
+@pytest.mark.parametrize(
+    "chunk_size, seq, n",
+    [
+        (16, 100, 48),  # the model's default chunk
+        (64, 150, 96),  # N above the chunk, not a multiple of it
+        (32, 72, 40),  # halving meets 5 and then 3: two odd lengths
+        (64, 70, 24),  # N below the chunk
+        (16, 37, 5),  # odd from the start
+    ],
+)
+def test_head_sizes_that_are_not_powers_of_two(chunk_size, seq, n):
+    """Any N is accepted, but the other cases use 16 and 64, where `_sum_rows` (the pairwise
+    halving of the N x N products behind the log-decay gradient) never meets an odd length:
+    48 -> 24 -> 12 -> 6 -> 3 pads one row with zeros. Outputs, the final state and all seven
+    gradients; T is never a multiple of the chunk (the padded tail)."""
+    args = model_like_inputs(10, 1, seq, 2, n)
     assert_vjp_matches(args, chunk_size)
 
 

@@ -22,6 +22,7 @@ from pallas_kernels.wkv7.gpu_options import (
     auto_segments,
     auto_value_tile,
 )
+from pallas_kernels.wkv7.ops import wkv7
 from pallas_kernels.wkv7.reference import wkv7_reference
 
 # RWKV-7's per-token log-decay range: w = -exp(x) with w in (-0.6065, -1e-4).
@@ -238,7 +239,7 @@ def test_split_bf16_exact_dots_do_not_drift(schedule, options):
         (W_MAX, "sequential"),
         (W_MAX, "chunk_parallel"),
         (W_MAX, "factored"),  # two segments of 16 chunks: the chained start too
-        pytest.param(None, "sequential", marks=pytest.mark.slow),
+        (None, "sequential"),  # w spread over RWKV-7's whole range
     ],
 )
 def test_bf16_dots_do_not_drift(w_const, schedule):
@@ -530,6 +531,20 @@ def test_bad_arguments(kwargs, n, match):
     xs, _ = _inputs(6, 1, 16, 1, n)
     with pytest.raises(ValueError, match=match):
         wkv7_gpu(*xs, options=GpuOptions(**kwargs), interpret=True)
+
+
+@pytest.mark.parametrize("n", [24, 40, 48, 96])
+def test_head_sizes_that_are_not_powers_of_two_are_refused(n):
+    """Triton blocks need power-of-two shapes: N = 48 etc. is refused up front, by every
+    schedule and through the public entry, with a message naming N (the TPU and XLA forms
+    take any N)."""
+    xs = (jnp.zeros((1, 16, 1, n), jnp.float32),) * 6
+    match = rf"head size N must be a power of two >= 16 .*got N = {n}$"
+    for schedule in SCHEDULES:
+        with pytest.raises(ValueError, match=match):
+            wkv7_gpu(*xs, options=GpuOptions(schedule=schedule), interpret=True)
+    with pytest.raises(ValueError, match=match):
+        wkv7(*xs, backend="pallas_gpu", interpret=True)
 
 
 def test_bad_dtype_and_shapes():
