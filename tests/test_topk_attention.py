@@ -22,9 +22,13 @@ METHODS = ("pairs", "blocks")
 LAYOUTS = ((8, 512, 256), (16, 8, 4))
 
 
-def _qkv(t, seed=0, d=D, dtype=jnp.float32):
+def _qkv_shape(shape, seed=0, dtype=jnp.float32):
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return tuple(jax.random.normal(kk, (B, t, H, d), dtype) for kk in keys)
+    return tuple(jax.random.normal(kk, shape, dtype) for kk in keys)
+
+
+def _qkv(t, seed=0, d=D, dtype=jnp.float32):
+    return _qkv_shape((B, t, H, d), seed, dtype)
 
 
 def _rel_err(x, ref):
@@ -146,10 +150,11 @@ def test_short_sequences_equal_dense_causal(t, chunk_size, top_k):
         assert _rel_err(g, g_dense) < TOL
 
 
-def test_top_k_beyond_chunk_count_selects_every_earlier_chunk():
+@pytest.mark.parametrize("select", [select_chunks, oracle.select_chunks], ids=["library", "oracle"])
+def test_top_k_beyond_chunk_count_selects_every_earlier_chunk(select):
     t, chunk_size, top_k = 77, 8, 20  # 10 chunks, 19 picks asked
     q, k, _ = _qkv(t)
-    picked = np.asarray(select_chunks(q, k, chunk_size, top_k))
+    picked = np.asarray(select(q, k, chunk_size, top_k))
     own = np.arange(t) // chunk_size
     for pos in (0, 8, 40, 76):
         got = picked[:, pos]  # [B, H, 19]
@@ -272,11 +277,6 @@ def _selection_inputs(batch, t, heads, chunk_size, top_k, copies, seed=0):
     return q, k, v
 
 
-def _qkv_shape(shape, seed):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return tuple(jax.random.normal(kk, shape, jnp.float32) for kk in keys)
-
-
 @pytest.mark.parametrize("case", SELECTION_CASES.values(), ids=SELECTION_CASES.keys())
 def test_select_chunks_matches_independent_oracle(case):
     batch, t, heads, chunk_size, top_k, copies = case
@@ -293,9 +293,11 @@ def test_select_chunks_matches_independent_oracle(case):
 
 # ----------------------------------------------------------------------------- sparse parity
 
-# The sparse regime (T several times chunk * top_k, not a multiple of the chunk, several heads)
-# for every implementation against the independent oracle, at each kernel's default block
-# sizes (capped to divide the chunk): (B, T, H, chunk_size, top_k, copies for the tied inputs).
+# The sparse regime (T not a multiple of the chunk, several heads) for every implementation
+# against the independent oracle, random and tied inputs, at each kernel's default block sizes
+# (capped to divide the chunk): (B, T, H, chunk_size, top_k, copies for the tied inputs).
+# T is 3.8 (chunk16) and 4.9 (chunk8) times chunk * top_k; chunk64 (1.6 times) is there for the
+# block sizes.
 PARITY_CASES = {
     "chunk16": (2, 181, 3, 16, 3, ((1, 4), (2, 7), (4, 9))),
     # The GPU kernel needs chunks of a multiple of 16 when T > chunk * top_k (its blocks are).
@@ -350,6 +352,23 @@ def test_sparse_regime_matches_independent_oracle(case, backend):
         assert _rel_err(o, o_ref) < TOL, f"o, tied={tied}"
         if lse is not None:
             assert _rel_err(lse, lse_ref) < TOL, f"lse, tied={tied}"
+
+
+@pytest.mark.parametrize("backend", ["xla_chunked", "pallas_gpu", "pallas_tpu"])
+def test_model_attention_path_matches_independent_oracle(backend, interpreted_kernels):
+    """`rwkvx_jax.ops.topk_chunk_attention`, the call the model's sparse block makes (Pallas
+    kernels in interpret mode through the conftest fixture), on the tied sparse inputs."""
+    from rwkvx_jax import ops
+
+    batch, t, heads, chunk_size, top_k, copies = PARITY_CASES["chunk16"]
+    q, k, v = _selection_inputs(batch, t, heads, chunk_size, top_k, copies)
+    attention = functools.partial(
+        ops.topk_chunk_attention, chunk_size=chunk_size, top_k=top_k, backend=backend
+    )
+    o = jax.jit(attention)(q, k, v)
+    assert _rel_err(o, oracle.topk_chunk_attention(q, k, v, chunk_size, top_k)[0]) < TOL
+    kernel = backend.removeprefix("pallas_")
+    assert interpreted_kernels == ([] if kernel == backend else [f"topk_chunk_attention_{kernel}"])
 
 
 # ----------------------------------------------------------------------------- (h) causality

@@ -88,8 +88,10 @@ def _check_against_oracle(q, k, v, *, chunk_size, top_k, block_sizes):
         (100, 16, 3, BlockSizes(block_q=16, block_k=16, pair_tile=16)),
         # Sparse, chunk 32, one pick, block_q != block_k, pair tiles spanning two key blocks.
         (80, 32, 2, BlockSizes(block_q=32, block_k=16, pair_tile=16)),
-        # Sparse, chunk 64: the default 64 x 64 blocks and tiles of 64 (smaller chunks cap them).
+        # Sparse, chunk 64: the default 64 x 64 blocks and tiles of 64 ...
         (200, 64, 2, BlockSizes()),
+        # ... and the defaults with a chunk of 16: blocks capped to 16, tiles of 64 kept.
+        (120, 16, 2, BlockSizes()),
         # Own chunk only (no pairs), partial last chunk.
         (50, 16, 1, BlockSizes(block_q=16, block_k=16, pair_tile=16)),
         # top_k above the number of chunks: one causal segment, block_k > block_q.
@@ -118,7 +120,6 @@ def test_ties_are_exercised():
     "t, chunk_size, top_k, blocks",
     [
         (128, 32, 3, BlockSizes(block_q=32, block_k=32, pair_tile=32)),
-        (120, 16, 2, BlockSizes(block_q=64, block_k=64, pair_tile=64)),  # blocks capped to 16
         (96, 16, 4, BlockSizes(block_q=16, block_k=16, pair_tile=32)),
         (40, 16, 3, BlockSizes(block_q=16, block_k=16, pair_tile=16)),
     ],
