@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import selection_oracle as oracle
 
-from pallas_kernels.topk_attention import topk_chunk_attention_reference
 from rwkvx_jax.sparse import cached_attention
 from rwkvx_jax.sparse.chunk_sources import selected_chunks_attention
 from rwkvx_jax.sparse.kv_cache import init_cache, push_chunks
@@ -60,11 +60,28 @@ def _run_cached(q, k, v, pieces, *, chunk, top_k, n_slots):
 def test_cached_attention_equals_parallel_oracle(pieces, chunk, top_k):
     length = sum(pieces)
     q, k, v = _qkv(0, 2, length)
-    expected = topk_chunk_attention_reference(q, k, v, chunk_size=chunk, top_k=top_k)
+    # The independent oracle (`selection_oracle`, numpy); the margin rules out fp32 near ties.
+    assert oracle.decision_margin(q, k, chunk, top_k) > 1e-4
+    expected = oracle.topk_chunk_attention(q, k, v, chunk, top_k)[0]
     got, cache = _run_cached(q, k, v, pieces, chunk=chunk, top_k=top_k, n_slots=64)
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
     assert int(cache.n_filled[0]) == length // chunk
     np.testing.assert_array_equal(cache.chunk_ids[0, : length // chunk], np.arange(length // chunk))
+
+
+def test_cached_selection_breaks_ties_to_the_lower_chunk():
+    """Exact ties (row-permuted copies of a chunk, dyadic inputs) at the top_k-th place: prefill
+    pieces and decode steps pick the lower chunk, as the parallel forward does."""
+    # The shapes of the misaligned case above, so the compiled pieces are shared.
+    pieces, chunk, top_k = [5, 23, 1, 1, 23, 5, 1, 23], 8, 3
+    q, k, v = oracle.dyadic_inputs(
+        (2, sum(pieces), 2, 8), chunk, seed=3, copies=((0, 3), (1, 5), (0, 7), (2, 9))
+    )
+    across, within = oracle.count_ties(q, k, chunk, top_k)
+    assert across > 0 and within > 0
+    expected = oracle.topk_chunk_attention(q, k, v, chunk, top_k)[0]
+    got, _ = _run_cached(*map(jnp.asarray, (q, k, v)), pieces, chunk=chunk, top_k=top_k, n_slots=64)
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
 
 
 def test_piece_padding_never_changes_a_sequence():
@@ -86,7 +103,7 @@ def test_piece_padding_never_changes_a_sequence():
         both(q), both(k), both(v), cache, jnp.array([20, 13]), jnp.array([20, 20]),
         top_k=top_k, eviction="distinct",
     )  # fmt: skip
-    expected = topk_chunk_attention_reference(q, k, v, chunk_size=chunk, top_k=top_k)
+    expected = oracle.topk_chunk_attention(q, k, v, chunk, top_k)[0]
     np.testing.assert_allclose(out2[0], expected[0, 20:40], atol=TOL)
     np.testing.assert_allclose(out2[1], expected[0, 13:33], atol=TOL)
 

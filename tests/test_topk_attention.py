@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import selection_oracle as oracle
 
+import pallas_kernels
 from pallas_kernels.topk_attention import plan, select_chunks, topk_chunk_attention_reference
 from pallas_kernels.topk_attention.reference import attended_mask
 from pallas_kernels.topk_attention.xla_chunked import topk_chunk_attention
@@ -20,9 +22,13 @@ METHODS = ("pairs", "blocks")
 LAYOUTS = ((8, 512, 256), (16, 8, 4))
 
 
-def _qkv(t, seed=0, d=D, dtype=jnp.float32):
+def _qkv_shape(shape, seed=0, dtype=jnp.float32):
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return tuple(jax.random.normal(kk, (B, t, H, d), dtype) for kk in keys)
+    return tuple(jax.random.normal(kk, shape, dtype) for kk in keys)
+
+
+def _qkv(t, seed=0, d=D, dtype=jnp.float32):
+    return _qkv_shape((B, t, H, d), seed, dtype)
 
 
 def _rel_err(x, ref):
@@ -77,10 +83,26 @@ def _compiled(
     return out_and_grads
 
 
+def _cotangent(q):
+    return jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32).astype(q.dtype)
+
+
 def _run(q, k, v, chunk_size, top_k, **config):
     """Output and q/k/v gradients (None if grads=False) for a fixed random cotangent."""
-    cotangent = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32).astype(q.dtype)
-    return _compiled(chunk_size, top_k, **config)(q, k, v, cotangent)
+    return _compiled(chunk_size, top_k, **config)(q, k, v, _cotangent(q))
+
+
+@jax.jit
+def _masked_out_and_grads(q, k, v, mask, cotangent):
+    out, vjp = jax.vjp(lambda q, k, v: _masked_attention(q, k, v, mask), q, k, v)
+    return out, vjp(cotangent)
+
+
+def _oracle_run(q, k, v, chunk_size, top_k):
+    """Output and gradients of dense attention under the independent oracle's mask
+    (`selection_oracle`, numpy: shares no selection code with the library)."""
+    mask = jnp.asarray(oracle.attended_mask(q, k, chunk_size, top_k))
+    return _masked_out_and_grads(q, k, v, mask, _cotangent(q))
 
 
 # ----------------------------------------------------------------------------- (a), (b) sparse
@@ -93,11 +115,12 @@ def test_sparse_forward_and_grads_match_reference(method, layout):
     t, top_k = 77 if chunk_size == 8 else 93, 3  # not multiples of the chunk; T > chunk * top_k
     q, k, v = _qkv(t, seed=chunk_size)
     assert plan.needs_selection(t, chunk_size, top_k)
+    assert oracle.decision_margin(q, k, chunk_size, top_k) > 1e-4  # no near tie to flip in fp32
     out, grads = _run(
         q, k, v, chunk_size, top_k, method=method, block_size=block_size, pair_tile=pair_tile
     )
-    out_ref, grads_ref = _run(q, k, v, chunk_size, top_k, reference=True)
-    assert _rel_err(out, out_ref) < TOL
+    out_ref, grads_ref = _oracle_run(q, k, v, chunk_size, top_k)
+    assert _rel_err(out, oracle.topk_chunk_attention(q, k, v, chunk_size, top_k)[0]) < TOL
     # The sparse mask must actually drop keys here, or this test would not test selection.
     dense = _masked_attention(q, k, v, _causal_mask(t))
     assert _rel_err(out_ref, dense) > 1e-2
@@ -127,10 +150,11 @@ def test_short_sequences_equal_dense_causal(t, chunk_size, top_k):
         assert _rel_err(g, g_dense) < TOL
 
 
-def test_top_k_beyond_chunk_count_selects_every_earlier_chunk():
+@pytest.mark.parametrize("select", [select_chunks, oracle.select_chunks], ids=["library", "oracle"])
+def test_top_k_beyond_chunk_count_selects_every_earlier_chunk(select):
     t, chunk_size, top_k = 77, 8, 20  # 10 chunks, 19 picks asked
     q, k, _ = _qkv(t)
-    picked = np.asarray(select_chunks(q, k, chunk_size, top_k))
+    picked = np.asarray(select(q, k, chunk_size, top_k))
     own = np.arange(t) // chunk_size
     for pos in (0, 8, 40, 76):
         got = picked[:, pos]  # [B, H, 19]
@@ -169,15 +193,18 @@ def _tied_inputs():
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), chunk_size
 
 
-def test_ties_pick_lower_chunk_index():
+@pytest.mark.parametrize("select", [select_chunks, oracle.select_chunks], ids=["library", "oracle"])
+def test_ties_pick_lower_chunk_index(select):
+    # Hand-written answers: they check the library and the independent oracle alike.
     q, k, v, chunk_size = _tied_inputs()
-    picked = np.asarray(select_chunks(q, k, chunk_size, top_k=3))
+    picked = np.asarray(select(q, k, chunk_size, 3))
     # Chunk 3 sees candidates 0, 1, 2 with s0 == s2 > s1; chunk 4 sees 0, 1, 2, 3 with three ties.
     assert (picked[:, 12:16] == [0, 2]).all()
     assert (picked[:, 16:20] == [0, 2]).all()
-    picked_one = np.asarray(select_chunks(q, k, chunk_size, top_k=2))
+    picked_one = np.asarray(select(q, k, chunk_size, 2))
     assert (picked_one[:, 12:20] == 0).all()
     assert (picked_one[:, 8:12] == 0).all()  # candidates 0, 1: 0 scores higher anyway
+    assert (picked_one[:, :4] == -1).all() and (picked_one[:, 4:8] == 0).all()  # chunks 0, 1
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -195,6 +222,7 @@ def test_ties_attention_uses_lower_chunk(method):
         < TOL
     )
     assert _rel_err(_run(q, k, v, chunk_size, 2, reference=True, grads=False)[0], want) < TOL
+    assert _rel_err(oracle.topk_chunk_attention(q, k, v, chunk_size, 2)[0], want) < TOL
 
 
 # ----------------------------------------------------------------------------- (g) selection
@@ -213,13 +241,8 @@ def test_select_chunks_only_earlier_chunks_and_best_scores():
     n_valid = valid.sum(-1)
     assert (n_valid == np.minimum(own[..., 0], top_k - 1)).all()
     assert (np.diff(valid.astype(int), axis=-1) <= 0).all()
-    # Picks are the best-scoring candidates (fp64 scores; the gap guards rounding).
-    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
-    n_chunks = -(-t // chunk_size)
-    means = np.stack(
-        [kn[:, j * chunk_size : (j + 1) * chunk_size].mean(1) for j in range(n_chunks)], 1
-    )
-    scores = np.einsum("bthd,bjhd->bthj", qn, means)
+    # Picks are the best-scoring candidates (the oracle's fp64 scores; the gap guards rounding).
+    scores = oracle.candidate_scores(q, k, chunk_size)
     for bi, ti, hi in np.ndindex(B, t, H):
         c = ti // chunk_size
         chosen = [j for j in picked[bi, ti, hi] if j >= 0]
@@ -227,6 +250,125 @@ def test_select_chunks_only_earlier_chunks_and_best_scores():
         assert len(set(chosen)) == len(chosen)
         if chosen and rest:
             assert scores[bi, ti, hi, chosen].min() >= scores[bi, ti, hi, rest].max() - 1e-4
+
+
+# (B, T, H, chunk_size, top_k, copies): random inputs when copies is None, else dyadic inputs
+# (exact scores) whose listed chunks are row-permuted copies of others: exact ties, between
+# chunks with different keys at each position.
+SELECTION_CASES = {
+    "random": (2, 150, 2, 8, 4, None),
+    "random-fewer-candidates": (2, 77, 2, 8, 20, None),  # 19 picks asked, at most 9 exist
+    "ties": (2, 150, 2, 8, 3, ((1, 3), (1, 6), (2, 9), (4, 12))),
+    "ties-one-pick": (1, 150, 3, 8, 2, ((0, 2), (1, 5), (2, 9))),
+    "ties-chunk16": (1, 181, 3, 16, 4, ((1, 4), (2, 7), (4, 9))),
+}
+
+
+def _selection_inputs(batch, t, heads, chunk_size, top_k, copies, seed=0):
+    shape = (batch, t, heads, D)
+    if copies is None:
+        q, k, v = (np.asarray(x) for x in _qkv_shape(shape, seed))
+        assert oracle.decision_margin(q, k, chunk_size, top_k) > 1e-4  # no near tie in fp32
+    else:
+        q, k, v = oracle.dyadic_inputs(shape, chunk_size, seed=seed, copies=copies)
+        across, within = oracle.count_ties(q, k, chunk_size, top_k)
+        # Ties at the top_k-th place (they decide the attended set) and among the picks.
+        assert across > 0 and (within > 0 or top_k == 2)
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", SELECTION_CASES.values(), ids=SELECTION_CASES.keys())
+def test_select_chunks_matches_independent_oracle(case):
+    batch, t, heads, chunk_size, top_k, copies = case
+    q, k, _ = _selection_inputs(*case)
+    want = oracle.select_chunks(q, k, chunk_size, top_k)
+    got = np.asarray(select_chunks(jnp.asarray(q), jnp.asarray(k), chunk_size, top_k))
+    assert got.shape == want.shape == (batch, t, heads, top_k - 1)
+    # Same chunks in the same order (best first, equal scores lower chunk first), same -1s.
+    wrong = np.argwhere((got != want).any(-1))
+    assert wrong.size == 0, f"{len(wrong)} queries differ, first (b, t, h) {wrong[0].tolist()}"
+    mask = np.asarray(attended_mask(jnp.asarray(q), jnp.asarray(k), chunk_size, top_k))
+    np.testing.assert_array_equal(mask, oracle.attended_mask(q, k, chunk_size, top_k))
+
+
+# ----------------------------------------------------------------------------- sparse parity
+
+# The sparse regime (T not a multiple of the chunk, several heads) for every implementation
+# against the independent oracle, random and tied inputs, at each kernel's default block sizes
+# (capped to divide the chunk): (B, T, H, chunk_size, top_k, copies for the tied inputs).
+# T is 3.8 (chunk16) and 4.9 (chunk8) times chunk * top_k; chunk64 (1.6 times) is there for the
+# block sizes.
+PARITY_CASES = {
+    "chunk16": (2, 181, 3, 16, 3, ((1, 4), (2, 7), (4, 9))),
+    # The GPU kernel needs chunks of a multiple of 16 when T > chunk * top_k (its blocks are).
+    "chunk8": (1, 117, 3, 8, 3, ((1, 4), (2, 7), (4, 9))),
+    # Chunks of 64: the GPU kernel's default 64 x 64 blocks and tiles of 64 are really used.
+    "chunk64": (1, 200, 2, 64, 2, ((0, 2),)),
+}
+PARITY_RUNS = [
+    ("chunk16", "reference"),
+    ("chunk16", "xla_chunked"),
+    ("chunk16", "xla_chunked-blocks"),
+    ("chunk16", "pallas_gpu"),
+    ("chunk16", "pallas_tpu"),
+    ("chunk8", "reference"),
+    ("chunk8", "xla_chunked"),
+    ("chunk8", "pallas_tpu"),
+    ("chunk64", "pallas_gpu"),
+    ("chunk64", "pallas_tpu"),
+]
+
+
+@functools.cache
+def _entry(backend, chunk_size, top_k):
+    """Jitted (q, k, v) -> (o, lse or None) through the public entry `topk_chunk_attention`."""
+    if backend == "xla_chunked-blocks":  # the entry runs "pairs"; "blocks" is the other method
+        fn = functools.partial(topk_chunk_attention, method="blocks", block_size=8, pair_tile=8)
+        return jax.jit(
+            lambda q, k, v: fn(q, k, v, chunk_size=chunk_size, top_k=top_k, return_lse=True)
+        )
+    options = {"chunk_size": chunk_size, "topk": top_k, "backend": backend, "interpret": True}
+    if backend == "reference":  # no lse
+        return jax.jit(
+            lambda q, k, v: (pallas_kernels.topk_chunk_attention(q, k, v, **options), None)
+        )
+    return jax.jit(
+        lambda q, k, v: pallas_kernels.topk_chunk_attention(q, k, v, **options, return_lse=True)
+    )
+
+
+@pytest.mark.parametrize("case, backend", PARITY_RUNS, ids=[f"{c}-{b}" for c, b in PARITY_RUNS])
+def test_sparse_regime_matches_independent_oracle(case, backend):
+    batch, t, heads, chunk_size, top_k, copies = PARITY_CASES[case]
+    assert t > chunk_size * top_k and t % chunk_size and plan.needs_selection(t, chunk_size, top_k)
+    attention = _entry(backend, chunk_size, top_k)
+    for tied in (False, True):  # random inputs, then exact ties at the top_k-th place
+        q, k, v = _selection_inputs(batch, t, heads, chunk_size, top_k, copies if tied else None)
+        o_ref, lse_ref = oracle.topk_chunk_attention(q, k, v, chunk_size, top_k)
+        dense = oracle.masked_attention(q, k, v, np.tri(t, dtype=bool))[0]
+        assert _rel_err(dense, o_ref) > 1e-2  # the selection really drops keys here
+        o, lse = attention(q, k, v)
+        assert o.shape == q.shape and o.dtype == jnp.float32
+        assert _rel_err(o, o_ref) < TOL, f"o, tied={tied}"
+        if lse is not None:
+            assert _rel_err(lse, lse_ref) < TOL, f"lse, tied={tied}"
+
+
+@pytest.mark.parametrize("backend", ["xla_chunked", "pallas_gpu", "pallas_tpu"])
+def test_model_attention_path_matches_independent_oracle(backend, interpreted_kernels):
+    """`rwkvx_jax.ops.topk_chunk_attention`, the call the model's sparse block makes (Pallas
+    kernels in interpret mode through the conftest fixture), on the tied sparse inputs."""
+    from rwkvx_jax import ops
+
+    batch, t, heads, chunk_size, top_k, copies = PARITY_CASES["chunk16"]
+    q, k, v = _selection_inputs(batch, t, heads, chunk_size, top_k, copies)
+    attention = functools.partial(
+        ops.topk_chunk_attention, chunk_size=chunk_size, top_k=top_k, backend=backend
+    )
+    o = jax.jit(attention)(q, k, v)
+    assert _rel_err(o, oracle.topk_chunk_attention(q, k, v, chunk_size, top_k)[0]) < TOL
+    kernel = backend.removeprefix("pallas_")
+    assert interpreted_kernels == ([] if kernel == backend else [f"topk_chunk_attention_{kernel}"])
 
 
 # ----------------------------------------------------------------------------- (h) causality
@@ -260,7 +402,7 @@ def test_shorter_sequence_gives_the_prefix():
 def test_lse_and_its_gradient_match_dense():
     t, chunk_size, top_k = 77, 8, 3
     q, k, v = _qkv(t, seed=31)
-    mask = attended_mask(q, k, chunk_size, top_k)
+    mask = jnp.asarray(oracle.attended_mask(q, k, chunk_size, top_k))
 
     def dense_lse(q, k):
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / math.sqrt(D)
@@ -288,7 +430,8 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32():
     out = _run(q, k, v, chunk_size, top_k, grads=False)[0]
     assert out.dtype == jnp.bfloat16
     f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
-    ref = _run(*f32, chunk_size, top_k, reference=True, grads=False)[0]
+    assert oracle.decision_margin(*f32[:2], chunk_size, top_k) > 1e-4
+    ref = oracle.topk_chunk_attention(*f32, chunk_size, top_k)[0]
     assert _rel_err(out.astype(jnp.float32), ref) < 1e-2
 
 
@@ -297,7 +440,7 @@ def test_head_dim_64_uses_scale_one_eighth():
     q, k, v = _qkv(t, seed=51, d=64)
     out = _run(q, k, v, 8, 2, grads=False)[0]
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.125
-    mask = attended_mask(q, k, 8, 2)
+    mask = oracle.attended_mask(q, k, 8, 2)
     want = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.where(mask, s, -jnp.inf), -1), v)
     assert _rel_err(out, want) < TOL
 

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import selection_oracle as oracle
 
-from pallas_kernels.topk_attention import plan, select_chunks
+from pallas_kernels.topk_attention import plan
 
 
 def test_regime_follows_chunks_and_top_k():
@@ -32,7 +33,8 @@ def test_is_int_rejects_bools_and_floats():
 def _packed(t=100, chunk_size=16, top_k=3, size=8, pad=4, seed=4):
     keys = jax.random.split(jax.random.PRNGKey(seed), 2)
     q, k = (jax.random.normal(x, (1, t, 2, 32)) for x in keys)
-    sel = plan.to_groups(select_chunks(q, k, chunk_size, top_k), t + pad, fill=-1)  # [2, Tp, 2]
+    picks = jnp.asarray(oracle.select_chunks(q, k, chunk_size, top_k), jnp.int32)
+    sel = plan.to_groups(picks, t + pad, fill=-1)  # [2, Tp, 2]
     n_candidates = -(-t // chunk_size) - 1
     n_tiles = plan.max_pair_tiles(plan.count_pairs(t, chunk_size, top_k - 1), n_candidates, size)
     tiles = plan.pack_pair_tiles(sel, pair_tile=size, n_tiles=n_tiles, n_candidates=n_candidates)

@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import selection_oracle as oracle
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.topk_attention import plan
-from pallas_kernels.topk_attention.reference import attended_mask, select_chunks
+from pallas_kernels.topk_attention.reference import attended_mask
 from pallas_kernels.topk_attention.tpu import (
     BlockSizes,
     tile_info,
@@ -46,40 +48,40 @@ def _dense_masked(q, k, v, mask):
     return o, jnp.swapaxes(jax.nn.logsumexp(s, axis=-1), 1, 2)
 
 
-@functools.cache
-def _loss_and_grads(chunk_size, top_k, oracle=False, **options):
-    """Jitted (q, k, v, w_o, w_lse) -> ((o, lse), (dq, dk, dv)) of sum(o*w_o) + sum(lse*w_lse).
+def _loss(attention):
+    """sum(o * w_o) + sum(lse * w_lse) of attention(q, k, v, *extra) -> (o, lse); aux (o, lse).
 
     The lse term makes every test also check the differentiable log-sum-exp output.
     """
-    if oracle:
 
-        def attention(q, k, v):
-            return _dense_masked(q, k, v, attended_mask(q, k, chunk_size, top_k))
-
-    else:
-        attention = functools.partial(
-            topk_chunk_attention_tpu,
-            chunk_size=chunk_size,
-            top_k=top_k,
-            return_lse=True,
-            **options,
-        )
-
-    def loss(q, k, v, w_o, w_lse):
-        o, lse = attention(q, k, v)
+    def loss(q, k, v, w_o, w_lse, *extra):
+        o, lse = attention(q, k, v, *extra)
         return (o.astype(jnp.float32) * w_o).sum() + (lse * w_lse).sum(), (o, lse)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@functools.cache
+def _loss_and_grads(chunk_size, top_k, **options):
+    """Jitted (q, k, v, w_o, w_lse) -> ((dq, dk, dv), (o, lse)) of the kernel."""
+    return _loss(
+        functools.partial(
+            topk_chunk_attention_tpu, chunk_size=chunk_size, top_k=top_k, return_lse=True, **options
+        )
+    )
+
+
+# Jitted (q, k, v, w_o, w_lse, mask) -> ((dq, dk, dv), (o, lse)) of dense attention under a mask
+# from the independent oracle (`selection_oracle`: no selection code shared with the kernels).
+_oracle_loss_and_grads = _loss(_dense_masked)
 
 
 def _check_against_oracle(q, k, v, chunk_size, top_k, tol=TOL, **options):
     w_o, w_lse = _weights(q.shape, seed=q.shape[1])
     grads, (o, lse) = _loss_and_grads(chunk_size, top_k, **options)(q, k, v, w_o, w_lse)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    grads_ref, (o_ref, lse_ref) = _loss_and_grads(chunk_size, top_k, oracle=True)(
-        q32, k32, v32, w_o, w_lse
-    )
+    mask = jnp.asarray(oracle.attended_mask(q32, k32, chunk_size, top_k))
+    grads_ref, (o_ref, lse_ref) = _oracle_loss_and_grads(q32, k32, v32, w_o, w_lse, mask)
     assert o.dtype == q.dtype and o.shape == q.shape
     assert lse.dtype == jnp.float32 and lse.shape == q.shape[:3]
     assert _rel_err(o, o_ref) < tol
@@ -115,7 +117,7 @@ def test_short_sequences_are_one_causal_segment(t, chunk_size, top_k, block):
     q, k, v = _qkv(t, seed=3)
     assert plan.is_dense_causal(t, chunk_size, top_k)
     # The oracle's mask is dense causal here; assert it so the comparison means what it says.
-    assert bool((attended_mask(q, k, chunk_size, top_k) == jnp.tri(t, dtype=bool)).all())
+    assert (oracle.attended_mask(q, k, chunk_size, top_k) == np.tri(t, dtype=bool)).all()
     blocks = BlockSizes(block_q=block, block_k=block, pair_tile=block)
     _check_against_oracle(q, k, v, chunk_size, top_k, block_sizes=blocks, interpret=True)
 
@@ -147,7 +149,8 @@ def test_ties_go_to_lower_chunks():
     mask |= (chunk[:, None] >= 1) & (chunk[None, :] == 0)
     mask |= (chunk[:, None] == 2) & (chunk[None, :] == 1)
     mask |= (chunk[:, None] >= 3) & (chunk[None, :] == 2)
-    assert bool((attended_mask(q, k, chunk_size, top_k) == mask).all())
+    assert bool((attended_mask(q, k, chunk_size, top_k) == mask).all())  # the library's
+    assert (oracle.attended_mask(q, k, chunk_size, top_k) == mask).all()  # the oracle's
     blocks = BlockSizes(block_q=8, block_k=16, pair_tile=8)
     _check_against_oracle(q, k, v, chunk_size, top_k, block_sizes=blocks, interpret=True)
 
@@ -164,7 +167,7 @@ def test_tile_info_marks_source_valid_and_first_tiles():
     q, k, _ = _qkv(t, seed=4)
     n_candidates = -(-t // chunk_size) - 1
     n_tiles = plan.max_pair_tiles(plan.count_pairs(t, chunk_size, top_k - 1), n_candidates, size)
-    sel = np.asarray(select_chunks(q, k, chunk_size, top_k))[:, :, 0]  # [1, T, 2], head 0
+    sel = oracle.select_chunks(q, k, chunk_size, top_k).astype(np.int32)[:, :, 0]  # [1, T, 2]
     tiles = plan.pack_pair_tiles(
         jnp.asarray(sel), pair_tile=size, n_tiles=n_tiles, n_candidates=n_candidates
     )
@@ -178,18 +181,63 @@ def test_tile_info_marks_source_valid_and_first_tiles():
     assert (first == np.concatenate([[True], chunk[1:] != chunk[:-1]])).all()
 
 
-def test_tpu_interpret_mode_has_no_races():
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+@pytest.fixture
+def race_states(monkeypatch):
+    """Records the race-detection state of every kernel TPU interpret mode runs.
 
+    jax 0.10 keeps it in the module global `interpret_pallas_call.races`, replaced at the start
+    of each kernel: reading that global after a run sees only the last kernel. Recording every
+    instance checks all kernels of a jitted program.
+    """
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+
+    made = []
+
+    class Recorded(ipc.RaceDetectionState):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(ipc, "RaceDetectionState", Recorded)
+    yield made
+    pltpu.reset_tpu_interpret_mode_state()
+
+
+def _race_params():
     # Two simulated cores split the parallel (batch*head) axis; uninitialised memory is NaN,
     # so reading any unwritten block (e.g. an unused tile slot) would poison the result.
-    params = pltpu.InterpretParams(
-        detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2
+    return pltpu.InterpretParams(
+        detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=0
     )
+
+
+def test_race_detector_sees_a_planted_race(race_states):
+    """Control: two cores writing one output block is reported, so a clean run means something."""
+
+    def copy(x_ref, o_ref):
+        o_ref[...] = x_ref[...]
+
+    racy = pl.pallas_call(
+        copy,
+        grid=(4,),
+        in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=_race_params(),
+    )
+    jax.block_until_ready(racy(jnp.ones((32, 128), jnp.float32)))
+    assert [state.races_found for state in race_states] == [True]
+
+
+def test_tpu_interpret_mode_has_no_races(race_states):
+    # Sparse (T = 48 > 16 * 2) with two heads: own-chunk and pair kernels, forward and backward.
     q, k, v = _qkv(48, seed=9)
     blocks = BlockSizes(block_q=16, block_k=16, pair_tile=8)
-    _check_against_oracle(q, k, v, 16, 2, block_sizes=blocks, interpret=params)
-    assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
+    _check_against_oracle(q, k, v, 16, 2, block_sizes=blocks, interpret=_race_params())
+    # Own and pairs forward; own dq, own dk/dv, pairs dq, pairs dk/dv: each checked, not the last.
+    assert len(race_states) == 6
+    assert [state.races_found for state in race_states] == [False] * 6
 
 
 def test_work_fraction_is_exact_cost():
