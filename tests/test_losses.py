@@ -298,9 +298,10 @@ def quick_compiles():
 
 def test_train_program_longce_loss_and_gradient_match_a_direct_computation(quick_compiles):
     """`TrainProgram.loss_fn` with loss.longce=true (a model, not a toy): its value and its
-    gradient equal mean(weight * CE) written out directly, where each weight is
-    min(exp(CE with 8 to 15 tokens of context - CE with all of them), cap), positions before
-    16 weigh 1, and the weights carry no gradient. ctx 36: two whole segments and a tail."""
+    gradient equal mean(weight * CE) written out directly, where a position t >= start weighs
+    min(exp(CE read from s(t) - CE read from 0), cap), s(t) = the start of t's stride-long
+    segment minus the window, earlier positions weigh 1, and the weights carry no gradient.
+    ctx 36, window 8, stride 6, start 16: three whole segments and a tail of two."""
     from rwkvx_jax import sharding
     from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
     from rwkvx_jax.checkpoints.random_weights import random_state_dict
@@ -308,13 +309,13 @@ def test_train_program_longce_loss_and_gradient_match_a_direct_computation(quick
     from rwkvx_jax.training.config import TrainConfig, apply_overrides
     from rwkvx_jax.training.program import TrainProgram
 
-    ctx, window, start, cap = 36, 8, 16, 1.5
+    ctx, window, stride, start, cap = 36, 8, 6, 16, 1.5
     config = apply_overrides(
         TrainConfig(),
         [
             "model.n_rwkv_layer=1", "model.n_attn_layer=1", "model.wkv_backend=reference",
             "model.attention_backend=reference", f"data.ctx={ctx}", "data.batch_size=2",
-            "loss.longce=true", f"loss.longce_window={window}", f"loss.longce_stride={window}",
+            "loss.longce=true", f"loss.longce_window={window}", f"loss.longce_stride={stride}",
             f"loss.longce_start={start}", f"loss.longce_cap={cap}", "loss.l2wrap=false",
             "loss.chunk_tokens=16",
         ],
@@ -334,19 +335,20 @@ def test_train_program_longce_loss_and_gradient_match_a_direct_computation(quick
         log_probs = jax.nn.log_softmax(model.apply({"params": params}, x), axis=-1)
         return -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
 
-    # Short context: position t >= 16 reads from a - 8, a = 16, 24, 32 its segment's start.
-    # Segments as rows of one batch, right-padded to 16 tokens (causal: padding is never read).
-    seg_x, seg_y = np.zeros((3, 2, 2 * window), int), np.zeros((3, 2, 2 * window), int)
-    for i, a in enumerate(range(start, ctx, window)):
-        end = min(a + window, ctx)
-        seg_x[i, :, : end - a + window] = inputs[:, a - window : end]
-        seg_y[i, :, : end - a + window] = targets[:, a - window : end]
-    short_rows = np.asarray(token_ce(params, seg_x.reshape(6, -1), seg_y.reshape(6, -1)))
-    short_rows = short_rows.reshape(3, 2, -1)
+    # The short-context loss of t: the model run from s(t). One row per distinct s(t), all in
+    # one batch, right-padded to window + stride tokens (causal: padding is never read).
+    first = {t: start + (t - start) // stride * stride - window for t in range(start, ctx)}
+    assert {t - s for t, s in first.items()} == set(range(window, window + stride))
+    segments, width = sorted(set(first.values())), window + stride
+    seg_x, seg_y = (np.zeros((len(segments), 2, width), int) for _ in range(2))
+    for i, s in enumerate(segments):
+        n = min(width, ctx - s)
+        seg_x[i, :, :n], seg_y[i, :, :n] = inputs[:, s : s + n], targets[:, s : s + n]
+    rows = token_ce(params, seg_x.reshape(-1, width), seg_y.reshape(-1, width))
+    rows = np.asarray(rows).reshape(len(segments), 2, width)
     short = np.zeros((2, ctx), np.float32)
-    for i, a in enumerate(range(start, ctx, window)):
-        end = min(a + window, ctx)
-        short[:, a:end] = short_rows[i, :, window : window + end - a]
+    for t, s in first.items():
+        short[:, t] = rows[segments.index(s), :, t - s]
 
     def direct(params):
         full = token_ce(params, inputs, targets)
