@@ -241,3 +241,47 @@ def test_kernel_layouts_decode_alike(tiny_params):
     assert not transposing, "\n".join(transposing[:3])
     # Prepared weights are shared, not copied again.
     assert Decoder(TINY, weights, DecodeConfig(cache_size=8 * 16)).weights is weights
+
+
+def _host_copy(state):
+    """Every leaf of a state, with its path, copied to the host (a donated state's buffers get
+    reused)."""
+    return {
+        jax.tree_util.keystr(path): np.array(leaf, copy=True)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    }
+
+
+def _assert_row_unchanged(before, state, row, open_rows=None):
+    """Row `row` of every leaf (lengths, WKV states, shifts, every cache array) is the same,
+    bit for bit. With `open_rows`, the open chunks are compared on their first `open_rows` rows
+    only, the rows that hold keys (`ChunkKVCache`: a prefill writes its padding's keys past
+    them, where nothing reads)."""
+    after = _host_copy(state)
+    assert after.keys() == before.keys()
+    for path, old in before.items():
+        old, new = old[row], after[path][row]
+        if open_rows is not None and path.endswith((".open_keys", ".open_values")):
+            old, new = old[:, :open_rows], new[:, :open_rows]
+        bits = np.dtype(f"uint{8 * old.dtype.itemsize}")
+        np.testing.assert_array_equal(new.view(bits), old.view(bits), err_msg=path)
+
+
+def test_rows_that_read_nothing_keep_their_state_bit_for_bit(decoder):
+    """Past the cache cap (63 slots of 16 tokens, evicting): a row stepped with valid=False
+    keeps every state array bit for bit, and a row given no tokens in a prefill every array
+    but its open chunks' unused rows, while the other row reads on, completes a chunk and
+    evicts one. Row 1 is one token short of completing a chunk, so absorbing an ignored token
+    would complete one and evict another."""
+    tokens = _tokens(6, 2, 1103 + 6 + 20)
+    _, state = decoder.prefill(tokens[:, :1103], lengths=[1100, 1103])
+    slots = lambda: np.array(state.blocks["moba_0"].cache.chunk_ids)
+    before, slots_before = _host_copy(state), slots()
+    assert (slots_before >= 0).all()  # both rows' slots are full
+    for t in range(6):  # row 0: 1100 -> 1106 tokens, completing chunk 68
+        _, state = decoder.step(tokens[:, 1103 + t], state, valid=np.array([True, False]))
+    _assert_row_unchanged(before, state, row=1)
+    assert 68 in slots()[0] and 68 not in slots_before[0]  # row 0 did evict
+    _, state = decoder.prefill(tokens[:, 1109:], state, lengths=[20, 0])
+    _assert_row_unchanged(before, state, row=1, open_rows=1103 % TINY.chunk_size)
+    assert np.asarray(state.lengths).tolist() == [1126, 1103]

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ from rwkvx_jax.data.passkey import (
     passkey_for,
 )
 from rwkvx_jax.evals import passkey
-from rwkvx_jax.evals.common import parse_lengths
+from rwkvx_jax.evals.common import format_tokens, parse_lengths
 from rwkvx_jax.evals.passkey import PasskeyEvaluator, extract_answer, format_summary, is_correct
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -188,8 +189,80 @@ def test_grid_resumes_and_extends(evaluator, tmp_path):
             prompt.key, len(prompt.tokens), prompt.needle_start,
         )  # fmt: skip
         assert row.correct == is_correct(row.answer, row.key)
-    summary = format_summary(more.rows)
-    assert "460" in summary and "overall" in summary and "100%" in summary
+    _assert_summary_matches_rows(format_summary(more.rows), more.rows)
+
+
+def _parse_summary(summary: str):
+    """format_summary's table as numbers: (depth headers, {length label: [cells..., mean]},
+    bottom means, "per cell" text, (correct, total))."""
+    lines = summary.splitlines()
+    per_cell = re.search(r"; (\S+) prompt\(s\) per cell\)$", lines[0]).group(1)
+    head = lines[1].split()
+    assert head[0] == "length" and head[-1] == "mean"
+    number = lambda cell: float("nan") if cell == "-" else float(cell)
+    table = {}
+    for line in lines[2:-2]:
+        label, *cells = line.split()
+        table[label] = [number(c) for c in cells]
+    label, *bottom = lines[-2].split()
+    assert label == "mean"
+    correct, total = re.fullmatch(r"overall (\d+)/(\d+) correct", lines[-1]).groups()
+    return head[1:-1], table, [number(c) for c in bottom], per_cell, (int(correct), int(total))
+
+
+def _assert_summary_matches_rows(summary, rows):
+    """Every number of the summary, recounted from the rows: each cell's accuracy over its
+    seeds, each length's and each depth's accuracy over all their prompts, the overall count."""
+    depths, table, bottom, per_cell, overall = _parse_summary(summary)
+    by_cell = {}
+    for r in rows:
+        by_cell.setdefault((r.length, round(r.depth, 4)), []).append(r.correct)
+    lengths = sorted({r.length for r in rows})
+    depth_values = sorted({round(r.depth, 4) for r in rows})
+    assert depths == [f"{d * 100:.0f}%" for d in depth_values]
+    assert list(table) == [format_tokens(n) for n in lengths]
+
+    def accuracy(results):
+        return round(sum(results) / len(results), 2) if results else float("nan")
+
+    for length, cells in zip(lengths, table.values(), strict=True):
+        want = [accuracy(by_cell.get((length, d), [])) for d in depth_values]
+        want.append(accuracy([r.correct for r in rows if r.length == length]))
+        np.testing.assert_array_equal(cells, want, err_msg=f"length {length}")
+    want = [accuracy([r.correct for r in rows if round(r.depth, 4) == d]) for d in depth_values]
+    want.append(accuracy([r.correct for r in rows]))
+    np.testing.assert_array_equal(bottom, want)
+    counts = sorted({len(v) for v in by_cell.values()})
+    assert per_cell == "/".join(map(str, counts))
+    assert overall == (sum(r.correct for r in rows), len(rows))
+
+
+def test_summary_numbers_are_the_rows_accuracies():
+    """A grid with a different accuracy in every cell, an empty cell and uneven seeds."""
+    rows, correct_seeds = [], {}
+    for i, length in enumerate([300, 1000, 2048]):
+        for j, depth in enumerate([0.0, 0.25, 1.0]):
+            if (i, j) == (1, 2):
+                continue  # an empty cell: "-"
+            seeds = 3 if (i, j) == (2, 0) else 4
+            correct_seeds[length, depth] = (i + 2 * j) % (seeds + 1)  # 0..4 correct
+            for seed in range(seeds):
+                rows.append(
+                    passkey.PasskeyResult(
+                        length=length, depth=depth, seed=seed, key="12345", prompt_tokens=length,
+                        needle_token=0, answer=" 12345" if seed < correct_seeds[length, depth]
+                        else " 9", correct=seed < correct_seeds[length, depth], seconds=0.1,
+                    )
+                )  # fmt: skip
+    summary = format_summary(rows)
+    _assert_summary_matches_rows(summary, rows)
+    depths, table, bottom, per_cell, overall = _parse_summary(summary)
+    # Spelled out for a few cells, so the recount above cannot share a mistake with it.
+    assert depths == ["0%", "25%", "100%"] and list(table) == ["300", "1000", "2K"]
+    assert table["300"] == [0.0, 0.5, 1.0, 0.5]  # 0/4, 2/4, 4/4; mean 6/12
+    assert np.isnan(table["1000"][2]) and table["1000"][:2] == [0.25, 0.75]
+    assert table["2K"][0] == round(2 / 3, 2) and per_cell == "3/4"
+    assert overall == (sum(correct_seeds.values()), 4 * 7 + 3)
 
 
 def test_unfinished_last_line_is_recomputed(evaluator, tmp_path):

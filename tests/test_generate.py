@@ -456,3 +456,211 @@ def test_cli_kernel_layout_follows_the_batch():
     args = generate_cli._parser().parse_args(["--demo", "--prompt", "hi"])
     layouts = [generate_cli._decode_config(args, config, None, n).kernel_layout for n in (1, 3)]
     assert layouts == ["auto", "in_out"]
+
+
+# --- sampled generation: Decoder.generate and the CLI ----------------------------------------
+
+BANNED = tuple(range(128, 256))
+# Temperature, both cuts, penalties with decay; no stop token, so every row runs to N_NEW.
+SAMPLED = SamplingConfig(
+    temperature=0.9, top_p=0.2, top_k=6, presence_penalty=0.4, frequency_penalty=0.6,
+    penalty_decay=0.8, banned_tokens=BANNED, stop_tokens=(), seed=13,
+)  # fmt: skip
+SAMPLED_FLAGS = [
+    "--temperature", "0.9", "--top-p", "0.2", "--top-k", "6", "--presence-penalty", "0.4",
+    "--frequency-penalty", "0.6", "--penalty-decay", "0.8", "--prefill-chunk", "16", "--stop",
+    "--ban", *map(str, BANNED),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sampled(generator):
+    """WHOLE continued by the SAMPLED config (seed 13): (texts, result)."""
+    result = {}
+    texts = generator.generate(WHOLE, SAMPLED, N_NEW, result=result)
+    return texts, result
+
+
+def _logits_after(tiny_params, prompts, generated):
+    """Per row, the forward's logits at each generated token's place and after the last one:
+    [len(new) + 1, V]."""
+    rows = [p + t for p, t in zip(prompts, generated, strict=True)]
+    width = max(map(len, rows))
+    tokens = np.array([row + [0] * (width - len(row)) for row in rows])  # right padding
+    logits = np.asarray(rwkvx_jax.forward(TINY, tiny_params, tokens))
+    return [
+        logits[row, len(prompt) - 1 : len(prompt) + len(new)]
+        for row, (prompt, new) in enumerate(zip(prompts, generated, strict=True))
+    ]
+
+
+class _ScriptedModel:
+    """Stands in for an official RWKV model: `forward` returns the next scripted logits row."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, 0
+
+    def forward(self, tokens, state):
+        import torch
+
+        self.calls += 1
+        return torch.tensor(np.asarray(self.rows[self.calls - 1], np.float32)), state
+
+
+def _official_replay(monkeypatch, logit_rows, picks, args, decode):
+    """Runs the official `PIPELINE.generate` on scripted logits with its draws forced to
+    `picks`; returns, per step, the penalised logits it sampled from and the distribution
+    (np.random.choice's p) it drew from."""
+    from rwkv.utils import PIPELINE
+
+    pipeline = PIPELINE.__new__(PIPELINE)
+    pipeline.model = _ScriptedModel(logit_rows)
+    pipeline.encode = lambda text: [0]  # the scripted model ignores what it reads
+    pipeline.decode = decode
+    penalised, drawn_from, forced = [], [], iter(picks)
+    official_sampler = pipeline.sample_logits
+
+    def sample_logits(logits, **cut):
+        penalised.append(logits.numpy().copy())
+        return official_sampler(logits, **cut)
+
+    def choice(a, p):
+        drawn_from.append(np.asarray(p, np.float64))
+        return next(forced)
+
+    pipeline.sample_logits = sample_logits
+    monkeypatch.setattr(np.random, "choice", choice)
+    pipeline.generate("", token_count=len(picks), args=args)
+    return penalised, drawn_from
+
+
+def test_sampled_generation_follows_the_official_pipeline(
+    monkeypatch, generator, tiny_params, sampled
+):
+    """Decoder.generate at temperature > 0 with top-p, top-k, penalties and decay, replayed
+    through the official `PIPELINE.generate` on the same logits (its draws forced to ours):
+    every token we drew lies in the set the official could draw from at that step, and the
+    penalties our sampler carries at the end (decayed counts, zero-weight digits and spaces,
+    presence) are the official's to float32 rounding."""
+    from rwkv.utils import PIPELINE_ARGS
+
+    texts, result = sampled
+    generated = result["tokens"]
+    assert [len(t) for t in generated] == [N_NEW, N_NEW]
+    assert texts == [bytes(t).decode() for t in generated]
+    prompts = [generator.tokenizer.encode(w) for w in WHOLE]
+    args = PIPELINE_ARGS(
+        temperature=SAMPLED.temperature, top_p=SAMPLED.top_p, top_k=SAMPLED.top_k,
+        alpha_frequency=SAMPLED.frequency_penalty, alpha_presence=SAMPLED.presence_penalty,
+        alpha_decay=SAMPLED.penalty_decay, token_ban=list(BANNED), token_stop=[],
+    )  # fmt: skip
+    sampler = result["sampler"]
+    assert int(sampler.step) == N_NEW
+    # The run exercises a zero-weight id (a digit or space) and a repeated id that counts.
+    uncounted = lambda token: chr(token) in " \t0123456789"
+    assert any(uncounted(t) for t in sum(generated, []))
+    assert any(row.count(t) > 1 and not uncounted(t) for row in generated for t in row)
+    allowed_sizes = []
+    for row, logits in enumerate(_logits_after(tiny_params, prompts, generated)):
+        # A last row of zeros: what the official subtracts there is exactly its penalty.
+        script = [*logits[:-1], np.zeros(TINY.vocab_size, np.float32)]
+        penalised, drawn_from = _official_replay(
+            monkeypatch, script, [*generated[row], 0], args, generator.tokenizer.decode
+        )
+        for step, token in enumerate(generated[row]):
+            assert drawn_from[step][token] > 0, (row, step, token)
+            allowed_sizes.append(np.count_nonzero(drawn_from[step]))
+        official_penalty = -penalised[-1][:128]
+        seen = np.asarray(sampler.seen[row])
+        ours = np.where(
+            seen,
+            SAMPLED.presence_penalty
+            + SAMPLED.frequency_penalty * np.asarray(sampler.occurrence[row]),
+            0.0,
+        )[:128]
+        np.testing.assert_allclose(ours, official_penalty, rtol=1e-6, atol=1e-6)
+        assert np.flatnonzero(seen).tolist() == sorted(set(generated[row]))
+    # Both cuts bound: top-k at every step, top-p below k at some.
+    assert max(allowed_sizes) == SAMPLED.top_k and min(allowed_sizes) < SAMPLED.top_k
+
+
+def test_presence_penalty_changes_greedy_output_where_it_must(generator, uninterrupted):
+    """Greedy repeats a token; a presence penalty far above any logit gap forbids exactly
+    that: the run is the same up to the first repeat, then differs, and never repeats."""
+    greedy = uninterrupted[1]["tokens"]
+    repeats = [
+        (row, next(j for j in range(len(t)) if t[j] in t[:j]))
+        for row, t in enumerate(greedy)
+        if len(set(t)) < len(t)
+    ]
+    assert repeats, greedy  # the precondition: greedy repeats somewhere
+    penalised = {}
+    generator.generate(
+        WHOLE, dataclasses.replace(GREEDY, presence_penalty=1000.0), N_NEW, result=penalised
+    )
+    for tokens in penalised["tokens"]:
+        assert len(set(tokens)) == len(tokens) == N_NEW, tokens
+    for row, first in repeats:
+        got = penalised["tokens"][row]
+        assert got[:first] == greedy[row][:first] and got[first] != greedy[row][first]
+
+
+@pytest.fixture
+def cli_on_shared_generator(monkeypatch, capsys, generator, tmp_path):
+    """Runs the CLI in-process on WHOLE as a batch file, with the module's compiled generator
+    (a batch keeps the generator's kernel layout); returns each prompt's printed text."""
+
+    def shared(config, params, decode_config, tokenizer=None):
+        assert config == TINY
+        return generator
+
+    monkeypatch.setattr(text_module, "TextGenerator", shared)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(WHOLE) + "\n")
+
+    def run(*flags):
+        capsys.readouterr()
+        args = ["--demo", "--max-new-tokens", str(N_NEW), *flags, "--batch-file", str(prompts)]
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        texts = re.split(r"^=== \[\d/2\] .* ===\n", out, flags=re.MULTILINE)[1:]
+        assert len(texts) == 2 and all(t.endswith("\n") for t in texts)
+        return [t[:-1] for t in texts]
+
+    return run
+
+
+def test_cli_seeded_sampling_is_reproducible(cli_on_shared_generator, generator, sampled):
+    """`--seed` with every sampling flag: the same seed gives the same text (the CLI's run is
+    Decoder.generate's with the SAMPLED config), another seed other text, without compiling
+    the decode step again."""
+    texts, _ = sampled
+    assert cli_on_shared_generator(*SAMPLED_FLAGS, "--seed", "13") == texts
+    assert cli_on_shared_generator(*SAMPLED_FLAGS, "--seed", "13") == texts
+    compiled = len(generator.decoder._advance_fns)
+    other = cli_on_shared_generator(*SAMPLED_FLAGS, "--seed", "2")
+    assert other[0] != texts[0] and other[1] != texts[1]
+    assert len(generator.decoder._advance_fns) == compiled  # the seed is not compiled in
+    # In-process, again: the same draws (a fresh sampler state from the seed every call).
+    assert generator.generate(WHOLE, SAMPLED, N_NEW) == texts
+
+
+def test_cli_top_k_1_is_greedy_and_stop_ids_end_rows_unprinted(
+    cli_on_shared_generator, uninterrupted
+):
+    """`--top-k 1` at temperature 1.7 draws the argmax, so it writes the greedy text;
+    `--stop ID` ends a row at the first ID, which is not printed, and leaves the other row,
+    which never writes ID, whole."""
+    texts, result = uninterrupted
+    greedy = result["tokens"]
+    assert [len(t) for t in greedy] == [N_NEW, N_NEW]  # no end-of-document: --stop replaces it
+    # A stop id row 0 writes first at place >= 1 and row 1 never writes.
+    place, stop = next(
+        (j, t) for j, t in enumerate(greedy[0]) if j and t not in greedy[0][:j] + greedy[1]
+    )
+    got = cli_on_shared_generator(
+        "--temperature", "1.7", "--top-k", "1", "--presence-penalty", "0",
+        "--frequency-penalty", "0", "--prefill-chunk", "16", "--ban", *map(str, BANNED),
+        "--stop", str(stop),
+    )  # fmt: skip
+    assert got == [texts[0][:place], texts[1]]

@@ -282,3 +282,90 @@ def test_chunked_cross_entropy_rejects_bad_shapes_and_chunks():
         losses.chunked_token_cross_entropy(hidden, targets[:, 1:], logits_fn)
     with pytest.raises(ValueError, match=r"chunk_tokens must be >= 0 \(0: whole logits\), got -1"):
         losses.chunked_token_cross_entropy(hidden, targets, logits_fn, chunk_tokens=-1)
+
+
+# ----------------------------------------------------------------------------- LongCE in training
+
+
+@pytest.fixture
+def quick_compiles():
+    """XLA's optimisation passes are most of a CPU compile, and no result here depends on them."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def test_train_program_longce_loss_and_gradient_match_a_direct_computation(quick_compiles):
+    """`TrainProgram.loss_fn` with loss.longce=true (a model, not a toy): its value and its
+    gradient equal mean(weight * CE) written out directly, where a position t >= start weighs
+    min(exp(CE read from s(t) - CE read from 0), cap), s(t) = the start of t's stride-long
+    segment minus the window, earlier positions weigh 1, and the weights carry no gradient.
+    ctx 36, window 8, stride 6, start 16: three whole segments and a tail of two."""
+    from rwkvx_jax import sharding
+    from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
+    from rwkvx_jax.checkpoints.random_weights import random_state_dict
+    from rwkvx_jax.model import RWKVX
+    from rwkvx_jax.training.config import TrainConfig, apply_overrides
+    from rwkvx_jax.training.program import TrainProgram
+
+    ctx, window, stride, start, cap = 36, 8, 6, 16, 1.5
+    config = apply_overrides(
+        TrainConfig(),
+        [
+            "model.n_rwkv_layer=1", "model.n_attn_layer=1", "model.wkv_backend=reference",
+            "model.attention_backend=reference", f"data.ctx={ctx}", "data.batch_size=2",
+            "loss.longce=true", f"loss.longce_window={window}", f"loss.longce_stride={stride}",
+            f"loss.longce_start={start}", f"loss.longce_cap={cap}", "loss.l2wrap=false",
+            "loss.chunk_tokens=16",
+        ],
+    )  # fmt: skip
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    program = TrainProgram.create(config, config.model, mesh)
+    # Official-layout random weights: predictions that depend on the context.
+    params = params_from_state_dict(random_state_dict(config.model, seed=5), config.model)
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, ctx + 1))
+    value, grads = jax.jit(jax.value_and_grad(program.loss_fn))(params, jnp.asarray(tokens))
+
+    model = RWKVX(config.model)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    @jax.jit
+    def token_ce(params, x, y):  # [B, L] -> [B, L], log-softmax written out
+        log_probs = jax.nn.log_softmax(model.apply({"params": params}, x), axis=-1)
+        return -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
+
+    # The short-context loss of t: the model run from s(t). One row per distinct s(t), all in
+    # one batch, right-padded to window + stride tokens (causal: padding is never read).
+    first = {t: start + (t - start) // stride * stride - window for t in range(start, ctx)}
+    assert {t - s for t, s in first.items()} == set(range(window, window + stride))
+    segments, width = sorted(set(first.values())), window + stride
+    seg_x, seg_y = (np.zeros((len(segments), 2, width), int) for _ in range(2))
+    for i, s in enumerate(segments):
+        n = min(width, ctx - s)
+        seg_x[i, :, :n], seg_y[i, :, :n] = inputs[:, s : s + n], targets[:, s : s + n]
+    rows = token_ce(params, seg_x.reshape(-1, width), seg_y.reshape(-1, width))
+    rows = np.asarray(rows).reshape(len(segments), 2, width)
+    short = np.zeros((2, ctx), np.float32)
+    for t, s in first.items():
+        short[:, t] = rows[segments.index(s), :, t - s]
+
+    def direct(params):
+        full = token_ce(params, inputs, targets)
+        weight = jnp.minimum(jnp.exp(short - jax.lax.stop_gradient(full)), cap)
+        weight = jnp.where(jnp.arange(ctx) >= start, weight, 1.0)
+        return jnp.mean(weight * full), (full, weight)
+
+    (expected, (full, weight)), expected_grads = jax.jit(jax.value_and_grad(direct, has_aux=True))(
+        params
+    )
+    # The weights matter here: some are capped, and the plain mean differs 100x the tolerance.
+    assert np.any(np.asarray(weight) == cap) and np.any(np.asarray(weight) < 0.9)
+    assert abs(float(jnp.mean(full)) - float(expected)) > 1e-3 * float(expected)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+    def close(path, got, want):
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=str(path))
+
+    jax.tree_util.tree_map_with_path(close, grads, expected_grads)

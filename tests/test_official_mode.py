@@ -4,6 +4,7 @@ Both sides use small settings (chunk 16, threshold 48) so a few hundred tokens e
 chunk-local prefill, the head-shared top-3 decode and the KV compression of the official code.
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -110,3 +111,37 @@ def test_official_cache_overflow_is_an_error(checkpoint):
     decoder = Decoder(CONFIG, params, DecodeConfig(cache_size=64, attention_mode="official"))
     with pytest.raises(ValueError, match="exceed cache_size 64"):
         decoder.prefill(np.zeros((1, 80), np.int32))
+
+
+def test_rows_that_read_nothing_keep_their_flat_cache_bit_for_bit(checkpoint):
+    """With KV compression on: a row stepped with valid=False, or given no tokens in a prefill,
+    keeps every state array bit for bit, even when its cache is over max_kv (the official
+    runtime compresses it at the start of the next call that reads a token, voting with that
+    token's query, not with one the row never read)."""
+    _, params = checkpoint
+    settings = CASES["kv-compression"][0]
+    decoder = Decoder(
+        CONFIG, params,
+        DecodeConfig(cache_size=512, attention_mode="official", official=settings),
+    )  # fmt: skip
+    tokens = np.random.default_rng(6).integers(0, CONFIG.vocab_size, (2, 96 + 14 + 16))
+    over = settings.max_kv + 1  # row 1's cache is over max_kv: its next read compresses it
+    _, state = decoder.prefill(tokens[:, :over], lengths=[70, over])
+    before = {
+        jax.tree_util.keystr(path): np.array(leaf, copy=True)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    }
+
+    def assert_row_1_unchanged():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+            old, new = before[jax.tree_util.keystr(path)][1], np.asarray(leaf)[1]
+            bits = np.dtype(f"uint{8 * old.dtype.itemsize}")
+            np.testing.assert_array_equal(new.view(bits), old.view(bits), err_msg=str(path))
+
+    for t in range(14):  # row 0: 70 -> 84 tokens, compressed once past 80
+        _, state = decoder.step(tokens[:, over + t], state, valid=np.array([True, False]))
+    assert_row_1_unchanged()
+    cache = state.blocks["moba_0"].cache
+    assert np.asarray(cache.size).tolist() == [settings.min_kv + 3, over]  # row 0 compressed
+    _, state = decoder.prefill(tokens[:, -16:], state, lengths=[16, 0])
+    assert_row_1_unchanged()

@@ -249,3 +249,95 @@ def test_seeded_determinism_under_jit_with_donated_state():
     same_rows = jnp.tile(logits[:1], (8, 1))
     tokens, _ = sample_jit(same_rows, init_sampler_state(8, 1000, 2), config)
     assert len(set(np.asarray(tokens).tolist())) > 1  # rows draw independently
+
+
+def _official_probs(vector, monkeypatch, **cut):
+    """The distribution the official CPU `sample_logits` draws from (its np.random.choice p)."""
+    from rwkv.utils import PIPELINE
+
+    captured = []
+
+    def capture_choice(a, p):
+        captured.append(np.asarray(p, np.float64))
+        return 0
+
+    monkeypatch.setattr(np.random, "choice", capture_choice)
+    PIPELINE.__new__(PIPELINE).sample_logits(torch.tensor(vector), **cut)
+    return captured[-1]
+
+
+def _tied_logits(vocab):
+    """Two rows with ties at the k-th place for k = 2, 3, 4 (see TIED_KEEPS)."""
+    logits = np.full((2, vocab), -8.0, np.float32)
+    logits[0, 7] = 4.0
+    logits[0, [2, 5, 9, vocab - 1]] = 2.0  # a four-way tie for places 2-5
+    logits[1, [1, 3]] = 3.0  # a tie at the top ...
+    logits[1, [0, 4, 8]] = 1.0  # ... and a three-way tie for places 3-5
+    return logits
+
+
+# top_k -> the ids kept in row 0 and row 1 of _tied_logits: ties go to the lower ids.
+TIED_KEEPS = {2: ([7, 2], [1, 3]), 3: ([7, 2, 5], [0, 1, 3]), 4: ([7, 2, 5, 9], [0, 1, 3, 4])}
+
+
+@pytest.mark.parametrize("vocab", [12, 65536])
+def test_top_k_ties_at_the_kth_place_go_to_the_lower_id(vocab, monkeypatch):
+    """The docstring's rule: top-k keeps exactly k tokens, ties at the k-th place going to the
+    lower id, with top-p off and with a top-p cut that leaves all k."""
+    logits = _tied_logits(vocab)
+    for k, rows in TIED_KEEPS.items():
+        for top_p in (1.0, 0.999):  # 0.999 is reached past the k-th token: it cuts nothing
+            config = SamplingConfig(temperature=0.7, top_k=k, top_p=top_p)
+            probs = np.asarray(filtered_probs(jnp.asarray(logits), config))
+            for row, ids in enumerate(rows):
+                assert np.flatnonzero(probs[row]).tolist() == sorted(ids), (k, top_p, row)
+                if top_p == 1.0:  # the official has no "off" (its float32 sum never reaches 1)
+                    continue
+                # The official keeps as many tokens, of the same probabilities; only which of
+                # the tied ids it keeps differs (numpy's argsort order).
+                theirs = _official_probs(
+                    logits[row], monkeypatch, temperature=0.7, top_p=top_p, top_k=k
+                )
+                np.testing.assert_allclose(
+                    np.sort(probs[row][probs[row] > 0]), np.sort(theirs[theirs > 0]), rtol=1e-5
+                )
+
+
+def test_sampling_never_draws_a_tied_id_top_k_left_out():
+    """`sample` draws from exactly the top-k set: the higher tied ids never come up."""
+    logits = _tied_logits(12)
+    config = SamplingConfig(temperature=2.0, top_k=3, top_p=1.0)
+    batch = 2000
+    tokens, _ = sample_jit(
+        jnp.asarray(np.repeat(logits, batch, axis=0)), init_sampler_state(2 * batch, 12, 4),
+        config,
+    )  # fmt: skip
+    drawn = np.asarray(tokens).reshape(2, batch)
+    assert [set(d.tolist()) for d in drawn] == [set(ids) for ids in TIED_KEEPS[3]]
+
+
+def test_top_p_ties_at_the_cutoff_all_survive(monkeypatch):
+    """The docstring's rule: top-p keeps every token whose probability is >= the one at the
+    first sorted place where the cumulative sum reaches top_p, so ties with it survive; the
+    official does the same. With top-k on as well, top-k then keeps exactly k."""
+    vocab = 40
+    probs = np.full(vocab, 1e-9)
+    probs[[11, 3, 30, 6, 25]] = [0.4, 0.2, 0.2, 0.1, 0.1]  # sorted sums 0.4 0.6 0.8 0.9 1.0
+    vector = np.log(probs / probs.sum()).astype(np.float32)
+    cases = [
+        # (top_p, top_k, kept ids)
+        (0.5, 0, [11, 3, 30]),  # reached at the first 0.2: both 0.2s stay
+        (0.7, 0, [11, 3, 30]),  # reached at the second 0.2
+        (0.85, 0, [11, 3, 30, 6, 25]),  # reached at the first 0.1: both 0.1s stay
+        (0.5, 5, [11, 3, 30]),
+        (0.85, 4, [11, 3, 30, 6]),  # both 0.1s pass top-p; top-k keeps the lower id
+        (0.5, 2, [11, 3]),  # both 0.2s pass top-p; top-k keeps the lower id
+    ]
+    for top_p, top_k, kept in cases:
+        config = SamplingConfig(temperature=1.3, top_p=top_p, top_k=top_k)
+        ours = np.asarray(filtered_probs(jnp.asarray(vector[None]), config))[0]
+        assert np.flatnonzero(ours).tolist() == sorted(kept), (top_p, top_k)
+        if top_k == 0 or top_k > len(kept):  # no tie across the k-th place: the same ids
+            cut = dict(temperature=1.3, top_p=top_p, top_k=top_k)
+            theirs = _official_probs(vector, monkeypatch, **cut)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-9)

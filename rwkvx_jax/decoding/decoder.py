@@ -266,17 +266,22 @@ class Decoder:
         return self._step(self.weights, state, tokens, jnp.asarray(valid, bool))
 
     def _advance(self, sampling: SamplingConfig):
-        """Jitted sample-then-step for one sampling config: one dispatch per generated token."""
-        if sampling not in self._advance_fns:
+        """Jitted sample-then-step for one sampling config: one dispatch per generated token.
+
+        The seed only starts the sampler state (`init_sampler_state`), so configs that differ
+        in it alone share one compiled function (a new `--seed` used to recompile the step).
+        """
+        key = dataclasses.replace(sampling, seed=0)
+        if key not in self._advance_fns:
 
             def advance(weights, state, sampler, logits, active, token_weights):
-                tokens, sampler = sample(logits, sampler, sampling, token_weights)
-                active = active & ~is_stop(tokens, sampling)
+                tokens, sampler = sample(logits, sampler, key, token_weights)
+                active = active & ~is_stop(tokens, key)
                 logits, state = self._run_step(weights, state, tokens, active)
                 return tokens, active, logits, state, sampler
 
-            self._advance_fns[sampling] = jax.jit(advance, donate_argnums=(1, 2))
-        return self._advance_fns[sampling]
+            self._advance_fns[key] = jax.jit(advance, donate_argnums=(1, 2))
+        return self._advance_fns[key]
 
     def generate(
         self,

@@ -95,6 +95,9 @@ def _attend(q, keys, values, mask):
 def _compress(cache: FlatKVCache, voters, settings: OfficialAttention, voter_valid):
     """The official KV-cache compression where a row's cache exceeds max_kv (else unchanged).
 
+    A row with no valid voter reads nothing in this call and is left unchanged: the official
+    runtime compresses at the start of the next call that reads a token, with its queries.
+
     Args:
       voters: [B, H, Q, N] queries that vote; voter_valid bool [B, Q].
     """
@@ -118,7 +121,7 @@ def _compress(cache: FlatKVCache, voters, settings: OfficialAttention, voter_val
     )
     order = jnp.pad(order, ((0, 0), (0, 0), (0, capacity - order.shape[-1])))
     gather = lambda x: jnp.take_along_axis(x, order[..., None], axis=2)
-    squeeze = cache.size > settings.max_kv
+    squeeze = (cache.size > settings.max_kv) & voter_valid.any(axis=-1)
     pick = lambda new, old: jnp.where(squeeze[:, None, None, None], new, old)
     return FlatKVCache(
         pick(gather(cache.keys), cache.keys),
@@ -198,7 +201,7 @@ def official_decode(q, k, v, cache: FlatKVCache, valid, settings: OfficialAttent
     """
     b, h, n = q.shape
     if settings.kv_management:
-        cache = _compress(cache, q[:, :, None], settings, jnp.ones((b, 1), bool))
+        cache = _compress(cache, q[:, :, None], settings, valid[:, None])
     capacity = cache.keys.shape[2]
     pos = jnp.arange(capacity)
     self_k, self_v = k[:, :, None].astype(cache.keys.dtype), v[:, :, None].astype(cache.keys.dtype)
