@@ -109,16 +109,28 @@ def test_piece_padding_never_changes_a_sequence():
 
 
 def test_invalid_decode_rows_absorb_nothing():
-    q, k, v = _qkv(2, 2, 12)
-    cache = init_cache(2, 4, 4, 2, 8, jnp.float32)
+    """A row stepped with valid=False absorbs nothing: its cache is bit for bit the cache of
+    its valid tokens alone (slots, chunk means, ids and the open chunk), past the eviction."""
+    q, k, v = _qkv(2, 2, 24)
+    cache = init_cache(2, 2, 4, 2, 8, jnp.float32)
+    alone = init_cache(1, 2, 4, 2, 8, jnp.float32)
     lengths = jnp.zeros((2,), jnp.int32)
-    for t in range(12):
+    length_alone = jnp.zeros((1,), jnp.int32)
+    for t in range(24):
         valid = jnp.array([True, t % 2 == 0])
         _, cache = attend_token(
             q[:, t], k[:, t], v[:, t], cache, lengths, valid, top_k=2, eviction="oldest"
         )
         lengths = lengths + valid
-    assert list(np.asarray(cache.n_filled)) == [3, 1]
+        if t % 2 == 0:
+            _, alone = attend_token(
+                q[1:, t], k[1:, t], v[1:, t], alone, length_alone, jnp.array([True]),
+                top_k=2, eviction="oldest",
+            )  # fmt: skip
+            length_alone = length_alone + 1
+    assert list(np.asarray(cache.n_filled)) == [2, 2]  # both rows evicted at least once
+    for name, row, ref in zip(cache._fields, cache, alone, strict=True):
+        np.testing.assert_array_equal(np.asarray(row)[1:], np.asarray(ref), err_msg=name)
 
 
 def test_eviction_keeps_a_distinct_chunk_and_oldest_drops_it():

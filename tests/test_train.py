@@ -443,17 +443,6 @@ def test_loss_equals_the_whole_logits_loss(reference_run, chunk_tokens):
     _assert_trees_close(grads, expected_grads)  # the head's gradient sums the pieces in turn
 
 
-def test_longce_step_traces(reference_run):
-    config, params, batches, _ = reference_run
-    config = apply_overrides(
-        config, ["loss.longce=true", "loss.longce_window=8", "loss.longce_stride=8",
-                 "loss.longce_start=16"]
-    )  # fmt: skip
-    program = training.TrainProgram.create(config, config.model, single_device_mesh())
-    state = jax.eval_shape(program.step_fn, program.abstract_state, jnp.asarray(batches[0]))[0]
-    assert jax.tree.structure(state) == jax.tree.structure(program.abstract_state)
-
-
 def test_stage1_expands_a_pth_and_trains_only_sparse_blocks(tmp_path):
     from rwkvx_jax.checkpoints.directory import load_params
     from rwkvx_jax.checkpoints.official_layout import state_dict_from_params
