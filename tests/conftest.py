@@ -61,3 +61,26 @@ def interpreted_kernels(monkeypatch):
 
         monkeypatch.setattr(module, name, functools.wraps(real)(wrapper))
     yield calls
+
+
+@pytest.fixture
+def race_states(monkeypatch):
+    """Records the race-detection state of every kernel TPU interpret mode runs.
+
+    jax 0.10 keeps it in the module global `interpret_pallas_call.races`, replaced at the start
+    of each kernel: reading that global after a run sees only the last kernel. Recording every
+    instance checks all kernels of a jitted program.
+    """
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+    from jax.experimental.pallas import tpu as pltpu
+
+    made = []
+
+    class Recorded(ipc.RaceDetectionState):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(ipc, "RaceDetectionState", Recorded)
+    yield made
+    pltpu.reset_tpu_interpret_mode_state()

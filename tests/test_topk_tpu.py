@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import selection_oracle as oracle
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
+from tpu_races import race_params, run_planted_race
 
 from pallas_kernels.topk_attention import plan
 from pallas_kernels.topk_attention.reference import attended_mask
@@ -181,52 +180,9 @@ def test_tile_info_marks_source_valid_and_first_tiles():
     assert (first == np.concatenate([[True], chunk[1:] != chunk[:-1]])).all()
 
 
-@pytest.fixture
-def race_states(monkeypatch):
-    """Records the race-detection state of every kernel TPU interpret mode runs.
-
-    jax 0.10 keeps it in the module global `interpret_pallas_call.races`, replaced at the start
-    of each kernel: reading that global after a run sees only the last kernel. Recording every
-    instance checks all kernels of a jitted program.
-    """
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-
-    made = []
-
-    class Recorded(ipc.RaceDetectionState):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(ipc, "RaceDetectionState", Recorded)
-    yield made
-    pltpu.reset_tpu_interpret_mode_state()
-
-
-def _race_params():
-    # Two simulated cores split the parallel (batch*head) axis; uninitialised memory is NaN,
-    # so reading any unwritten block (e.g. an unused tile slot) would poison the result.
-    return pltpu.InterpretParams(
-        detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=0
-    )
-
-
 def test_race_detector_sees_a_planted_race(race_states):
     """Control: two cores writing one output block is reported, so a clean run means something."""
-
-    def copy(x_ref, o_ref):
-        o_ref[...] = x_ref[...]
-
-    racy = pl.pallas_call(
-        copy,
-        grid=(4,),
-        in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        interpret=_race_params(),
-    )
-    jax.block_until_ready(racy(jnp.ones((32, 128), jnp.float32)))
+    run_planted_race()
     assert [state.races_found for state in race_states] == [True]
 
 
@@ -234,7 +190,7 @@ def test_tpu_interpret_mode_has_no_races(race_states):
     # Sparse (T = 48 > 16 * 2) with two heads: own-chunk and pair kernels, forward and backward.
     q, k, v = _qkv(48, seed=9)
     blocks = BlockSizes(block_q=16, block_k=16, pair_tile=8)
-    _check_against_oracle(q, k, v, 16, 2, block_sizes=blocks, interpret=_race_params())
+    _check_against_oracle(q, k, v, 16, 2, block_sizes=blocks, interpret=race_params())
     # Own and pairs forward; own dq, own dk/dv, pairs dq, pairs dk/dv: each checked, not the last.
     assert len(race_states) == 6
     assert [state.races_found for state in race_states] == [False] * 6

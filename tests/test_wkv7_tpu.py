@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
+from tpu_races import race_params, run_planted_race
 
 from pallas_kernels.wkv7 import tpu
 from pallas_kernels.wkv7.ops import wkv7
@@ -147,56 +146,15 @@ def test_bf16_inputs_within_bound_of_fp32_oracle():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def race_states(monkeypatch):
-    """Records the race-detection state of every kernel TPU interpret mode runs.
-
-    jax 0.10 keeps it in the module global `interpret_pallas_call.races`, replaced at the start
-    of each kernel; recording every instance checks all kernels of a jitted program.
-    """
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-
-    made = []
-
-    class Recorded(ipc.RaceDetectionState):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(ipc, "RaceDetectionState", Recorded)
-    yield made
-    pltpu.reset_tpu_interpret_mode_state()
-
-
-def tpu_interpret_params():
-    # Two cores split the "parallel" head axis as on a v4 / v5p megacore chip.
-    return pltpu.InterpretParams(
-        detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=0
-    )
-
-
 def test_race_detector_sees_a_planted_race(race_states):
     """Control: two cores writing one output block is reported, so a clean run means something."""
-
-    def copy(x_ref, o_ref):
-        o_ref[...] = x_ref[...]
-
-    racy = pl.pallas_call(
-        copy,
-        grid=(4,),
-        in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        interpret=tpu_interpret_params(),
-    )
-    jax.block_until_ready(racy(jnp.ones((32, 128), jnp.float32)))
+    run_planted_race()
     assert [state.races_found for state in race_states] == [True]
 
 
 def test_tpu_interpret_mode_no_races(race_states):
     args = model_like_inputs(4, 1, 40, 2, 64)  # 3 chunks of 16, the last padded
-    fn = partial(wkv7_tpu, chunk_size=16, interpret=tpu_interpret_params())
+    fn = partial(wkv7_tpu, chunk_size=16, interpret=race_params())
     # The plain forward kernel (no chunk states kept) ...
     y, s = jax.jit(fn)(*args)
     y_ref, s_ref = jax.jit(wkv7_reference)(*args)
