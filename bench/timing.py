@@ -34,9 +34,7 @@ def seconds(fn, *args, sync=jax.block_until_ready) -> float:
 def call_seconds(fn, repeats: int, sync=jax.block_until_ready, warmup: int = 1) -> list[float]:
     """Seconds of each of `repeats` calls of fn(), after `warmup` untimed (compiling) calls."""
     for _ in range(warmup):
-        result = fn()
-        if sync is not None:
-            sync(result)
+        seconds(fn, sync=sync)
     return [seconds(fn, sync=sync) for _ in range(repeats)]
 
 

@@ -22,15 +22,13 @@ import sys
 from collections.abc import Callable
 
 from rwkvx_jax.config import RWKVXConfig
-from rwkvx_jax.decoding.decoder import DecodeConfig
+from rwkvx_jax.decoding.decoder import ATTENTION_MODES, DecodeConfig
 from rwkvx_jax.sparse.kv_cache import EVICTION_POLICIES
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-ATTENTION_MODES = ("train", "official")
 
 
 class UsageError(ValueError):
@@ -193,32 +191,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, demo_help: str | None =
     )
 
 
-def checkpoint_directory(path: str) -> str:
-    """The converted checkpoint that --checkpoint names: the directory itself, or the exported
-    params of a train.py run directory (RUN/export/params).
-
-    Raises:
-      UsageError: neither, saying what was looked for.
-    """
-    absolute = os.path.abspath(path)
-    if not os.path.isdir(absolute):
-        raise UsageError(f"--checkpoint {path}: no such checkpoint directory")
-    if os.path.isfile(os.path.join(absolute, "metadata.json")):
-        return absolute
-    exported = os.path.join(absolute, "export", "params")
-    if os.path.isfile(os.path.join(exported, "metadata.json")):
-        return exported
-    if os.path.isfile(os.path.join(absolute, "train_config.json")):
-        raise UsageError(
-            f"--checkpoint {path} is a training run without exported params ({exported} is "
-            "missing: the run has not finished, or ran with checkpoint.export=false)"
-        )
-    raise UsageError(
-        f"--checkpoint {path} is neither a converted checkpoint (no metadata.json) nor a "
-        "train.py run directory with export/params"
-    )
-
-
 def load_model(args) -> tuple[RWKVXConfig, dict, str]:
     """(config, params, model name) for the --checkpoint / --demo flags."""
     if args.demo:
@@ -227,8 +199,9 @@ def load_model(args) -> tuple[RWKVXConfig, dict, str]:
         config, params = demo_model()
         return config, params, "demo"
     from rwkvx_jax.api import load
+    from rwkvx_jax.checkpoints.directory import find_checkpoint
 
-    path = checkpoint_directory(args.checkpoint)
+    path = find_checkpoint(args.checkpoint)
     config, params = load(path)
     return config, params, path
 

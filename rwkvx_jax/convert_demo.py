@@ -12,7 +12,7 @@ from tqdm import tqdm
 from rwkvx_jax.api import forward, load
 from rwkvx_jax.checkpoints.conversion import convert_pth, export_pth
 from rwkvx_jax.checkpoints.random_weights import random_state_dict
-from rwkvx_jax.checkpoints.tensor_files import read_pth, write_pth
+from rwkvx_jax.checkpoints.tensor_files import import_torch, read_pth, write_pth
 from rwkvx_jax.config import RWKVXConfig
 
 DEMO_CONFIG = RWKVXConfig(
@@ -36,19 +36,6 @@ def _official_logits(path: str, tokens: np.ndarray) -> np.ndarray | None:
     return logits.numpy()
 
 
-def _require_torch() -> None:
-    """The demo starts by writing an official `.pth`, which needs torch: say so before any
-    folder is made."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "the demo writes an official .pth, which needs PyTorch: pip install -e '.[torch]' "
-            "(the CPU build, torch==2.13.0); pip install -e '.[test]' also brings the official "
-            "runtime it compares with"
-        ) from None
-
-
 def run_demo(work_dir: str | None = None, seq_len: int = 64) -> dict[str, object]:
     """Runs the demo in work_dir (a fresh temporary directory when None); prints a report.
 
@@ -56,7 +43,11 @@ def run_demo(work_dir: str | None = None, seq_len: int = 64) -> dict[str, object
       ImportError: torch is not installed (nothing is created then).
       FileNotFoundError: work_dir's parent folder does not exist.
     """
-    _require_torch()
+    # The demo starts by writing an official .pth: say what it needs before any folder is made.
+    import_torch(
+        "the demo (it writes an official .pth)",
+        "pip install -e '.[test]' also brings the official runtime it compares with",
+    )
     if work_dir is None:
         work_dir = tempfile.mkdtemp(prefix="rwkvx-demo-")
     else:

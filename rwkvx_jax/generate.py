@@ -36,7 +36,6 @@ from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.decoding.decoder import DecodeConfig
 from rwkvx_jax.decoding.sampling import SamplingConfig
 from rwkvx_jax.decoding.state_files import (
-    load_next_logits,
     load_state,
     read_state_metadata,
     save_state,
@@ -237,8 +236,7 @@ def run(args) -> None:
     state = saved = logits = None
     if args.state_in is not None:
         saved = read_state_metadata(args.state_in)
-        state = load_state(args.state_in, config)
-        logits = load_next_logits(args.state_in, config)
+        state, logits = load_state(args.state_in, config, with_next_logits=True)
         if args.prompt == "" and logits is None:
             raise UsageError(
                 f"--prompt is empty, but {args.state_in} holds no next-token logits (it was "

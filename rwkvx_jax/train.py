@@ -26,6 +26,9 @@ import threading
 import time
 from collections.abc import Sequence
 
+import jax
+
+from rwkvx_jax import training
 from rwkvx_jax.cli import Parser, RunFailed, UsageError, run_cli
 from rwkvx_jax.training.config import RECIPES, apply_overrides, load_config, recipe
 
@@ -83,12 +86,8 @@ def _run(args) -> None:
     if args.print_config:
         print(config.to_json())
         return
-    import jax
-
     if args.distributed:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from rwkvx_jax import training
-
     if args.aot_topology:
         _aot(config, args.aot_topology)
         return
@@ -119,8 +118,6 @@ def _stop_on_ctrl_c():
     checkpoint (so nothing is lost and nothing is half-written); a second one stops at once.
     Yields the question the loop asks after each step. Multi-process runs keep Python's
     default: one process must not leave the others waiting in a collective."""
-    import jax
-
     requested = threading.Event()
     if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
         yield requested.is_set
@@ -145,10 +142,6 @@ def _stop_on_ctrl_c():
 
 
 def _aot(config, topology: str) -> None:
-    import jax
-
-    from rwkvx_jax import training
-
     try:
         devices = training.tpu_topology_devices(topology)
     except RuntimeError as err:

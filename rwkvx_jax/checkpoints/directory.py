@@ -21,6 +21,11 @@ from rwkvx_jax.config import RWKVXConfig
 
 FORMAT_NAME = "rwkvx-jax-params"
 FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+# A training run's folder (train.py's workdir): its config, and its params exported for
+# inference as a checkpoint directory.
+RUN_CONFIG_FILE = "train_config.json"
+RUN_EXPORT_FOLDER = "export"
 
 
 class CheckpointError(ValueError):
@@ -66,7 +71,7 @@ def save_params(
             f.write(config.to_json() + "\n")
         info = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
         info.update(metadata or {})
-        with open(os.path.join(staging, "metadata.json"), "w") as f:
+        with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
             f.write("\n")
         if os.path.isdir(out_dir):
@@ -83,7 +88,7 @@ def save_params(
 
 def load_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """The `metadata.json` of a checkpoint directory."""
-    path = os.path.join(os.fspath(ckpt_dir), "metadata.json")
+    path = os.path.join(os.fspath(ckpt_dir), METADATA_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {ckpt_dir} is not an rwkvx-jax checkpoint")
     with open(path) as f:
@@ -113,3 +118,34 @@ def load_params(ckpt_dir: str | os.PathLike) -> tuple[RWKVXConfig, dict]:
         raise CheckpointError(f"{params_dir} is missing")
     params = ocp.StandardCheckpointer().restore(params_dir)
     return config, params
+
+
+def exported_params_dir(run_dir: str | os.PathLike) -> str:
+    """Where a training run keeps its params exported for inference: RUN/export/params."""
+    return os.path.join(os.fspath(run_dir), RUN_EXPORT_FOLDER, "params")
+
+
+def find_checkpoint(path: str | os.PathLike) -> str:
+    """The checkpoint directory `path` names: itself, or a training run's exported params.
+
+    Raises:
+      CheckpointError: neither; says what was looked for (a run that has not exported yet is
+        named as such).
+    """
+    absolute = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(absolute):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if os.path.isfile(os.path.join(absolute, METADATA_FILE)):
+        return absolute
+    exported = exported_params_dir(absolute)
+    if os.path.isfile(os.path.join(exported, METADATA_FILE)):
+        return exported
+    if os.path.isfile(os.path.join(absolute, RUN_CONFIG_FILE)):
+        raise CheckpointError(
+            f"{path} is a training run without exported params ({exported} is missing: the "
+            "run has not finished, or ran with checkpoint.export=false)"
+        )
+    raise CheckpointError(
+        f"{path} is neither a converted checkpoint (no {METADATA_FILE}) nor a train.py run "
+        f"directory with {RUN_EXPORT_FOLDER}/params"
+    )

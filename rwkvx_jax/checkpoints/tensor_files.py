@@ -181,18 +181,27 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(result)
 
 
+def import_torch(purpose: str, hint: str = ""):
+    """The torch module, or an ImportError saying that `purpose` needs it and how to install
+    it (the CPU build the project is tested with; a plain `pip install torch` may pull a GPU
+    build of several GB)."""
+    try:
+        import torch
+    except ImportError:
+        advice = f"; {hint}" if hint else ""
+        raise ImportError(
+            f"{purpose} needs PyTorch: pip install -e '.[torch]' (the CPU build, torch==2.13.0)"
+            f"{advice}"
+        ) from None
+    return torch
+
+
 def write_pth(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
-    """Writes a state dict with `torch.save` (needs torch: `pip install rwkvx-jax[torch]`).
+    """Writes a state dict with `torch.save` (needs torch: `pip install -e '.[torch]'`).
 
     Writes to a temporary file beside `path` and renames, so a failure leaves nothing behind.
     """
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            "writing .pth files needs PyTorch; install it with `pip install 'rwkvx-jax[torch]'` "
-            "(or export safetensors, which needs no torch)"
-        ) from err
+    torch = import_torch("writing .pth files", "or export safetensors, which needs no torch")
 
     def to_torch(array: np.ndarray):
         if array.dtype == ml_dtypes.bfloat16:

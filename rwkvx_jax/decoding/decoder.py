@@ -36,6 +36,8 @@ from rwkvx_jax.model import RWKVX, DecodeState, init_decode_state
 from rwkvx_jax.sparse.kv_cache import EVICTION_POLICIES, cache_slots
 from rwkvx_jax.sparse.official import FlatKVCache, OfficialAttention
 
+# "train": the training semantics (SPEC §4/§6); "official": the official runtime's inference.
+ATTENTION_MODES = ("train", "official")
 # Default cache: this many chunks per sparse block and sequence (32K tokens at chunk 2048).
 DEFAULT_CACHE_CHUNKS = 16
 # Default prefill piece: about this many tokens, a whole number of chunks (at least one).
@@ -71,7 +73,7 @@ class DecodeConfig:
     kernel_layout: str = "auto"
 
     def __post_init__(self):
-        if self.attention_mode not in ("train", "official"):
+        if self.attention_mode not in ATTENTION_MODES:
             raise ConfigError(
                 f"attention_mode must be 'train' or 'official', got {self.attention_mode!r}"
             )
@@ -348,10 +350,9 @@ class Decoder:
                 self.weights, state, sampler, logits, active, token_weights
             )
             was, now = np.asarray(active), np.asarray(now_active)
-            if (was & ~now).any():
-                stopped_logits = jnp.where(
-                    jnp.asarray(was & ~now)[:, None], previous, stopped_logits
-                )
+            stopped_now = was & ~now
+            if stopped_now.any():
+                stopped_logits = jnp.where(stopped_now[:, None], previous, stopped_logits)
             out = np.where(was & now, np.asarray(tokens), -1)
             active = now_active
             yield out.astype(np.int32)

@@ -268,14 +268,21 @@ def _decode_leaf(path: str, archive, name: str, info, want) -> np.ndarray:
     return raw.view(dtype)
 
 
-def load_state(path: str | os.PathLike, config: RWKVXConfig) -> DecodeState:
+def load_state(path: str | os.PathLike, config: RWKVXConfig, *, with_next_logits: bool = False):
     """Reads a state written by `save_state` for the model `config`.
 
     The state's shapes are rebuilt from `config` (`init_decode_state` with the saved batch,
     cache size and cache kind) and every leaf is checked against them.
 
+    Args:
+      path: the state file.
+      config: the model that reads it.
+      with_next_logits: also return the next-token logits saved with it (`load_next_logits`),
+        read in the same pass over the file.
+
     Returns:
-      The `DecodeState`, every leaf in a device buffer of its own (ready to be donated).
+      The `DecodeState`, every leaf in a device buffer of its own (ready to be donated); with
+      with_next_logits, (state, float32 [B, V] logits or None when the file holds none).
 
     Raises:
       StateFileError: the file is missing, damaged or not a decode state (names the file).
@@ -310,13 +317,15 @@ def load_state(path: str | os.PathLike, config: RWKVXConfig) -> DecodeState:
             _decode_leaf(path, archive, name, metadata["leaves"][name], want)
             for name, (_, want) in zip(names, template_leaves, strict=True)
         ]
+        logits = _read_next_logits(path, archive, metadata, config) if with_next_logits else None
     signature = state_signature(config, template)
     if signature != metadata["signature"]:
         raise StateMismatchError(
             f"{path}: state signature {metadata['signature']} differs from this model's "
             f"{signature} ({_config_differences(metadata['config'], config)})"
         )
-    return jax.tree_util.tree_unflatten(treedef, [jax.device_put(v) for v in values])
+    state = jax.tree_util.tree_unflatten(treedef, [jax.device_put(v) for v in values])
+    return (state, logits) if with_next_logits else state
 
 
 def load_next_logits(path: str | os.PathLike, config: RWKVXConfig) -> np.ndarray | None:
@@ -331,12 +340,16 @@ def load_next_logits(path: str | os.PathLike, config: RWKVXConfig) -> np.ndarray
     with _open(path) as archive:
         metadata = _read_metadata(path, archive)
         _check_model(path, metadata, config)
-        if NEXT_LOGITS_KEY not in archive.files:
-            return None
-        try:
-            logits = archive[NEXT_LOGITS_KEY]
-        except _READ_ERRORS as err:
-            raise StateFileError(f"{path}: next-token logits are unreadable ({err})") from None
+        return _read_next_logits(path, archive, metadata, config)
+
+
+def _read_next_logits(path: str, archive, metadata, config: RWKVXConfig) -> np.ndarray | None:
+    if NEXT_LOGITS_KEY not in archive.files:
+        return None
+    try:
+        logits = archive[NEXT_LOGITS_KEY]
+    except _READ_ERRORS as err:
+        raise StateFileError(f"{path}: next-token logits are unreadable ({err})") from None
     expected = (int(metadata["batch"]), config.vocab_size)
     if logits.dtype != np.float32 or logits.shape != expected:
         raise StateFileError(

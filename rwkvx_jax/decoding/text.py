@@ -14,18 +14,18 @@ from rwkvx_jax.model import DecodeState
 from rwkvx_jax.tokenizer import Tokenizer, tokenizer_for_vocab
 
 
-def _broadcast_state(state, batch: int):
-    """A state (or its [B, V] next-token logits) of `batch` sequences: as given, or one
-    sequence's copied to every row."""
-    have = int(jax.tree.leaves(state)[0].shape[0])
+def _broadcast_rows(tree, batch: int):
+    """A state or its [B, V] next-token logits, for `batch` sequences: as given, or one
+    sequence's row copied to every row."""
+    have = int(jax.tree.leaves(tree)[0].shape[0])
     if have == batch:
-        return state
+        return tree
     if have != 1:
         raise ValueError(
             f"the state holds {have} sequences but {batch} prompts were given (give one prompt "
             "per saved sequence, or a state of one sequence to share among all prompts)"
         )
-    return jax.tree.map(lambda leaf: jnp.repeat(leaf, batch, axis=0), state)
+    return jax.tree.map(lambda leaf: jnp.repeat(leaf, batch, axis=0), tree)
 
 
 class TextGenerator:
@@ -112,9 +112,9 @@ class TextGenerator:
         self.check_sampling(sampling)
         ids = self.encode_prompts(prompts, allow_empty=logits is not None)
         if state is not None:
-            state = _broadcast_state(state, len(ids))
+            state = _broadcast_rows(state, len(ids))
         if logits is not None:
-            logits = _broadcast_state(jnp.asarray(logits, jnp.float32), len(ids))
+            logits = _broadcast_rows(jnp.asarray(logits, jnp.float32), len(ids))
         streams = [self.tokenizer.streaming_decoder() for _ in ids]
         pieces: list[list[str]] = [[] for _ in ids]
         generated: list[list[int]] = [[] for _ in ids]

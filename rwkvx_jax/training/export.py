@@ -8,7 +8,14 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from rwkvx_jax.checkpoints.conversion import export_pth
+from rwkvx_jax.checkpoints.directory import exported_params_dir, save_params
+from rwkvx_jax.checkpoints.tensor_files import import_torch
 from rwkvx_jax.config import RWKVXConfig
+from rwkvx_jax.decoding.decoder import DecodeConfig
+from rwkvx_jax.decoding.sampling import SamplingConfig
+from rwkvx_jax.decoding.text import TextGenerator
+from rwkvx_jax.tokenizer import tokenizer_for_vocab
 from rwkvx_jax.training.config import SampleConfig, TrainConfig
 
 Log = Callable[[str], None]
@@ -25,14 +32,12 @@ def host_params(params) -> dict:
 
 def export_params(workdir: str, model_config: RWKVXConfig, params, config: TrainConfig, log: Log):
     """Writes `export/params` (inference format) and `export/model.pth` (if torch is present)."""
-    from rwkvx_jax.checkpoints.directory import save_params
-
     params = host_params(params)
-    export_dir = os.path.join(workdir, "export")
+    params_dir = exported_params_dir(workdir)
+    export_dir = os.path.dirname(params_dir)
     if jax.process_index() != 0:
         return export_dir
     os.makedirs(export_dir, exist_ok=True)
-    params_dir = os.path.join(export_dir, "params")
     metadata = {
         "source": f"train.py recipe {config.name}, step {config.steps}",
         "source_dtype": model_config.param_dtype,
@@ -40,11 +45,10 @@ def export_params(workdir: str, model_config: RWKVXConfig, params, config: Train
     save_params(params_dir, model_config, params, metadata, overwrite=True)
     log(f"exported params to {params_dir}")
     try:
-        import torch  # noqa: F401
-    except ImportError:
-        log("torch is not installed: skipped the official .pth export (pip install torch)")
+        import_torch("the official .pth export")
+    except ImportError as err:
+        log(f"skipped: {err}")
         return export_dir
-    from rwkvx_jax.checkpoints.conversion import export_pth
 
     pth = os.path.join(export_dir, "model.pth")
     export_pth(params_dir, pth)
@@ -55,11 +59,6 @@ def export_params(workdir: str, model_config: RWKVXConfig, params, config: Train
 def sample_text(model_config: RWKVXConfig, params, sample: SampleConfig) -> str:
     """A sampled continuation of `sample.prompt` (its temperature, top-p and seed; the
     tokenizer of the model's vocabulary: bytes for 256, else RWKV World)."""
-    from rwkvx_jax.decoding.decoder import DecodeConfig
-    from rwkvx_jax.decoding.sampling import SamplingConfig
-    from rwkvx_jax.decoding.text import TextGenerator
-    from rwkvx_jax.tokenizer import tokenizer_for_vocab
-
     tokenizer = tokenizer_for_vocab(model_config.vocab_size)
     n_prompt = len(tokenizer.encode(sample.prompt))
     # One prefill piece just covering the prompt: the decoder's default piece (512 tokens)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.atomic_files import write_text_atomically
+from rwkvx_jax.checkpoints.directory import RUN_CONFIG_FILE
 from rwkvx_jax.checkpoints.train_state import CheckpointStore, TrainState
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.data import make_train_iterator
@@ -68,7 +69,6 @@ class _Run:
     state: TrainState
     start_step: int
     resume_step: int | None
-    tokens_per_step: int
     flops_per_step: float
     peak: float
 
@@ -165,7 +165,7 @@ def _prepare(
     else:
         model_config, init_params = initial_params(config, log)
     if primary:
-        write_text_atomically(os.path.join(workdir, "train_config.json"), config.to_json() + "\n")
+        write_text_atomically(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json() + "\n")
         write_text_atomically(model_config_path, model_config.to_json() + "\n")
     _check_schedule(config, log)
 
@@ -218,7 +218,7 @@ def _prepare(
         log(f"the run already reached step {config.steps}; raise --steps to train further")
     return _Run(
         workdir, model_config, program, store, iterator, state, start_step, resume_step,
-        tokens_per_step, flops_per_step, peak,
+        flops_per_step, peak,
     )  # fmt: skip
 
 
@@ -235,7 +235,8 @@ def _run_steps(
 
     workdir, program, store, iterator = run.workdir, run.program, run.store, run.iterator
     state, start_step = run.state, run.start_step
-    tokens_per_step, flops_per_step, peak = run.tokens_per_step, run.flops_per_step, run.peak
+    flops_per_step, peak = run.flops_per_step, run.peak
+    tokens_per_step = config.data.batch_size * config.data.ctx
 
     metrics_log = MetricsLog(workdir, start_step, enabled=primary)
     if primary and not metrics_log.has_tensorboard:
