@@ -60,6 +60,14 @@ class Token:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prefilled:
+    """The state after a prompt (`deliver` event of an `only_prefill` request, before its
+    `Finished`)."""
+
+    state: CachedState
+
+
+@dataclasses.dataclass(frozen=True)
 class Finished:
     """The last event of a request: why it ended and its token counts.
 
@@ -89,13 +97,16 @@ class Request:
       max_tokens: most tokens generated (>= 1).
       deliver: called with each `Token`, then one `Finished`, on the engine's thread.
       start: a saved state to continue, or None.
+      only_prefill: read the prompt and deliver the state after it (`Prefilled`); generate
+        nothing (max_tokens is then ignored).
     """
 
     prompt: list[int]
     sampling: SamplingConfig
     max_tokens: int
-    deliver: Callable[[Token | Finished], None]
+    deliver: Callable[[Token | Prefilled | Finished], None]
     start: StartState | None = None
+    only_prefill: bool = False
     id: int = 0
     submitted: float = 0.0
     cancelled: bool = False
@@ -188,13 +199,13 @@ class Engine:
 
     def check(self, request: Request) -> None:
         """Raises ValueError when `request` cannot run; see `submit`."""
-        if request.max_tokens < 1:
+        if request.max_tokens < 1 and not request.only_prefill:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
         start = request.start
         if not request.prompt and (start is None or start.state.logits is None):
             raise ValueError("the prompt is empty (and no saved state with next-token logits)")
         already = start.state.length if start is not None else 0
-        total = already + len(request.prompt) + request.max_tokens
+        total = already + len(request.prompt) + (0 if request.only_prefill else request.max_tokens)
         if total > self.max_context:
             raise ValueError(
                 f"{already} saved + {len(request.prompt)} prompt tokens + max_tokens "
@@ -234,18 +245,17 @@ class Engine:
             self._decode_step()
         return True
 
-    def cancel_all(self) -> None:
-        """Ends every request now (shutdown): each gets a "cancelled" `Finished`."""
+    def cancel_all(self, reason: str = FINISH_CANCELLED, error: str = "") -> None:
+        """Ends every request now, each with a `Finished` of this reason: "cancelled" at
+        shutdown, "error" when a batched step failed (the slots' state is then unknown)."""
         with self.lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
             job, self._prefill = self._prefill, None
             running, self._running = self._running, {}
-        for request in waiting:
-            request.deliver(Finished(FINISH_CANCELLED, 0, 0))
-        if job is not None:
-            job.request.deliver(Finished(FINISH_CANCELLED, 0, 0))
+        for request in waiting + ([job.request] if job is not None else []):
+            request.deliver(Finished(reason, 0, 0, error=error))
         for entry in running.values():
-            self._finish(entry, FINISH_CANCELLED)
+            self._finish(entry, reason, error)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._waiting if r.cancelled]:
@@ -298,6 +308,13 @@ class Engine:
             return
         if job.state is None:  # an empty prompt cannot reach here without a start state
             raise AssertionError("a request with neither prompt nor state reached prefill")
+        if job.request.only_prefill:
+            with self.lock:
+                self._prefill = None
+            request = job.request
+            request.deliver(Prefilled(CachedState.from_device(job.state, job.logits)))
+            request.deliver(Finished(FINISH_STOP, len(request.prompt), 0, job.cached))
+            return
         self.batch.admit(job.slot, job.state, job.logits, job.request.sampling)
         with self.lock:
             self._running[job.slot] = _Running(job.request, 0, job.cached)
@@ -337,9 +354,7 @@ class Engine:
                     del self._running[slot]
                 self._finish(entry, reason)
 
-    def _finish(self, entry: _Running, reason: str) -> None:
+    def _finish(self, entry: _Running, reason: str, error: str = "") -> None:
         request = entry.request
         # Usage counts the request's own prompt, not the context of a saved state it continues.
-        request.deliver(
-            Finished(reason, len(request.prompt), entry.generated, cached_tokens=entry.cached)
-        )
+        request.deliver(Finished(reason, len(request.prompt), entry.generated, entry.cached, error))
