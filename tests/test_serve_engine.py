@@ -171,3 +171,22 @@ def test_state_cache_keeps_to_its_budget_and_drops_the_least_recent(decoder):
     assert hit is not None and hit.length_in_prompt == PIECE
     assert cache.longest_prefix("other", [2] * PIECE, PIECE) is None  # another start state
     assert (cache.hits, cache.misses) == (1, 2)
+
+
+def test_an_error_in_one_request_fails_that_request_only(engine, decoder):
+    """A saved state whose logits have the wrong width fails in `admit`; the requests around it
+    finish, and exactly."""
+    from rwkvx_jax.serving.engine import StartState
+    from rwkvx_jax.serving.state_cache import CachedState
+
+    _, state = decoder.prefill([[1, 2, 3]])
+    too_wide = np.zeros((1, decoder.config.vocab_size + 5), np.float32)
+    broken = StartState("broken", CachedState(CachedState.from_device(state, None).state, too_wide))
+    before, before_out = _submit(engine, _prompt(50, 20), 5)
+    out = Collected()
+    engine.submit(Request([], GREEDY, 4, out, start=broken))
+    after, after_out = _submit(engine, _prompt(51, 20), 5)
+    _drain(engine)
+    assert out.finished.reason == "error" and "TypeError" in out.finished.error
+    for request, collected in ((before, before_out), (after, after_out)):
+        assert collected.tokens == greedy_tokens(decoder, [request.prompt], 5)[0].tolist()
