@@ -5,6 +5,7 @@ with httpx."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pathlib
 import re
@@ -201,6 +202,79 @@ def test_a_full_queue_is_429_and_the_server_keeps_serving(server, client):
             holder.result()
     reply = client.completions.create(model="demo", prompt="x", max_tokens=2)
     assert reply.usage.completion_tokens == 2
+
+
+def _load_request(i: int) -> dict:
+    """Request i of the load test: mixed lengths, greedy or seeded, streamed or not."""
+    body = {
+        "model": "demo",
+        "prompt": f"{i}: " + "lorem ipsum dolor " * (i % 7),
+        "max_tokens": 4 + (i * 5) % 23,
+        "temperature": 0 if i % 3 else 0.8,
+        "seed": i,
+        "stream": i % 2 == 0,
+    }
+    if i % 4 == 1:
+        body["top_p"], body["top_k"] = 0.9, 20
+    return body
+
+
+def _run_load_request(server, body, drop_after=None) -> tuple[str, dict | None, int]:
+    """(text, usage or None, 429s seen); retries while the queue is full, as a client would."""
+    refused = 0
+    while True:
+        if not body["stream"]:
+            response = _post(server, "/v1/completions", body)
+            if response.status_code == 429:
+                refused += 1
+                time.sleep(0.05)
+                continue
+            assert response.status_code == 200, response.text
+            reply = response.json()
+            return reply["choices"][0]["text"], reply["usage"], refused
+        streamed = {**body, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", server[0] + "/v1/completions", json=streamed, timeout=60) as r:
+            if r.status_code == 429:
+                refused += 1
+                r.read()
+                time.sleep(0.05)
+                continue
+            text, usage, events = "", None, 0
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                events += 1
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif chunk["choices"]:
+                    text += chunk["choices"][0]["text"]
+                if drop_after is not None and events >= drop_after:
+                    return text, None, refused
+            return text, usage, refused
+
+
+def test_load_48_requests_from_12_clients_nothing_lost_duplicated_or_altered(server):
+    """Each request's text and usage under load equal the same request served alone; every
+    fifth request hangs up after two events; afterwards nothing is left in the engine."""
+    bodies = [_load_request(i) for i in range(48)]
+    kept = [i for i in range(48) if i % 5 != 3]
+    alone = {i: _run_load_request(server, bodies[i])[:2] for i in kept}
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = {
+            i: pool.submit(_run_load_request, server, bodies[i], None if i in kept else 2)
+            for i in range(48)
+        }
+        results = {i: f.result() for i, f in futures.items()}
+    for i in kept:
+        (text, usage, _), (want_text, want_usage) = results[i], alone[i]
+        # Only the cache's share may differ: the requests served alone left their prefixes.
+        del usage["prompt_tokens_details"], want_usage["prompt_tokens_details"]
+        assert (text, usage) == (want_text, want_usage), f"request {i}"
+    deadline = time.monotonic() + 5
+    while _metric(server, "rwkvx_busy_slots") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server, "rwkvx_busy_slots") == 0 and _metric(server, "rwkvx_queue_depth") == 0
 
 
 def test_sigterm_drains_a_running_stream_and_exits_0(server):
