@@ -170,6 +170,30 @@ def test_named_states_and_the_state_cache(server, client):
     assert _metric(server, "rwkvx_state_cache_hits_total") >= 1
 
 
+def test_a_state_file_written_offline_serves_and_a_mismatched_one_is_refused(server, client):
+    """`state_files.save_state` (what `rwkvx-generate --state-out` writes) from this process: the
+    server starts from it exactly as from the state it saved itself for the same prompt."""
+    from rwkvx_jax.checkpoints.random_weights import demo_model
+    from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
+    from rwkvx_jax.decoding.state_files import save_state
+
+    context = "A long shared context, read once. " * 2
+    config, params = demo_model()
+    for name, cache in (("offline", CONTEXT), ("too-small", 256)):
+        decoder = Decoder(config, params, DecodeConfig(cache_size=cache, prefill_chunk=32))
+        logits, state = decoder.prefill([list(context.encode())])
+        save_state(server[2] / f"{name}.npz", config, state, next_logits=logits)
+    _post(server, "/v1/states", {"name": "online", "prompt": context}).raise_for_status()
+    args = {"model": "demo", "prompt": "Q:", "max_tokens": 8, "temperature": 0}
+    texts = [
+        client.completions.create(**args, extra_body={"state": name}).choices[0].text
+        for name in ("offline", "online")
+    ]
+    assert texts[0] == texts[1]
+    refused = _post(server, "/v1/completions", {**args, "state": "too-small"})
+    assert refused.status_code == 400 and "cache size 256" in refused.json()["error"]["message"]
+
+
 def _stream_and_drop(server, tokens_read: int, max_tokens: int = CONTEXT - 8) -> None:
     """Streams a long generation and hangs up after `tokens_read` events."""
     body = {"model": "demo", "prompt": "x", "max_tokens": max_tokens, "stream": True}
