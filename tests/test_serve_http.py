@@ -176,13 +176,14 @@ def test_a_state_file_written_offline_serves_and_a_mismatched_one_is_refused(ser
     from rwkvx_jax.checkpoints.random_weights import demo_model
     from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
     from rwkvx_jax.decoding.state_files import save_state
+    from rwkvx_jax.model import init_decode_state
 
     context = "A long shared context, read once. " * 2
     config, params = demo_model()
-    for name, cache in (("offline", CONTEXT), ("too-small", 256)):
-        decoder = Decoder(config, params, DecodeConfig(cache_size=cache, prefill_chunk=32))
-        logits, state = decoder.prefill([list(context.encode())])
-        save_state(server[2] / f"{name}.npz", config, state, next_logits=logits)
+    decoder = Decoder(config, params, DecodeConfig(cache_size=CONTEXT, prefill_chunk=32))
+    logits, state = decoder.prefill([list(context.encode())])
+    save_state(server[2] / "offline.npz", config, state, next_logits=logits)
+    save_state(server[2] / "too-small.npz", config, init_decode_state(config, 1, 256))
     _post(server, "/v1/states", {"name": "online", "prompt": context}).raise_for_status()
     args = {"model": "demo", "prompt": "Q:", "max_tokens": 8, "temperature": 0}
     texts = [
