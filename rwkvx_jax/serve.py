@@ -109,8 +109,13 @@ def _run(args) -> int:
     config, params, where = load_model(args)
     chunk = config.chunk_size
     context = args.max_context and -(-args.max_context // chunk) * chunk
+    # The [out, in] kernel copy speeds up batch-1 steps on CPU but slows XLA:CPU's products at
+    # batch 2-32 (docs/BENCHMARKS.md, decoding: 2.63x -> 3.61x batch-8 tokens/s with "in_out").
+    layout = "in_out" if args.slots > 1 else "auto"
     decoder = Decoder(
-        config, params, DecodeConfig(cache_size=context, prefill_chunk=args.prefill_chunk)
+        config,
+        params,
+        DecodeConfig(cache_size=context, prefill_chunk=args.prefill_chunk, kernel_layout=layout),
     )
     budget = int(args.state_cache_mb * 2**20)
     cache = StateCache(budget) if budget else None

@@ -151,10 +151,10 @@ def test_bad_requests_and_a_full_queue_are_refused(decoder):
     cap = decoder.decode_config.cache_size
     with pytest.raises(ValueError, match=f"exceeds the context capacity {cap}"):
         _submit(engine, [1] * 10, cap - 9)
-    _submit(engine, [1], 1)
-    _submit(engine, [2], 1)
+    for token in (1, 2, 3):  # one for the slot, two waiting
+        _submit(engine, [token], 1)
     with pytest.raises(QueueFull, match="the queue holds 2"):
-        _submit(engine, [3], 1)
+        _submit(engine, [4], 1)
 
 
 def test_state_cache_keeps_to_its_budget_and_drops_the_least_recent(decoder):

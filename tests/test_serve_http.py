@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -22,6 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTEXT = 1024  # room for the long generations the disconnect and queue tests need
 SLOTS, QUEUE = 3, 2
 READY = re.compile(r"ready on (http://127\.0\.0\.1:\d+)")
+# A greedy request that never meets the end-of-text token: the demo model continues "ab" for
+# all CONTEXT - 8 tokens (a stream that stops early would not hold its slot).
+LONG = {"model": "demo", "prompt": "ab", "max_tokens": CONTEXT - 8, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +184,10 @@ def test_a_state_file_written_offline_serves_and_a_mismatched_one_is_refused(ser
 
     context = "A long shared context, read once. " * 2
     config, params = demo_model()
-    decoder = Decoder(config, params, DecodeConfig(cache_size=CONTEXT, prefill_chunk=32))
+    # The server's settings (more than one slot: the kernels as trained), so the two states
+    # are read by the same compiled piece.
+    settings = DecodeConfig(cache_size=CONTEXT, prefill_chunk=32, kernel_layout="in_out")
+    decoder = Decoder(config, params, settings)
     logits, state = decoder.prefill([list(context.encode())])
     save_state(server[2] / "offline.npz", config, state, next_logits=logits)
     save_state(server[2] / "too-small.npz", config, init_decode_state(config, 1, 256))
@@ -197,7 +204,7 @@ def test_a_state_file_written_offline_serves_and_a_mismatched_one_is_refused(ser
 
 def _stream_and_drop(server, tokens_read: int, max_tokens: int = CONTEXT - 8) -> None:
     """Streams a long generation and hangs up after `tokens_read` events."""
-    body = {"model": "demo", "prompt": "x", "max_tokens": max_tokens, "stream": True}
+    body = {**LONG, "max_tokens": max_tokens, "stream": True}
     with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=60) as response:
         for i, _ in enumerate(response.iter_lines()):
             if i >= tokens_read:
@@ -214,15 +221,29 @@ def test_a_disconnected_client_frees_its_slot(server):
     assert _metric(server, "rwkvx_completion_tokens_total") - before < CONTEXT - 8
 
 
+def _stream_until(server, release: threading.Event) -> None:
+    """Streams a long generation until `release` is set, then hangs up."""
+    body = {**LONG, "stream": True}
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=120) as response:
+        for _ in response.iter_lines():
+            if release.is_set():
+                break
+
+
 def test_a_full_queue_is_429_and_the_server_keeps_serving(server, client):
+    release = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(SLOTS + QUEUE) as pool:
-        # SLOTS streams take the slots, QUEUE more wait for one.
-        holders = [pool.submit(_stream_and_drop, server, 10**6, 300) for _ in range(SLOTS + QUEUE)]
-        deadline = time.monotonic() + 10
-        while _metric(server, "rwkvx_queue_depth") < QUEUE and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with pytest.raises(openai.RateLimitError, match="queue holds"):
-            client.completions.create(model="demo", prompt="x", max_tokens=1)
+        # SLOTS streams take the slots, QUEUE more wait for one; all hold on until released.
+        holders = [pool.submit(_stream_until, server, release) for _ in range(SLOTS + QUEUE)]
+        try:
+            deadline = time.monotonic() + 60
+            while _metric(server, "rwkvx_queue_depth") < QUEUE and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _metric(server, "rwkvx_queue_depth") == QUEUE
+            with pytest.raises(openai.RateLimitError, match="queue holds"):
+                client.completions.create(model="demo", prompt="x", max_tokens=1)
+        finally:
+            release.set()
         for holder in holders:
             holder.result()
     reply = client.completions.create(model="demo", prompt="x", max_tokens=2)
@@ -305,7 +326,7 @@ def test_load_48_requests_from_12_clients_nothing_lost_duplicated_or_altered(ser
 def test_sigterm_drains_a_running_stream_and_exits_0(server):
     """SIGTERM while a stream runs: the stream still ends with [DONE] (drained within
     --drain-seconds), and the server exits 0."""
-    body = {"model": "demo", "prompt": "x", "max_tokens": 200, "stream": True}
+    body = {**LONG, "max_tokens": 200, "stream": True}
     with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")

@@ -154,7 +154,7 @@ class Engine:
         decoder: the model's decoder (its prefill piece size is the cache's piece boundary;
           its cache size bounds each request's context).
         slots: rows decoded together.
-        queue_size: requests that may wait for a slot; one more is `QueueFull`.
+        queue_size: requests that may wait while every slot is busy; one more is `QueueFull`.
         state_cache: states after prompt prefixes, reused across requests; None keeps none.
         on_step: called after each decode step with (seconds, busy slots), for metrics.
         """
@@ -187,10 +187,13 @@ class Engine:
         """
         self.check(request)
         with self.lock:
-            if len(self._waiting) >= self.queue_size:
+            # Every slot busy plus `queue_size` waiting; a burst may arrive before the engine
+            # has given free slots their requests, so count in-flight requests, not the list.
+            in_flight = len(self._waiting) + len(self._running) + (self._prefill is not None)
+            if in_flight >= self.batch.slots + self.queue_size:
                 raise QueueFull(
-                    f"{len(self._waiting)} requests are waiting for a slot (the queue holds "
-                    f"{self.queue_size}); try again later"
+                    f"all {self.batch.slots} slots are busy and {self.queue_size} requests wait "
+                    f"for one (the queue holds {self.queue_size}); try again later"
                 )
             request.id = next(self._ids)
             request.submitted = time.monotonic()
