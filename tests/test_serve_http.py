@@ -95,6 +95,10 @@ def test_chat_with_a_system_message_streams_usage_and_done(server, client):
         {"role": "system", "content": "You answer briefly."},
         {"role": "user", "content": "Hi there"},
     ]
+    # No max_tokens: chat's default (512) is cut to the context the prompt leaves.
+    long_chat = [{"role": "user", "content": "word " * 140}]  # 700 bytes: 512 would not fit
+    free = client.chat.completions.create(model="demo", messages=long_chat, temperature=0)
+    assert free.usage.prompt_tokens + 512 > CONTEXT >= free.usage.total_tokens
     reply = client.chat.completions.create(
         model="demo", messages=messages, max_tokens=6, temperature=0
     )

@@ -68,7 +68,8 @@ def test_generation_fields_become_sampling_settings():
         model="m",
     )
     assert chat.prompt == "User: x\n\nAssistant:" and chat.stop == (CHAT_STOP,)
-    assert chat.max_tokens == 512 and _params(prompt="x").max_tokens == 16
+    assert (chat.max_tokens, chat.default_max_tokens) == (None, 512)
+    assert _params(prompt="x").default_max_tokens == 16
 
 
 @pytest.mark.parametrize(

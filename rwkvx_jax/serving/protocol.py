@@ -67,7 +67,9 @@ class GenerationParams:
 
     Attributes:
       prompt: the prompt text (a chat's messages already in the chat format).
-      max_tokens: most tokens generated.
+      max_tokens: most tokens generated; None when the request leaves it out.
+      default_max_tokens: the most when left out (16 for completions, 512 for chat), capped
+        by the context left after the prompt.
       sampling: temperature, top-k/p, penalties (no decay: OpenAI counts occurrences), seed,
         and the end-of-text stop token.
       stop: stop strings (a chat adds `CHAT_STOP`).
@@ -77,7 +79,8 @@ class GenerationParams:
     """
 
     prompt: str
-    max_tokens: int
+    max_tokens: int | None
+    default_max_tokens: int
     sampling: SamplingConfig
     stop: tuple[str, ...]
     stream: bool
@@ -173,10 +176,9 @@ def parse_generation(body: Any, *, chat: bool, model: str) -> GenerationParams:
     if body.get("logprobs") not in (None, False):
         raise bad("logprobs", "null (log probabilities are not returned)", body.get("logprobs"))
     default_max = CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS
-    limit = body.get("max_completion_tokens") if chat else None
-    max_tokens = _number(body, "max_tokens", default_max, 1, 2**31 - 1, integer=True)
-    if limit is not None:
-        max_tokens = _number(body, "max_completion_tokens", default_max, 1, 2**31, integer=True)
+    max_tokens = _number(body, "max_tokens", None, 1, 2**31 - 1, integer=True)
+    if chat and body.get("max_completion_tokens") is not None:
+        max_tokens = _number(body, "max_completion_tokens", None, 1, 2**31 - 1, integer=True)
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2**31)
@@ -207,6 +209,7 @@ def parse_generation(body: Any, *, chat: bool, model: str) -> GenerationParams:
     return GenerationParams(
         prompt=prompt,
         max_tokens=max_tokens,
+        default_max_tokens=default_max,
         sampling=sampling,
         stop=stop,
         stream=stream,

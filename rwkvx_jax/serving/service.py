@@ -164,13 +164,13 @@ class Service:
         """
         arrived = time.monotonic()
         queue, deliver = self._listener()
-        request = Request(
-            prompt=self._encode(params.prompt),
-            sampling=params.sampling,
-            max_tokens=params.max_tokens,
-            deliver=deliver,
-            start=self._start_state(params.state),
-        )
+        prompt, start = self._encode(params.prompt), self._start_state(params.state)
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # the default, shortened to the context the prompt leaves
+            used = len(prompt) + (start.state.length if start is not None else 0)
+            room = self.engine.max_context - used
+            max_tokens = min(params.default_max_tokens, room) if room > 0 else 1
+        request = Request(prompt, params.sampling, max_tokens, deliver, start=start)
         self._submit(request)
         self.metrics.add("rwkvx_requests_total")
         text = TextStream(self.tokenizer, params.stop)
