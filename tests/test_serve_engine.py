@@ -190,3 +190,26 @@ def test_an_error_in_one_request_fails_that_request_only(engine, decoder):
     assert out.finished.reason == "error" and "TypeError" in out.finished.error
     for request, collected in ((before, before_out), (after, after_out)):
         assert collected.tokens == greedy_tokens(decoder, [request.prompt], 5)[0].tolist()
+
+
+def test_a_long_prompt_stalls_a_running_stream_by_one_piece_at_most(engine, monkeypatch):
+    """Between two tokens of a running request the engine reads at most one prefill piece,
+    however long the prompts arriving meanwhile."""
+    log = []
+    read_piece = engine.decoder.prefill
+
+    def logged(*args, **kwargs):
+        log.append("piece")
+        return read_piece(*args, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "prefill", logged)
+    running = Collected()
+    engine.submit(Request(_prompt(60, 8), GREEDY, 30, lambda e: (log.append("token"), running(e))))
+    while not running.tokens:
+        engine.run_once()
+    for seed in (61, 62):
+        _submit(engine, _prompt(seed, 5 * PIECE), 3)  # five pieces each
+    _drain(engine)
+    during = log[log.index("token") : len(log) - log[::-1].index("token")]
+    assert during.count("piece") == 10
+    assert "piece,piece" not in ",".join(during)
