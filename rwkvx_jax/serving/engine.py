@@ -99,6 +99,8 @@ class Request:
       start: a saved state to continue, or None.
       only_prefill: read the prompt and deliver the state after it (`Prefilled`); generate
         nothing (max_tokens is then ignored).
+      id, submitted: set by `submit` (a serial number, `time.monotonic()`).
+      cancelled: set by `cancel`; the engine ends the request at its next round.
     """
 
     prompt: list[int]
@@ -126,6 +128,8 @@ class _Prefill:
 
 @dataclasses.dataclass
 class _Running:
+    """A request in a slot: tokens delivered so far, prompt tokens taken from the cache."""
+
     request: Request
     generated: int
     cached: int
