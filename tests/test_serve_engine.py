@@ -4,6 +4,7 @@ request, with per-row sampling, a state cache, and nothing compiled after start-
 from __future__ import annotations
 
 import contextlib
+import time
 
 import jax
 import numpy as np
@@ -213,3 +214,39 @@ def test_a_long_prompt_stalls_a_running_stream_by_one_piece_at_most(engine, monk
     during = log[log.index("token") : len(log) - log[::-1].index("token")]
     assert during.count("piece") == 10
     assert "piece,piece" not in ",".join(during)
+
+
+def test_the_engine_thread_outlives_a_failed_step(engine, decoder, monkeypatch):
+    """A batched step that raises fails the requests in it ("error"); the thread goes on and
+    serves the next request exactly."""
+    from rwkvx_jax.serving.service import EngineThread
+
+    real_advance = engine.batch.advance
+    calls = []
+
+    def failing_once(active):
+        calls.append(1)
+        if len(calls) == 1:
+            # As a step that fails after donating its buffers: they are gone.
+            jax.tree.map(lambda buffer: buffer.delete(), engine.batch.state)
+            raise RuntimeError("planted step failure")
+        return real_advance(active)
+
+    monkeypatch.setattr(engine.batch, "advance", failing_once)
+    thread = EngineThread(engine)
+    thread.start()
+    try:
+        first = Collected()
+        engine.submit(Request(_prompt(70, 6), GREEDY, 4, first))
+        thread.wake()
+        deadline = time.monotonic() + 60
+        while first.finished is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second_request, second = _submit(engine, _prompt(71, 6), 4)
+        thread.wake()
+        while second.finished is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        thread.stop()
+    assert first.finished.reason == "error" and "planted step failure" in first.finished.error
+    assert second.tokens == greedy_tokens(decoder, [second_request.prompt], 4)[0].tolist()

@@ -55,10 +55,7 @@ class SlotBatch:
         self.decoder = decoder
         self.slots = slots
         vocab = decoder.config.vocab_size
-        self.state: DecodeState = decoder.init_state(slots)
-        self.logits = jnp.zeros((slots, vocab), jnp.float32)
-        self.sampler: RowSamplerState = init_row_sampler(slots, vocab)
-        self.settings: RowSettings = row_settings([SamplingConfig(temperature=0.0)] * slots)
+        self.reset()
         step = decoder.step_function
 
         def advance(weights, state, sampler, logits, active, settings):
@@ -78,6 +75,15 @@ class SlotBatch:
 
         self._advance = jax.jit(advance, donate_argnums=(1, 2, 3))
         self._admit = jax.jit(admit, donate_argnums=(0, 1, 2))
+
+    def reset(self) -> None:
+        """Fresh buffers for every slot (all free): after a failed step, whose donated buffers
+        may be gone."""
+        vocab = self.decoder.config.vocab_size
+        self.state: DecodeState = self.decoder.init_state(self.slots)
+        self.logits = jnp.zeros((self.slots, vocab), jnp.float32)
+        self.sampler: RowSamplerState = init_row_sampler(self.slots, vocab)
+        self.settings: RowSettings = row_settings([SamplingConfig(temperature=0.0)] * self.slots)
 
     def admit(
         self, slot: int, row_state: DecodeState, row_logits, sampling: SamplingConfig

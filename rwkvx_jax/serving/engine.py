@@ -259,6 +259,8 @@ class Engine:
             waiting, self._waiting = list(self._waiting), collections.deque()
             job, self._prefill = self._prefill, None
             running, self._running = self._running, {}
+        if reason == FINISH_ERROR:
+            self.batch.reset()
         for request in waiting + ([job.request] if job is not None else []):
             request.deliver(Finished(reason, 0, 0, error=error))
         for entry in running.values():
