@@ -23,16 +23,21 @@ LAYERS = (
     ("blocks", ("rwkv7", "sparse")),
     ("model", ("model",)),
     ("formats", ("checkpoints", "data")),
-    ("inference", ("decoding", "api")),
+    ("inference", ("decoding", "api", "serving")),
     ("training", ("training",)),
     ("command-line helpers", ("cli",)),
-    ("commands", ("generate", "train", "convert", "convert_demo", "evals", "__init__")),
+    ("commands", ("generate", "train", "convert", "convert_demo", "evals", "serve", "__init__")),
 )
 # Wings of one layer that may import each other (one way: importer -> imported).
-SAME_LAYER_OK = {("sparse", "rwkv7"), ("api", "decoding"), ("convert", "convert_demo")}
+SAME_LAYER_OK = {
+    ("sparse", "rwkv7"),
+    ("api", "decoding"),
+    ("serving", "decoding"),
+    ("convert", "convert_demo"),
+}
 # Modules run as programs: nothing imports them, and nothing but the evals imports the evals'
 # shared helpers.
-COMMANDS = ("rwkvx_jax.generate", "rwkvx_jax.train", "rwkvx_jax.convert")
+COMMANDS = ("rwkvx_jax.generate", "rwkvx_jax.train", "rwkvx_jax.convert", "rwkvx_jax.serve")
 EVAL_HELPERS = ("rwkvx_jax.evals", "rwkvx_jax.evals.common")
 # The library modules that import the kernel package: the model's dispatch, the config (backend
 # names, the WKV chunk default) and the cached attention built on the top-k family's plan.

@@ -5,6 +5,7 @@ Rooms:
                step, streaming generation (SPEC §6).
   weights      `DecodeWeights`: the dense kernels in the layout that reads fastest.
   sampling     `SamplingConfig` and the sampler inside jit: penalties, temperature, top-k/p.
+  row_sampling `sample_rows`: the same sampler with settings and PRNG keys per row.
   state_files  decode states on disk (`save_state` / `load_state`), checked against the model.
   text         `TextGenerator` / `generate_text`: text in, text out through the tokenizer.
 

@@ -180,9 +180,15 @@ class Decoder:
                 )  # fmt: skip
 
         self._run_step = run_step
+        self.step_function = run_step
         self._piece = jax.jit(run_piece, donate_argnums=(1,))
         self._step = jax.jit(run_step, donate_argnums=(1,))
         self._advance_fns = {}
+
+    # `step_function(weights, state, tokens [B], valid bool [B]) -> (logits [B, V], state)`:
+    # the pure one-token step `step` compiles, for callers that compile it inside a larger
+    # function of their own (a serving engine's sample-then-step); pass it `self.weights`.
+    step_function: Any
 
     def init_state(self, batch: int) -> DecodeState:
         """Empty state for `batch` sequences."""
