@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_train import REFERENCE_KERNELS, SMALL_RUN, check_kill_9_and_ctrl_c_resume
 
-from rwkvx_jax import generate
+from rwkvx_jax import generate, training
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.checkpoints.adapters import (
     AdapterError,
@@ -23,7 +23,7 @@ from rwkvx_jax.checkpoints.conversion import load_checkpoint_params
 from rwkvx_jax.checkpoints.directory import load_params, save_params
 from rwkvx_jax.checkpoints.official_layout import params_from_state_dict
 from rwkvx_jax.checkpoints.random_weights import random_state_dict
-from rwkvx_jax.checkpoints.tensor_files import write_pth
+from rwkvx_jax.checkpoints.tensor_files import write_pth, write_safetensors
 from rwkvx_jax.data.chat import chat_pieces, chat_prompt, encode_chat, split_scored
 from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
 from rwkvx_jax.decoding.state_files import load_state, read_state_metadata
@@ -211,6 +211,37 @@ def test_steps_train_only_the_adapter_or_state(runs, base, method):
     assert tree_bytes(state["opt_state"]) == sizes["opt_state"]
 
 
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "state"])
+def test_remat_keeps_the_gradients_of_the_trained_part(runs, method):
+    """The learnt state enters the block call before remat wraps it (`initial_states` is
+    entered first), so under every remat policy it is an argument of the rematerialised block
+    and gets its gradient; LoRA's adapted params reach the blocks as their params."""
+    config, _, state, _, batches = runs(method)
+    grads = {}
+    for policy in ("none", "ordered"):
+        program = _program(config.replace(remat=policy))
+        grad_fn = jax.jit(jax.grad(program.finetune_loss))
+        grads[policy] = grad_fn(state["trained"], state["params"], batches[0])
+    for got, want in zip(jax.tree.leaves(grads["ordered"]), jax.tree.leaves(grads["none"]),
+                         strict=True):  # fmt: skip
+        scale = float(jnp.max(jnp.abs(want)))
+        assert scale > 0 and float(jnp.max(jnp.abs(got - want))) <= 1e-5 * scale
+
+
+@pytest.mark.aot
+def test_aot_compile_of_a_lora_step_for_a_tpu_slice(tmp_path):
+    """`train.py --aot-topology` with finetune=lora compiles the fine-tuning step (bf16,
+    remat=ordered) for a v5p slice. Needs the TPU compiler: `pip install -e '.[aot]'`."""
+    devices = training.tpu_topology_devices("v5p:2x2x1")
+    config = finetune_config(
+        tmp_path, "lora", "mesh=1,2,2", "data.batch_size=4", "model.dtype=bfloat16",
+        "remat=ordered",
+    )  # fmt: skip
+    program, compiled = training.aot_compile(config, devices)
+    assert isinstance(program, FinetuneProgram)
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2)])
 def test_sharded_steps_match_one_device(runs, base, method, mesh_shape):
@@ -259,6 +290,18 @@ def test_adapter_leaves_must_fit_the_base(base):
         apply_adapter(params, {"lora": {"blocks_0": {"att": {"query": kernel}}}}, 1.0)
 
 
+def test_files_that_are_not_adapters_are_named(tmp_path, base):
+    config = base[0]
+    with pytest.raises(AdapterError, match="no such adapter file"):
+        load_adapter(tmp_path / "missing.safetensors", config)
+    (tmp_path / "bytes.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(AdapterError, match="not a safetensors adapter file"):
+        load_adapter(tmp_path / "bytes.safetensors", config)
+    write_safetensors(tmp_path / "weights.safetensors", {"x": np.zeros(2, np.float32)})
+    with pytest.raises(AdapterError, match="format None, expected 'rwkvx-jax-lora-adapter'"):
+        load_adapter(tmp_path / "weights.safetensors", config)
+
+
 def _cli_run(tmp_path, base_path, method, *extra):
     config = apply_overrides(
         TrainConfig(),
@@ -268,7 +311,7 @@ def _cli_run(tmp_path, base_path, method, *extra):
     return config, train(config, progress=False, log=lambda _: None)
 
 
-def test_lora_run_exports_the_merged_model_and_the_adapter(base, tmp_path):
+def test_lora_run_exports_the_merged_model_and_the_adapter(base, tmp_path, capsys):
     """train(finetune=lora) from a converted folder: export/params and export/model.pth hold
     the merged model, export/adapter.safetensors the adapter; all give one model."""
     model_config, params, folder, _ = base
@@ -281,6 +324,10 @@ def test_lora_run_exports_the_merged_model_and_the_adapter(base, tmp_path):
     on_base = apply_adapter_file(tmp_path / "export" / "adapter.safetensors", model_config, params)
     for other in (merged, from_pth, on_base):
         np.testing.assert_allclose(forward(other), adapted, atol=1e-5, rtol=0)
+    adapter = str(tmp_path / "export" / "adapter.safetensors")
+    argv = ["--checkpoint", folder, "--adapter", adapter, "--prompt", "ab",
+            "--max-new-tokens", "2", "--temperature", "0", "--prefill-chunk", "16"]  # fmt: skip
+    assert generate.main(argv) == 0, capsys.readouterr().err
 
 
 def test_state_run_exports_a_state_that_decoding_reads(base, tmp_path, capsys):

@@ -48,6 +48,11 @@ def finetune_method(config: TrainConfig, model_config: RWKVXConfig):
     raise TrainConfigError(f"finetune={config.finetune!r} is not a fine-tuning method")
 
 
+def program_class(config: TrainConfig) -> type[TrainProgram]:
+    """The program that runs `config`: `FinetuneProgram` for a `finetune=` method."""
+    return TrainProgram if config.finetune == "none" else FinetuneProgram
+
+
 def tree_bytes(tree) -> int:
     """Bytes of every array leaf of a tree (arrays or shape structs)."""
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -24,7 +24,7 @@ from rwkvx_jax.training.aot import describe_memory
 from rwkvx_jax.training.config import TrainConfig
 from rwkvx_jax.training.corpus import load_corpus
 from rwkvx_jax.training.export import export_params
-from rwkvx_jax.training.finetune import FinetuneProgram
+from rwkvx_jax.training.finetune import FinetuneProgram, program_class
 from rwkvx_jax.training.flops import measure_peak_flops, training_flops_per_token
 from rwkvx_jax.training.initial_params import initial_params, resumed_model_config
 from rwkvx_jax.training.metrics import MetricsLog
@@ -177,8 +177,7 @@ def _prepare(
         write_text_atomically(model_config_path, model_config.to_json() + "\n")
     _check_schedule(config, log)
 
-    program_type = TrainProgram if config.finetune == "none" else FinetuneProgram
-    program = program_type.create(config, model_config, mesh)
+    program = program_class(config).create(config, model_config, mesh)
     tokens = load_corpus(config.data, model_config.vocab_size)
     iterator = make_train_iterator(
         tokens,
