@@ -114,7 +114,9 @@ def _run(args) -> None:
         model = f"--checkpoint {shlex.quote(result.workdir)}"
         if config.finetune == "state":
             state_file = os.path.join(result.export_dir, STATE_FILE)
-            model = f"--checkpoint BASE --state-in {shlex.quote(state_file)}"
+            base = config.init_checkpoint
+            base = shlex.quote(base) if os.path.isdir(base) else "BASE_CONVERTED_FOLDER"
+            model = f"--checkpoint {base} --state-in {shlex.quote(state_file)}"
         print(
             f"\ngenerate more from this run: python -m rwkvx_jax.generate {model} --prompt "
             f"{shlex.quote(sample.prompt)}"

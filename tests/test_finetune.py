@@ -33,7 +33,7 @@ from rwkvx_jax.training import train
 from rwkvx_jax.training.config import TrainConfig, TrainConfigError, apply_overrides
 from rwkvx_jax.training.finetune import FinetuneProgram, tree_bytes
 from rwkvx_jax.training.losses import masked_mean
-from rwkvx_jax.training.state_tuning import initial_states
+from rwkvx_jax.training.state_tuning import initial_states, with_initial_states
 
 METHODS = ("lora", "state")
 # The LoRA run also trains the small vectors, and the state run the token shifts: every
@@ -188,7 +188,7 @@ def test_untrained_adapter_and_state_are_the_base_model_exactly(base, method, tm
     tokens = jnp.asarray(np.abs(_batches(1)[0]))[:, :-1]
     model = RWKVX(config)
     want = model.apply({"params": params}, tokens)
-    with program.method.forward(trained):
+    with program.method.forward_context():
         got = model.apply({"params": program.method.model_params(params, trained)}, tokens)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -201,7 +201,8 @@ def test_steps_train_only_the_adapter_or_state(runs, base, method):
         np.testing.assert_array_equal(np.asarray(got), want)
     assert losses[-1] < losses[0]
     # The gradient is taken of the trained part alone: its tree is the trained part's.
-    grads = jax.grad(program.finetune_loss)(state["trained"], state["params"], _batches(1)[0])
+    with program.forward_context():
+        grads = jax.grad(program.finetune_loss)(state["trained"], state["params"], _batches(1)[0])
     assert jax.tree.structure(grads) == jax.tree.structure(state["trained"])
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
     # Adam's two moments of the trained part, plus step counters: nothing for the base.
@@ -220,8 +221,9 @@ def test_remat_keeps_the_gradients_of_the_trained_part(runs, method):
     grads = {}
     for policy in ("none", "ordered"):
         program = _program(config.replace(remat=policy))
-        grad_fn = jax.jit(jax.grad(program.finetune_loss))
-        grads[policy] = grad_fn(state["trained"], state["params"], batches[0])
+        with program.forward_context():
+            grad_fn = jax.jit(jax.grad(program.finetune_loss))
+            grads[policy] = grad_fn(state["trained"], state["params"], batches[0])
     for got, want in zip(jax.tree.leaves(grads["ordered"]), jax.tree.leaves(grads["none"]),
                          strict=True):  # fmt: skip
         scale = float(jnp.max(jnp.abs(want)))
@@ -343,8 +345,9 @@ def test_state_run_exports_a_state_that_decoding_reads(base, tmp_path, capsys):
     state = load_state(path, model_config)
     tokens = np.abs(_batches(1)[0])[:2, :20]
     trained = result.state["trained"]
-    with initial_states(trained):
-        want = RWKVX(model_config).apply({"params": params}, jnp.asarray(tokens))[:, -1]
+    with initial_states():
+        tuned = with_initial_states(params, trained)
+        want = RWKVX(model_config).apply({"params": tuned}, jnp.asarray(tokens))[:, -1]
     decoder = Decoder(model_config, params, DecodeConfig(prefill_chunk=32))
     got, _ = decoder.prefill(tokens, jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), state))
     scale = float(jnp.max(jnp.abs(want)))

@@ -13,6 +13,7 @@ resume and sharding work the same; the step and the state differ.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
@@ -152,18 +153,22 @@ class FinetuneProgram(TrainProgram):
 
     # -- the step
 
+    @contextlib.contextmanager
+    def forward_context(self):
+        """The method's interceptor, then the blocks' remat and sharding (`block_transforms`):
+        trace `finetune_loss` and its gradient inside it."""
+        with self.method.forward_context():
+            with block_transforms(self.config.remat, self.activation_sharding):
+                yield
+
     def finetune_loss(self, trained, params, tokens):
         """Mean cross-entropy over the scored targets of signed tokens [B, T + 1], for the
-        base `params` adapted by `trained`."""
+        base `params` adapted by `trained` (traced inside `forward_context`)."""
         ids, scored = split_scored(tokens)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         adapted = self.method.model_params(params, trained)
         loss_cfg = self.config.loss
-        with (
-            self.method.forward(trained),
-            block_transforms(self.config.remat, self.activation_sharding),
-        ):
-            hidden = self.model.apply({"params": adapted}, inputs, hidden_only=True)
+        hidden = self.model.apply({"params": adapted}, inputs, hidden_only=True)
         per_token = chunked_token_cross_entropy(
             hidden, targets, functools.partial(output_logits, self.model_config, adapted),
             chunk_tokens=loss_cfg.chunk_tokens, l2wrap_logits=loss_cfg.l2wrap,
@@ -173,7 +178,10 @@ class FinetuneProgram(TrainProgram):
     def step_fn(self, state, tokens):
         """One step (not jitted): the gradient of the trained part only, its update."""
         params, trained = state["params"], state["trained"]
-        loss, grads = jax.value_and_grad(self.finetune_loss)(trained, params, tokens)
+        # As in TrainProgram.step_fn, the interceptors stay active over the backward pass too
+        # (rematerialised blocks run again there); the method's is entered first.
+        with self.forward_context():
+            loss, grads = jax.value_and_grad(self.finetune_loss)(trained, params, tokens)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], trained)
         grad_norm = optax.tree.norm(grads)
         accum = self.config.optimizer.grad_accum_steps

@@ -6,11 +6,16 @@ W + (alpha / rank) A @ B for every adapted kernel (`apply_adapter`), and calls t
 model with them. The gradient is taken with respect to the adapter only, so only A, B (and,
 with `lora.train_vectors`, the small vectors) are trained and carry optimiser state; the base
 params pass through the step untouched. B starts at zero, so the first forward is exactly the
-base model's.
+base model's. The merged export is the same expression, so merged and adapted forwards are
+the same model.
 
-Forming the adapted params costs one transient copy of the adapted kernels per step (sharded
-like the kernels themselves); the merged export is the same expression, so merged and adapted
-forwards are the same model.
+The cost of forming the weights: one transient copy of the adapted kernels per step (sharded
+like the kernels), and the backward pass makes each adapted kernel's full [in, out] gradient
+before projecting it onto A and B (docs/BENCHMARKS.md: a LoRA step took 0.88x of a full
+fine-tuning step for the 0.1B shape on CPU). Adding scale * (x A) B to each layer's output
+through a method interceptor instead would skip those gradients; tried, its sharded steps
+parted from the single-device ones by 6e-5 of the loss by the third step (the merged form
+agrees to 2e-7), unexplained, so it is not used.
 """
 
 from __future__ import annotations
@@ -104,12 +109,11 @@ class LoraMethod:
     def model_params(self, params, adapter):
         return apply_adapter(params, adapter, self.lora.scale)
 
-    def forward(self, adapter):
-        del adapter
+    def forward_context(self):
         return contextlib.nullcontext()
 
     def inference(self, params, adapter):
-        return self.model_params(params, adapter), None
+        return apply_adapter(params, adapter, self.lora.scale), None
 
     def export(
         self, workdir: str, model_config: RWKVXConfig, params, adapter, config: TrainConfig,
@@ -118,9 +122,7 @@ class LoraMethod:
         """Writes `export/adapter.safetensors` (the adapter alone) and the merged model:
         `export/params` and, with torch, `export/model.pth`. Returns the export folder."""
         adapter = host_params(adapter)
-        merged = jax.tree.map(
-            np.asarray, apply_adapter(host_params(params), adapter, self.lora.scale)
-        )
+        merged = jax.tree.map(np.asarray, self.inference(host_params(params), adapter)[0])
         export_dir = export_params(workdir, model_config, merged, config, log)
         if jax.process_index() == 0:
             path = os.path.join(export_dir, ADAPTER_FILE)

@@ -7,10 +7,14 @@ the learnt state is just a saved decode state (`decoding.state_files`, exported 
 `StateMethod.export`): `generate --state-in` and `Decoder` read it like any other, so it costs
 nothing per token.
 
-The model is unchanged: a Flax method interceptor (`initial_states`) hands each RWKV-7 block
-its learnt state when the model calls the block without one, and the gradient reaches that
-state through the WKV kernel (differentiable in its initial state) and the token shifts. The
-learnt state starts at zero, where the model is exactly the base model.
+The model is unchanged: the learnt states travel in the params handed to it, each under its
+block's `initial_state` (`with_initial_states`; Flax ignores params no module asks for), and a
+Flax method interceptor (`initial_states`) hands a block that state when the model calls the
+block without one. The gradient reaches the state through the WKV kernel (differentiable in
+its initial state) and the token shifts. Being params, the states are explicit inputs of every
+block, also under `remat=ordered`, and the interceptor holds no traced value, so it stays
+active over the backward pass (where rematerialised blocks run again). The learnt state starts
+at zero, where the model is exactly the base model.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from rwkvx_jax.training.export import host_params
 Log = Callable[[str], None]
 STATE_FILE = "state.npz"
 SHIFTS = ("att_x_prev", "ffn_x_prev")
+INITIAL_STATE = "initial_state"
 
 
 def init_tuned_states(model_config: RWKVXConfig, tuning: StateTuningConfig) -> dict:
@@ -59,26 +64,35 @@ def _block_state(tuned: dict, batch: int, shift_dtype) -> RWKVBlockState:
     return RWKVBlockState(shifts[0], rows(tuned["wkv"]), shifts[1])
 
 
-@contextlib.contextmanager
-def initial_states(tuned: dict):
-    """While active, an RWKV-7 block named in `tuned` that the model calls without a state
-    starts from its learnt one (the same for every row of the batch).
+def with_initial_states(params, tuned: dict) -> dict:
+    """The params with each tuned block's learnt state under its `initial_state` key."""
+    return {
+        **params,
+        **{name: {**params[name], INITIAL_STATE: state} for name, state in tuned.items()},
+    }
 
-    Enter it outside `remat.block_transforms`: interceptors run in the order they were
-    entered, so the state is then an argument of the (possibly rematerialised) block call.
+
+@contextlib.contextmanager
+def initial_states():
+    """While active, an RWKV-7 block whose params hold an `initial_state` (`with_initial_states`)
+    and that the model calls without a state starts from that state, for every row.
+
+    Enter it outside `remat.block_transforms` (interceptors run in the order they were
+    entered): the state is then an argument of the (possibly rematerialised) block call.
     """
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        starts_fresh = len(args) == 2 and kwargs.get("state") is None
         if (
             context.method_name == "__call__"
             and isinstance(module, RWKVBlock)
-            and starts_fresh
-            and module.name in tuned
+            and len(args) == 2
+            and kwargs.get("state") is None
+            and INITIAL_STATE in module.variables.get("params", {})
         ):
             x, v_first = args
-            args = (x, v_first, _block_state(tuned[module.name], x.shape[0], module.dtype))
+            learnt = module.variables["params"][INITIAL_STATE]
+            args = (x, v_first, _block_state(learnt, x.shape[0], module.dtype))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -120,11 +134,10 @@ class StateMethod:
         return init_tuned_states(self.model_config, self.tuning)
 
     def model_params(self, params, tuned):
-        del tuned
-        return params
+        return with_initial_states(params, tuned)
 
-    def forward(self, tuned):
-        return initial_states(tuned)
+    def forward_context(self):
+        return initial_states()
 
     def inference(self, params, tuned):
         return params, tuned_decode_state(self.model_config, host_params(tuned))
