@@ -22,6 +22,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from rwkvx_jax.checkpoints.adapters import apply_adapter_file
 from rwkvx_jax.cli import (
     Parser,
     UsageError,
@@ -128,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         prefill_default="512, a whole number of chunks; demo: one chunk",
     )
     add("--state-in", metavar="FILE", help="continue from a saved state: the prompt is appended")
+    add(
+        "--adapter",
+        metavar="FILE",
+        help="apply a LoRA adapter (train.py finetune=lora: export/adapter.safetensors) to the "
+        "checkpoint's params",
+    )
     add("--state-out", metavar="FILE", help="save the final state (every generated token read)")
     return parser
 
@@ -219,6 +226,9 @@ def run(args) -> None:
     if args.state_out is not None:
         output_path(args.state_out, "--state-out")
     config, params, model_name = load_model(args)
+    if args.adapter is not None:
+        params = apply_adapter_file(args.adapter, config, params)
+        model_name = f"{model_name} + {args.adapter}"
     stop = (
         [tokenizer_for_vocab(config.vocab_size).end_of_document] if args.stop is None else args.stop
     )

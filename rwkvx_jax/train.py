@@ -4,6 +4,8 @@ python train.py                                   # the `tiny` recipe in runs/ti
 python train.py --config 0.22b-stage1 data.corpus=/data/minipile_text_document
 python train.py --config my_run.json --workdir runs/exp1 --steps 2000 optimizer.lr=3e-4
 python train.py --list                            # recipes and their settings
+python train.py finetune=lora init_checkpoint=model.pth model=rwkv7-world-0.1b \
+    data.corpus=chat.jsonl data.records=chat        # fine-tune (README: Fine-tuning)
 
 (`rwkvx-train` and `python -m rwkvx_jax.train` are the same command.)
 
@@ -19,6 +21,7 @@ global batch.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import sys
@@ -31,6 +34,7 @@ import jax
 from rwkvx_jax import training
 from rwkvx_jax.cli import Parser, RunFailed, UsageError, run_cli
 from rwkvx_jax.training.config import RECIPES, apply_overrides, load_config, recipe
+from rwkvx_jax.training.state_tuning import STATE_FILE
 
 PROG = "train.py"
 
@@ -100,15 +104,22 @@ def _run(args) -> None:
         raise RunFailed(str(err)) from None
     sample = config.sample
     if sample.tokens and not args.no_sample and jax.process_index() == 0:
-        text = training.sample_text(result.model_config, result.state["params"], sample)
+        params, state = result.inference()
+        text = training.sample_text(result.model_config, params, sample, state)
         print(
             f"\nsample after {result.final_step} steps (temperature {sample.temperature}, "
             f"top-p {sample.top_p}):\n{sample.prompt}{text}"
         )
     if result.export_dir and jax.process_index() == 0:
+        model = f"--checkpoint {shlex.quote(result.workdir)}"
+        if config.finetune == "state":
+            state_file = os.path.join(result.export_dir, STATE_FILE)
+            base = config.init_checkpoint
+            base = shlex.quote(base) if os.path.isdir(base) else "BASE_CONVERTED_FOLDER"
+            model = f"--checkpoint {base} --state-in {shlex.quote(state_file)}"
         print(
-            f"\ngenerate more from this run: python -m rwkvx_jax.generate --checkpoint "
-            f"{shlex.quote(result.workdir)} --prompt {shlex.quote(sample.prompt)}"
+            f"\ngenerate more from this run: python -m rwkvx_jax.generate {model} --prompt "
+            f"{shlex.quote(sample.prompt)}"
         )
 
 

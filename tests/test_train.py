@@ -522,7 +522,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-def _train_cli(workdir, cache_dir, steps, every):
+def _train_cli(workdir, cache_dir, steps, every, extra=()):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device
     env.update(
@@ -533,7 +533,7 @@ def _train_cli(workdir, cache_dir, steps, every):
     args = [
         sys.executable, os.path.join(REPO, "train.py"), "--workdir", str(workdir),
         "--steps", str(steps), "--no-progress", *SMALL_RUN, *REFERENCE_KERNELS, "data.batch_size=4",
-        "data.prefetch=1", f"checkpoint.every={every}", "checkpoint.keep=2",
+        "data.prefetch=1", f"checkpoint.every={every}", "checkpoint.keep=2", *extra,
     ]  # fmt: skip
     return subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -545,16 +545,22 @@ def _losses(workdir):
 
 
 def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path):
+    check_kill_9_and_ctrl_c_resume(tmp_path)
+
+
+def check_kill_9_and_ctrl_c_resume(tmp_path, extra=()):
+    """A run killed with kill -9, then stopped with Ctrl-C, then resumed logs the losses of an
+    uninterrupted run bit for bit (`extra`: more train.py overrides, e.g. a fine-tuning)."""
     steps, every = 24, 4
     cache = tmp_path / "jax-cache"
-    reference = _train_cli(tmp_path / "reference", cache, steps, every)
+    reference = _train_cli(tmp_path / "reference", cache, steps, every, extra)
     output, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, output
     expected = _losses(tmp_path / "reference")
     assert [s for s, _ in expected] == list(range(1, steps + 1))
 
     workdir = tmp_path / "killed"
-    run = _train_cli(workdir, cache, steps, every)
+    run = _train_cli(workdir, cache, steps, every, extra)
     checkpoints = workdir / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and run.poll() is None:
@@ -570,7 +576,7 @@ def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path):
 
     # Ctrl-C after the next checkpoint: the run saves the step it is on, says so in one line
     # with the resume hint, and exits 130.
-    interrupted = _train_cli(workdir, cache, steps, every)
+    interrupted = _train_cli(workdir, cache, steps, every, extra)
     deadline = time.time() + 600
     while time.time() < deadline and interrupted.poll() is None:
         if max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) > killed_at:
@@ -589,7 +595,7 @@ def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path):
     assert max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == stopped_at
     assert "Traceback" not in output
 
-    resumed = _train_cli(workdir, cache, steps, every)
+    resumed = _train_cli(workdir, cache, steps, every, extra)
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     assert "resumed from" in output

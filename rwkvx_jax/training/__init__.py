@@ -12,6 +12,9 @@ Rooms:
   metrics         metrics.jsonl, TensorBoard and loss.png of a run.
   aot             ahead-of-time compilation for a TPU slice.
   export          exported params / `.pth` and a text sample at the end of a run.
+  finetune        `FinetuneProgram`: the step of a fine-tuning method on a frozen base.
+  lora            LoRA adapters beside the base, formed into its weights; merged export.
+  state_tuning    learnt initial RWKV-7 states; exported as a decode-state file.
   loop            `train`: resume or start, step, log, checkpoint, export.
 
 The command line is `rwkvx_jax.train` (`train.py`, `rwkvx-train`). Checkpoint formats live in
@@ -30,6 +33,7 @@ from rwkvx_jax.training.config import (
 )
 from rwkvx_jax.training.corpus import load_corpus
 from rwkvx_jax.training.export import export_params, host_params, sample_text
+from rwkvx_jax.training.finetune import FinetuneProgram
 from rwkvx_jax.training.flops import (
     matmul_param_count,
     measure_peak_flops,
@@ -43,6 +47,7 @@ from rwkvx_jax.training.remat import block_transforms
 __all__ = [
     "RECIPES",
     "CheckpointStore",
+    "FinetuneProgram",
     "MetricsLog",
     "NonFiniteError",
     "StopRequested",

@@ -6,7 +6,7 @@ from rwkvx_jax import ops
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.config import RWKVXConfig
 from rwkvx_jax.training.config import TrainConfig
-from rwkvx_jax.training.program import TrainProgram
+from rwkvx_jax.training.finetune import program_class
 
 
 def describe_memory(compiled) -> str:
@@ -67,7 +67,7 @@ def aot_compile(config: TrainConfig, devices, model_config: RWKVXConfig | None =
     not of this host's.
 
     Returns:
-      (TrainProgram, compiled step).
+      (TrainProgram, or FinetuneProgram for a `finetune=` config; compiled step).
     """
     mesh = shd.make_mesh(config.mesh, devices=devices)
     model_config = model_config or config.model
@@ -79,5 +79,5 @@ def aot_compile(config: TrainConfig, devices, model_config: RWKVXConfig | None =
             if getattr(model_config, name) == "auto"
         }
     )
-    program = TrainProgram.create(config, model_config, mesh)
+    program = program_class(config).create(config, model_config, mesh)
     return program, program.compile(config.data.ctx)

@@ -27,6 +27,11 @@ REMAT_POLICIES = ("none", "full", "dots", "ordered")
 EXPAND_INITS = ("copy", "zero")
 TOKENIZERS = ("auto", "bytes", "world")
 ORDERS = ("shuffle", "magic_prime", "sequential")
+RECORDS = ("text", "chat")
+FINETUNE_METHODS = ("none", "lora", "state")
+# The dense kernels LoRA can adapt, as `<module>.<layer>` of every block (RWKV-7 r/k/v/o and
+# the channel mix; the sparse blocks' q (named receptance, as officially)/k/v/o and FFN).
+LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
 class TrainConfigError(ValueError):
@@ -48,7 +53,11 @@ class DataConfig:
       max_tokens: read at most this many tokens of the corpus (stdlib and jsonl); None = all.
       tokenizer: for jsonl: "bytes" (UTF-8 bytes, vocab 256), "world" (RWKV World, vocab
         65536) or "auto" (by the model's vocabulary size).
-      jsonl_field: the jsonl key holding each document's text.
+      jsonl_field: the jsonl key holding each document's text (records="text").
+      records: what each jsonl line holds: "text" (a document, every token trained on) or
+        "chat" (a conversation, `{"messages": [{"role": ..., "content": ...}, ...]}`, rendered
+        in the RWKV World chat format with the loss on the assistant's answers only; see
+        `rwkvx_jax.data.chat`; fine-tuning only).
       prefetch: batches read ahead by grain threads.
     """
 
@@ -59,12 +68,19 @@ class DataConfig:
     max_tokens: int | None = None
     tokenizer: str = "auto"
     jsonl_field: str = "text"
+    records: str = "text"
     prefetch: int = 2
 
     def __post_init__(self):
         _check_positive(self, "ctx", "batch_size")
         _check_choice(self, "order", ORDERS)
         _check_choice(self, "tokenizer", TOKENIZERS)
+        _check_choice(self, "records", RECORDS)
+        if self.records == "chat" and not self.corpus.endswith(".jsonl"):
+            raise TrainConfigError(
+                f"data.records='chat' reads a .jsonl file of conversations, got data.corpus="
+                f"{self.corpus!r}"
+            )
         if self.max_tokens is not None and self.max_tokens < self.ctx + 1:
             raise TrainConfigError(
                 f"data.max_tokens={self.max_tokens} is below one sample (data.ctx + 1 = "
@@ -163,6 +179,51 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (`finetune=lora`): W + (alpha / rank) A @ B on the chosen dense kernels.
+
+    Attributes:
+      rank: r, the inner width of each adapter (A [in, r], B [r, out]; B starts at zero, so the
+        adapted model starts as the base model exactly).
+      alpha: the adapter's scale is alpha / rank.
+      targets: which kernels of every block get an adapter, from `LORA_TARGETS`
+        (`lora.targets=att.key,att.value`).
+      train_vectors: also train the small vectors (token-shift mixes, decay and gate biases,
+        LayerNorms: every parameter with fewer than two dims over 1); their trained values go
+        into the adapter file beside A and B.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    train_vectors: bool = False
+
+    def __post_init__(self):
+        _check_positive(self, "rank", "alpha")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise TrainConfigError(
+                f"lora.targets must be a non-empty list from {LORA_TARGETS}, got {self.targets}"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class StateTuningConfig:
+    """State tuning (`finetune=state`): learn each RWKV-7 block's initial decode state.
+
+    Attributes:
+      token_shift: also learn the initial token-shift inputs (the time mix's and the channel
+        mix's previous token), not only the WKV state.
+    """
+
+    token_shift: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. The defaults are the `tiny` recipe (a few minutes on one CPU).
 
@@ -192,6 +253,11 @@ class TrainConfig:
         checkpoint (no sparse blocks) is expanded to the model's n_attn_layer. None: random init
         (stage1 then expands a random RWKV-7).
       expand_init: how new sparse blocks start: "copy" (official) or "zero" (identity).
+      finetune: "none" (train the params as `stage` says), "lora" (low-rank adapters on a frozen
+        `init_checkpoint`, see `lora`) or "state" (each RWKV-7 block's initial state on a frozen
+        `init_checkpoint`, see `state_tuning`); the frozen params get no optimiser state.
+      lora: the adapters of finetune="lora".
+      state_tuning: what finetune="state" learns.
     """
 
     name: str = "tiny"
@@ -219,12 +285,17 @@ class TrainConfig:
     stage: str = "pretrain"
     init_checkpoint: str | None = None
     expand_init: str = "copy"
+    finetune: str = "none"
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    state_tuning: StateTuningConfig = dataclasses.field(default_factory=StateTuningConfig)
 
     def __post_init__(self):
         _check_positive(self, "steps", "log_every")
         _check_choice(self, "remat", REMAT_POLICIES)
         _check_choice(self, "stage", STAGES)
         _check_choice(self, "expand_init", EXPAND_INITS)
+        _check_choice(self, "finetune", FINETUNE_METHODS)
+        self._check_finetune()
         if (
             len(self.mesh) != 3
             or self.mesh.count(-1) > 1
@@ -242,6 +313,26 @@ class TrainConfig:
                 f"loss.longce=true does nothing at data.ctx={self.data.ctx} <= "
                 f"loss.longce_start={self.loss.longce_start}"
             )
+
+    def _check_finetune(self) -> None:
+        if self.finetune == "none":
+            if self.data.records == "chat":
+                raise TrainConfigError(
+                    "data.records='chat' trains on the answers only, which fine-tuning does: "
+                    "set finetune=lora or finetune=state"
+                )
+            return
+        if self.init_checkpoint is None:
+            raise TrainConfigError(
+                f"finetune={self.finetune} adapts a checkpoint: set init_checkpoint= (an official "
+                ".pth or a converted / exported params directory)"
+            )
+        if self.stage == "stage1":
+            raise TrainConfigError(
+                f"finetune={self.finetune} freezes the base itself; use stage=pretrain"
+            )
+        if self.loss.longce:
+            raise TrainConfigError(f"finetune={self.finetune} does not take loss.longce=true")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -269,7 +360,7 @@ def _check_choice(obj, name: str, choices: Sequence[str]) -> None:
 def _section(obj) -> str:
     names = {
         DataConfig: "data.", LossConfig: "loss.", CheckpointConfig: "checkpoint.",
-        SampleConfig: "sample.",
+        SampleConfig: "sample.", LoraConfig: "lora.",
     }  # fmt: skip
     return names.get(type(obj), "")
 

@@ -6,13 +6,20 @@ import os
 
 import numpy as np
 
-from rwkvx_jax.data import BinIdxTokens, jsonl_documents, pack_documents, stdlib_corpus_tokens
+from rwkvx_jax.data import (
+    BinIdxTokens,
+    chat_jsonl_tokens,
+    jsonl_documents,
+    pack_documents,
+    stdlib_corpus_tokens,
+)
 from rwkvx_jax.tokenizer import WORLD_VOCAB_SIZE, ByteTokenizer, Tokenizer, tokenizer_for_vocab
 from rwkvx_jax.training.config import DataConfig, TrainConfigError
 
 
 def load_corpus(data: DataConfig, vocab_size: int):
-    """The flat token stream of `data.corpus` (see `DataConfig`)."""
+    """The flat token stream of `data.corpus` (see `DataConfig`); chat records come as signed
+    tokens (`rwkvx_jax.data.chat.split_scored`)."""
     corpus = data.corpus
     if corpus == "stdlib":
         if vocab_size < 256:
@@ -24,6 +31,11 @@ def load_corpus(data: DataConfig, vocab_size: int):
         if not os.path.isfile(corpus):
             raise TrainConfigError(f"data.corpus={corpus!r}: no such jsonl file")
         tokenizer = _tokenizer(data.tokenizer, vocab_size)
+        if data.records == "chat":
+            # Signed tokens: the loss mask rides along; one conversation per window
+            # (`rwkvx_jax.data.chat`).
+            tokens = chat_jsonl_tokens(corpus, tokenizer, data.ctx)
+            return tokens[: data.max_tokens] if data.max_tokens else tokens
         documents = jsonl_documents(corpus, tokenizer, data.jsonl_field)
         tokens = pack_documents(documents, np.int32)
         return tokens[: data.max_tokens] if data.max_tokens else tokens

@@ -56,9 +56,10 @@ def export_params(workdir: str, model_config: RWKVXConfig, params, config: Train
     return export_dir
 
 
-def sample_text(model_config: RWKVXConfig, params, sample: SampleConfig) -> str:
+def sample_text(model_config: RWKVXConfig, params, sample: SampleConfig, state=None) -> str:
     """A sampled continuation of `sample.prompt` (its temperature, top-p and seed; the
-    tokenizer of the model's vocabulary: bytes for 256, else RWKV World)."""
+    tokenizer of the model's vocabulary: bytes for 256, else RWKV World), read after the
+    decode `state` of one sequence when given (a state-tuned model's)."""
     tokenizer = tokenizer_for_vocab(model_config.vocab_size)
     n_prompt = len(tokenizer.encode(sample.prompt))
     # One prefill piece just covering the prompt: the decoder's default piece (512 tokens)
@@ -67,4 +68,4 @@ def sample_text(model_config: RWKVXConfig, params, sample: SampleConfig) -> str:
     piece = DecodeConfig(prefill_chunk=chunk * max(1, -(-n_prompt // chunk)))
     generator = TextGenerator(model_config, host_params(params), piece, tokenizer=tokenizer)
     sampling = SamplingConfig(temperature=sample.temperature, top_p=sample.top_p, seed=sample.seed)
-    return generator.generate([sample.prompt], sampling, sample.tokens)[0]
+    return generator.generate([sample.prompt], sampling, sample.tokens, state=state)[0]

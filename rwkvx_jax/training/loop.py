@@ -24,6 +24,7 @@ from rwkvx_jax.training.aot import describe_memory
 from rwkvx_jax.training.config import TrainConfig
 from rwkvx_jax.training.corpus import load_corpus
 from rwkvx_jax.training.export import export_params
+from rwkvx_jax.training.finetune import FinetuneProgram, program_class
 from rwkvx_jax.training.flops import measure_peak_flops, training_flops_per_token
 from rwkvx_jax.training.initial_params import initial_params, resumed_model_config
 from rwkvx_jax.training.metrics import MetricsLog
@@ -51,6 +52,13 @@ class TrainResult:
     losses: dict[int, float]
     export_dir: str | None
     workdir: str
+    program: TrainProgram | None = None
+
+    def inference(self):
+        """(params, starting decode state or None) to decode the trained model with."""
+        if isinstance(self.program, FinetuneProgram):
+            return self.program.inference(self.state)
+        return self.state["params"], None
 
 
 def _device_metrics(metrics) -> dict:
@@ -169,7 +177,7 @@ def _prepare(
         write_text_atomically(model_config_path, model_config.to_json() + "\n")
     _check_schedule(config, log)
 
-    program = TrainProgram.create(config, model_config, mesh)
+    program = program_class(config).create(config, model_config, mesh)
     tokens = load_corpus(config.data, model_config.vocab_size)
     iterator = make_train_iterator(
         tokens,
@@ -188,16 +196,7 @@ def _prepare(
         start_step = 0
     del init_params
 
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state["params"]))
-    n_trainable = sum(
-        int(np.prod(x.shape))
-        for x, t in zip(
-            jax.tree.leaves(program.abstract_state["params"]),
-            jax.tree.leaves(program.trainable),
-            strict=True,
-        )
-        if t
-    )
+    n_params, n_trainable = _parameter_counts(program)
     tokens_per_step = config.data.batch_size * config.data.ctx
     flops_per_step = tokens_per_step * training_flops_per_token(
         model_config, program.abstract_state["params"], config.data.ctx
@@ -205,9 +204,9 @@ def _prepare(
     peak = measure_peak_flops(mesh, model_config.dtype)
     log(
         f"{config.name}: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained, "
-        f"stage {config.stage}), mesh {dict(mesh.shape)}, batch {config.data.batch_size} x ctx "
-        f"{config.data.ctx}, {len(tokens):,} corpus tokens, peak matmul "
-        f"{peak / 1e9:.1f} GFLOP/s ({model_config.dtype})"
+        f"{_what_trains(config, program)}), mesh {dict(mesh.shape)}, batch "
+        f"{config.data.batch_size} x ctx {config.data.ctx}, {len(tokens):,} corpus tokens, peak "
+        f"matmul {peak / 1e9:.1f} GFLOP/s ({model_config.dtype})"
     )
     if start_step < config.steps:
         compile_start = time.perf_counter()
@@ -311,7 +310,9 @@ def _run_steps(
         drawn = f"loss curve: {plot}" if plot else "no loss curve (pip install matplotlib)"
         log(f"{drawn}; metrics: {metrics_log.path}")
     export_dir = None
-    if config.checkpoint.export:
+    if config.checkpoint.export and isinstance(program, FinetuneProgram):
+        export_dir = program.export(workdir, state, log)
+    elif config.checkpoint.export:
         export_dir = export_params(workdir, run.model_config, state["params"], config, log)
     return TrainResult(
         model_config=run.model_config,
@@ -321,6 +322,28 @@ def _run_steps(
         losses=losses,
         export_dir=export_dir,
         workdir=workdir,
+        program=program,
+    )
+
+
+def _parameter_counts(program: TrainProgram) -> tuple[int, int]:
+    """(params of the model, params trained)."""
+    if isinstance(program, FinetuneProgram):
+        return program.parameter_counts()
+    leaves = jax.tree.leaves(program.abstract_state["params"])
+    trainable = jax.tree.leaves(program.trainable)
+    n_params = sum(int(np.prod(x.shape)) for x in leaves)
+    n_trainable = sum(int(np.prod(x.shape)) for x, t in zip(leaves, trainable, strict=True) if t)
+    return n_params, n_trainable
+
+
+def _what_trains(config: TrainConfig, program: TrainProgram) -> str:
+    if not isinstance(program, FinetuneProgram):
+        return f"stage {config.stage}"
+    sizes = {k: v / 2**20 for k, v in program.state_bytes().items()}
+    return (
+        f"finetune {config.finetune}: frozen base {sizes['params']:.1f} MiB without optimiser "
+        f"state, trained {sizes['trained']:.2f} MiB, optimiser state {sizes['opt_state']:.2f} MiB"
     )
 
 

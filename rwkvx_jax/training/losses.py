@@ -52,13 +52,29 @@ def mean_cross_entropy(
     losses = token_cross_entropy(logits, targets)
     if mask is None:
         return jnp.mean(losses)
+    return masked_mean(losses, mask)
+
+
+def masked_mean(losses: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """sum(mask * losses) / sum(mask): the mean over the masked positions, 0 when none is.
+
+    Fine-tuning on chat records scores the answers only (`rwkvx_jax.data.chat`): the mean is
+    over the scored tokens of the whole batch, so every scored token weighs the same however
+    the answers are spread over the rows.
+
+    Args:
+      losses: [B, T] per-token losses.
+      mask: [B, T] bool or float weights.
+
+    Returns:
+      Scalar fp32.
+    """
     if mask.shape != losses.shape:
-        raise ValueError(
-            f"mean_cross_entropy: mask {mask.shape} must match targets {targets.shape}"
-        )
+        raise ValueError(f"masked_mean: mask {mask.shape} must match the losses {losses.shape}")
     mask = mask.astype(jnp.float32)
     count = jnp.sum(mask)
-    return jnp.where(count > 0, jnp.sum(losses * mask) / jnp.where(count > 0, count, 1.0), 0.0)
+    total = jnp.sum(losses.astype(jnp.float32) * mask)
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
