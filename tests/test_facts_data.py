@@ -30,7 +30,7 @@ def test_document_layout_positions_and_answers():
     assert len(document.questions) == len(questions) == 5
     asked = [q.key for q in document.questions]
     assert len(set(asked)) == 5
-    for question, written in zip(document.questions, questions):
+    for question, written in zip(document.questions, questions, strict=True):
         assert written == f"{question.key}:{question.value};"
         assert question.value == lookup[question.key]
         answer = tokens[question.answer_start : question.answer_start + 2]

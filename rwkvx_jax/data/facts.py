@@ -177,7 +177,7 @@ class FactsTask:
         text: list[str] = []
         value_starts = []
         position = 0
-        for key, value, run in zip(keys, values, runs[:-1]):
+        for key, value, run in zip(keys, values, runs[:-1], strict=True):
             text.append(_random_text(rng, FILLER_ALPHABET, int(run)))
             position += int(run)
             text.append(f"{key}{SEPARATOR}{value}{END_OF_FACT}")
