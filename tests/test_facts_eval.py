@@ -20,7 +20,7 @@ from rwkvx_jax.model import RWKVX
 
 # R S with chunks of 8 and top-k 2: at 96 tokens a query sees its own chunk and 1 of up to 11.
 CONFIG = preset("tiny", n_embd=64, n_rwkv_layer=1, n_attn_layer=1, chunk_size=8, top_k=2)
-TASK = FactsTask(n_questions=3, max_facts=8)
+TASK = FactsTask(n_questions=3, max_facts=8, value_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_exact_answer_scoring_needs_every_answer_token(documents, monkeypatch):
     perfect = np.eye(256, dtype=np.float32)[np.roll(tokens, -1, axis=1)]
     wrong = perfect.copy()
     question = documents[1].questions[2]
-    t = question.answer_start  # predicts the answer's second digit
+    t = question.answer_start  # predicts the answer's second token
     wrong[1, t] = np.eye(256)[(tokens[1, t + 1] + 1) % 256]
     for logits, expected in ((perfect, [True] * 6), (wrong, [True] * 5 + [False])):
         picks = np.zeros((1, *tokens.shape), bool)

@@ -1,18 +1,20 @@
 """Many-facts retrieval (MQAR-style): key-value facts scattered in filler, then questions.
 
-A document is byte text in three parts:
+A document is a byte-token sequence in three parts:
 
-1. the facts region: `n_facts` facts "ab:42;" (a key of lowercase letters, a colon, a value of
-   digits, a semicolon), keys all different, at random places among filler runs of random
-   uppercase letters ("QZKW..."), which never repeat and never look like a key or a value;
-2. the questions: "?ab:42;" for `n_questions` of the facts, drawn without repeats, in random
-   order. The value after each question's colon is the answer;
+1. the facts region: `n_facts` facts, each a key (`key_tokens` bytes from 0x80-0xFF, which no
+   other part uses) followed at once by its value (`value_tokens` lowercase letters), keys all
+   different, at random places among runs of random uppercase filler letters, which never
+   repeat and never look like a key or a value;
+2. the questions: "?", a key, its value, for `n_questions` of the facts, drawn without repeats
+   in random order. The value after a question's key is the answer;
 3. the end-of-document token.
 
-Only an answer is predictable from the context, so it is what the task measures: the tokens of
-an answer can be predicted exactly when the model can find its key's fact among all the others.
-A recurrent state of fixed size holds a bounded number of such facts; attention can look them
-up. Every document is a function of its settings and `(seed, index)` alone.
+With one-token keys and values this is the multi-query associative recall (MQAR) of the Zoology
+line of work, with filler: a value follows its key immediately, so finding it is one
+induction step. Only an answer is predictable from the context, so that is what the task
+measures. A recurrent state of fixed size holds a bounded number of such facts; attention can
+look them up. Every document is a function of its settings and `(seed, index)` alone.
 
 For training, `FactsTask` cuts windows of exactly `ctx` tokens, one document each, whose fact
 count is drawn uniformly from [min_facts, max_facts] (capped by what fits); `write_binidx`
@@ -30,10 +32,10 @@ import numpy as np
 
 from rwkvx_jax.data.binidx import write_binidx
 
-KEY_ALPHABET = string.ascii_lowercase
-VALUE_ALPHABET = string.digits
-FILLER_ALPHABET = string.ascii_uppercase
-SEPARATOR, END_OF_FACT, QUESTION_MARK = ":", ";", "?"
+KEY_ALPHABET = tuple(range(0x80, 0x100))  # bytes no ASCII text uses
+VALUE_ALPHABET = tuple(string.ascii_lowercase.encode())
+FILLER_ALPHABET = tuple(string.ascii_uppercase.encode())
+QUESTION_MARK = ord("?")
 END_OF_DOCUMENT = 0  # the byte tokenizer's end-of-document id
 
 
@@ -42,15 +44,15 @@ class Question:
     """One question of a document, as token positions.
 
     Attributes:
-      key, value: the asked key and its answer (text).
+      key, value: the asked key and its answer (tokens).
       answer_start: position of the answer's first token in the document; the answer occupies
         [answer_start, answer_start + len(value)), and the token at answer_start - 1 (the
-        question's colon) is the first one whose prediction is scored.
+        question's last key token) is the first one whose prediction is scored.
       fact_value_start: position of the same value's first token in the fact.
     """
 
-    key: str
-    value: str
+    key: tuple[int, ...]
+    value: tuple[int, ...]
     answer_start: int
     fact_value_start: int
 
@@ -81,11 +83,14 @@ class FactsTask:
     """Deterministic many-facts documents and training windows.
 
     Args:
-      key_letters: letters per key (26**key_letters distinct keys).
-      value_digits: digits per value.
+      key_tokens: tokens per key (128**key_tokens distinct keys).
+      value_tokens: tokens per value (26**value_tokens distinct values).
       n_questions: questions per document (fewer when a document has fewer facts).
       ctx: training window length (only `window`, `tokens` and `write_binidx` need it).
-      min_facts, max_facts: range of facts per training window.
+      min_facts, max_facts: range of facts per training document.
+      documents_per_window: training windows hold this many documents back to back, of
+        ctx // documents_per_window tokens each (the last takes the remainder): short documents
+        with few facts are the easy start of a curriculum, with more questions per token.
       seed: training windows are a function of (seed, window index).
 
     Raises:
@@ -95,46 +100,55 @@ class FactsTask:
     def __init__(
         self,
         *,
-        key_letters: int = 2,
-        value_digits: int = 2,
+        key_tokens: int = 1,
+        value_tokens: int = 1,
         n_questions: int = 16,
         ctx: int = 1024,
         min_facts: int = 1,
         max_facts: int = 128,
+        documents_per_window: int = 1,
         seed: int = 0,
     ):
         for name, value in (
-            ("key_letters", key_letters),
-            ("value_digits", value_digits),
+            ("key_tokens", key_tokens),
+            ("value_tokens", value_tokens),
             ("n_questions", n_questions),
             ("min_facts", min_facts),
+            ("documents_per_window", documents_per_window),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if max_facts < min_facts:
             raise ValueError(f"max_facts={max_facts} is below min_facts={min_facts}")
-        if max_facts > len(KEY_ALPHABET) ** key_letters:
+        self.key_tokens = key_tokens
+        self.value_tokens = value_tokens
+        if max_facts > self.n_keys:
             raise ValueError(
-                f"max_facts={max_facts} exceeds the {len(KEY_ALPHABET) ** key_letters} distinct "
-                f"keys of {key_letters} letter(s)"
+                f"max_facts={max_facts} exceeds the {self.n_keys} distinct keys of "
+                f"{key_tokens} token(s)"
             )
-        self.key_letters = key_letters
-        self.value_digits = value_digits
         self.n_questions = n_questions
         self.ctx = ctx
         self.min_facts = min_facts
         self.max_facts = max_facts
+        self.documents_per_window = documents_per_window
         self.seed = seed
-        if self.shortest(min_facts) > ctx:
+        self.document_length = ctx // documents_per_window
+        if self.shortest(min_facts) > self.document_length:
             raise ValueError(
-                f"ctx={ctx} cannot hold {min_facts} fact(s) and their questions "
+                f"ctx={ctx} in {documents_per_window} document(s) of {self.document_length} "
+                f"tokens cannot hold {min_facts} fact(s) and their questions "
                 f"({self.shortest(min_facts)} tokens); raise ctx or lower min_facts"
             )
 
     @property
+    def n_keys(self) -> int:
+        return len(KEY_ALPHABET) ** self.key_tokens
+
+    @property
     def fact_tokens(self) -> int:
-        """Tokens of one fact "ab:42;"."""
-        return self.key_letters + self.value_digits + 2
+        """Tokens of one fact: its key, then its value."""
+        return self.key_tokens + self.value_tokens
 
     def shortest(self, n_facts: int) -> int:
         """Tokens of a document with `n_facts` facts and no filler."""
@@ -142,7 +156,7 @@ class FactsTask:
         return n_facts * self.fact_tokens + questions * (self.fact_tokens + 1) + 1
 
     def most_facts(self, length: int) -> int:
-        """The most facts a document of `length` tokens holds (0 when not even one fits)."""
+        """The most facts (at most max_facts) a document of `length` tokens holds (0: none)."""
         n = 0
         while n < self.max_facts and self.shortest(n + 1) <= length:
             n += 1
@@ -152,21 +166,18 @@ class FactsTask:
         """A document of exactly `length` tokens with `n_facts` facts, drawn from `rng`.
 
         Raises:
-          ValueError: n_facts out of [1, 26**key_letters], or length below `shortest(n_facts)`.
+          ValueError: n_facts out of [1, n_keys], or length below `shortest(n_facts)`.
         """
-        if not 1 <= n_facts <= len(KEY_ALPHABET) ** self.key_letters:
-            raise ValueError(
-                f"n_facts must be in [1, {len(KEY_ALPHABET) ** self.key_letters}], got {n_facts}"
-            )
+        if not 1 <= n_facts <= self.n_keys:
+            raise ValueError(f"n_facts must be in [1, {self.n_keys}], got {n_facts}")
         if length < self.shortest(n_facts):
             raise ValueError(
                 f"length={length} cannot hold {n_facts} facts and their questions "
                 f"(at least {self.shortest(n_facts)} tokens)"
             )
-        n_keys = len(KEY_ALPHABET) ** self.key_letters
-        key_ids = rng.choice(n_keys, size=n_facts, replace=False)
-        keys = [_spell(int(i), KEY_ALPHABET, self.key_letters) for i in key_ids]
-        values = [_random_text(rng, VALUE_ALPHABET, self.value_digits) for _ in keys]
+        key_ids = rng.choice(self.n_keys, size=n_facts, replace=False)
+        keys = [_spell(int(i), KEY_ALPHABET, self.key_tokens) for i in key_ids]
+        values = [_draw(rng, VALUE_ALPHABET, self.value_tokens) for _ in keys]
         n_questions = min(self.n_questions, n_facts)
         asked = rng.choice(n_facts, size=n_questions, replace=False)
         filler = length - self.shortest(n_facts)
@@ -174,25 +185,20 @@ class FactsTask:
         # over compositions, from sorted cut points.
         cuts = np.sort(rng.integers(0, filler + 1, size=n_facts))
         runs = np.diff(np.concatenate([[0], cuts, [filler]]))
-        text: list[str] = []
+        tokens: list[int] = []
         value_starts = []
-        position = 0
         for key, value, run in zip(keys, values, runs[:-1], strict=True):
-            text.append(_random_text(rng, FILLER_ALPHABET, int(run)))
-            position += int(run)
-            text.append(f"{key}{SEPARATOR}{value}{END_OF_FACT}")
-            value_starts.append(position + len(key) + 1)
-            position += self.fact_tokens
-        text.append(_random_text(rng, FILLER_ALPHABET, int(runs[-1])))
-        position += int(runs[-1])
+            tokens += _draw(rng, FILLER_ALPHABET, int(run))
+            value_starts.append(len(tokens) + len(key))
+            tokens += key + value
+        tokens += _draw(rng, FILLER_ALPHABET, int(runs[-1]))
         questions = []
         for fact in asked:
             key, value = keys[fact], values[fact]
-            text.append(f"{QUESTION_MARK}{key}{SEPARATOR}{value}{END_OF_FACT}")
-            answer_start = position + len(key) + 2
-            questions.append(Question(key, value, answer_start, value_starts[fact]))
-            position += self.fact_tokens + 1
-        tokens = [*"".join(text).encode("ascii"), END_OF_DOCUMENT]
+            answer_start = len(tokens) + 1 + len(key)
+            questions.append(Question(tuple(key), tuple(value), answer_start, value_starts[fact]))
+            tokens += [QUESTION_MARK, *key, *value]
+        tokens.append(END_OF_DOCUMENT)
         return FactsDocument(tokens, n_facts, tuple(questions))
 
     def eval_document(self, n_facts: int, length: int, index: int) -> FactsDocument:
@@ -201,19 +207,23 @@ class FactsTask:
         rng = np.random.default_rng([self.seed, 1, n_facts, length, index])
         return self.document(n_facts, length, rng)
 
-    def window(self, index: int) -> FactsDocument:
-        """Training window `index`: one document of exactly `ctx` tokens."""
+    def window(self, index: int) -> list[FactsDocument]:
+        """Training window `index`: its documents, `ctx` tokens together."""
         if index < 0:
             raise IndexError(f"window index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, 0, index])
-        most = self.most_facts(self.ctx)
-        n_facts = int(rng.integers(self.min_facts, most + 1))
-        return self.document(n_facts, self.ctx, rng)
+        documents = []
+        for i in range(self.documents_per_window):
+            last = i == self.documents_per_window - 1
+            length = self.ctx - i * self.document_length if last else self.document_length
+            n_facts = int(rng.integers(self.min_facts, self.most_facts(length) + 1))
+            documents.append(self.document(n_facts, length, rng))
+        return documents
 
     def windows(self, count: int) -> Iterator[list[int]]:
         """The tokens of windows 0 .. count - 1."""
         for index in range(count):
-            yield self.window(index).tokens
+            yield [t for document in self.window(index) for t in document.tokens]
 
     def tokens(self, count: int) -> np.ndarray:
         """The flat stream of `count` windows plus a closing end-of-document token.
@@ -244,14 +254,15 @@ class FactsTask:
         return write_binidx(prefix, documents(), dtype=np.uint8)
 
 
-def _spell(number: int, alphabet: str, width: int) -> str:
+def _spell(number: int, alphabet: tuple[int, ...], width: int) -> list[int]:
     """`number` written in base len(alphabet) with `width` symbols."""
     symbols = []
     for _ in range(width):
         number, digit = divmod(number, len(alphabet))
         symbols.append(alphabet[digit])
-    return "".join(reversed(symbols))
+    return symbols[::-1]
 
 
-def _random_text(rng: np.random.Generator, alphabet: str, n: int) -> str:
-    return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=n))
+def _draw(rng: np.random.Generator, alphabet: tuple[int, ...], n: int) -> list[int]:
+    """`n` tokens drawn uniformly from `alphabet`."""
+    return [alphabet[i] for i in rng.integers(0, len(alphabet), size=n)]

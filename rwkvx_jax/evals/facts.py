@@ -6,15 +6,16 @@ its answer tokens is that token. For one answer this is exactly greedy decoding'
 (the first wrong token ends both); the earlier questions' answers stay in the context as
 written, as in MQAR.
 
-    rwkvx-facts --checkpoint runs/facts/rwkvx --facts 8,16,32,64,128 --lengths 1K,2K \
-        --documents 8 --out runs/facts/eval
+    rwkvx-facts --checkpoint runs/facts/rwkvx --facts 8,16,32,64,128 --lengths 512,1K \
+        --documents 8 --attention learned,zeroed,dense,oracle --out runs/facts/eval
 
 Diagnostics for an RWKV-X model (`--attention`), evaluation-time only (the model modules are
 unchanged: the sparse blocks' attention is recomputed from their own weights through a flax
 method interceptor):
 
 * learned: the model as trained; also records whether the learned chunk selection picks each
-  answer's chunk (the chunk holding the fact's value token that the query must read);
+  answer's chunk (the chunk holding the fact's value token that the query must read: the key
+  of the token right after the fact's key, as in an induction head);
 * zeroed: every sparse block's attention output is 0 (what is left is the RWKV blocks, the
   residual path and the sparse blocks' channel mixes);
 * dense: every earlier chunk is attended (selection cannot miss);
@@ -309,7 +310,7 @@ def run_grid(
     task = task or FactsTask()
     settings = {
         "model": model_name, "documents": documents, "seed": task.seed,
-        "key_letters": task.key_letters, "value_digits": task.value_digits,
+        "key_tokens": task.key_tokens, "value_tokens": task.value_tokens,
         "questions": task.n_questions,
     }  # fmt: skip
     settings_path = os.path.join(out_dir, "settings.json")
@@ -381,8 +382,8 @@ def _parser() -> Parser:
     )
     add("--documents", type=int_at_least(1), default=8, help="documents per cell (default 8)")
     add("--questions", type=int_at_least(1), default=16, help="questions per document (16)")
-    add("--key-letters", type=int_at_least(1), default=2, help="letters per key (default 2)")
-    add("--value-digits", type=int_at_least(1), default=2, help="digits per value (default 2)")
+    add("--key-tokens", type=int_at_least(1), default=1, help="tokens per key (default 1)")
+    add("--value-tokens", type=int_at_least(1), default=1, help="tokens per value (default 1)")
     add("--seed", type=int, default=0, help="the evaluation documents' seed (default 0)")
     add("--batch-size", type=int_at_least(1), default=4, help="documents per forward (4)")
     add("--out", required=True, metavar="DIR", help="results directory (resumed if it exists)")
@@ -397,9 +398,9 @@ def _run(args) -> None:
             raise UsageError(f"--attention {mode!r}: expected one of {', '.join(MODES)}")
     config, params, model_name = load_model(args)
     task = FactsTask(
-        key_letters=args.key_letters, value_digits=args.value_digits,
+        key_tokens=args.key_tokens, value_tokens=args.value_tokens,
         n_questions=args.questions, ctx=max(lengths), min_facts=1,
-        max_facts=min(max(facts), 26**args.key_letters), seed=args.seed,
+        max_facts=min(max(facts), 128**args.key_tokens), seed=args.seed,
     )  # fmt: skip
     out_dir = prepare_out_dir(args.out)
     rows = run_grid(
