@@ -2,9 +2,9 @@
 inside the training length (MQAR-style; issue 26, docs/PAPER_CLAIM.md).
 
 A tiny RWKV-X and a tiny RWKV-7 of the same parameter budget (within 5%) learn the many-facts
-task (`rwkvx_jax.data.facts`): up to `max_facts` key-value facts (a one-byte key from 0x80-0xFF, then a
-lowercase-letter value) scattered among uppercase filler, then questions "?" + key whose answers
-are the values. Each model is trained
+task (`rwkvx_jax.data.facts`): up to `max_facts` key-value facts (a one-byte key from
+0x80-0xFF, then a lowercase-letter value) scattered among uppercase filler, then questions "?" +
+key whose answers are the values. Each model is trained
 with several seeds, the same recipe and budget, in two phases (short windows first, then the
 training length), through `training.train` on the `tiny` recipe plus overrides: the same path
 as `train.py`, whose commands are printed. Then every trained model answers evaluation
