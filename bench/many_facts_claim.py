@@ -44,10 +44,11 @@ class Settings:
 
     short_ctx: int = 256
     short_batch_size: int = 16
-    short_steps: int = 500
-    ctx: int = 1024
-    batch_size: int = 8
-    steps: int = 300
+    short_steps: int = 300
+    short_documents: int = 4
+    ctx: int = 256
+    batch_size: int = 16
+    steps: int = 200
     lr: float = 3e-3
     lr_final: float = 3e-4
     warmup_steps: int = 20
@@ -59,33 +60,37 @@ class Settings:
     chunk_size: int = 32
     top_k: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
-    eval_facts: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
-    eval_lengths: tuple[int, ...] = (256, 512, 1024)
+    eval_facts: tuple[int, ...] = (4, 8, 16, 32, 64, 96)
+    eval_lengths: tuple[int, ...] = (128, 256)
     eval_documents: int = 8
     pass_rwkvx: float = 0.9
     pass_rwkv7: float = 0.5
 
 
 QUICK = Settings(
-    short_ctx=128, short_batch_size=2, short_steps=2, ctx=192, batch_size=2, steps=2,
-    warmup_steps=1, max_facts=16, questions=4, seeds=(0,), eval_facts=(2, 8),
+    short_ctx=128, short_batch_size=2, short_steps=2, short_documents=2, ctx=192, batch_size=2,
+    steps=2, warmup_steps=1, max_facts=16, questions=4, seeds=(0,), eval_facts=(2, 100),
     eval_lengths=(192,), eval_documents=2,
 )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
+    """One training run of the curriculum: windows of `documents` documents each."""
+
     name: str
     ctx: int
     batch_size: int
     steps: int
+    documents: int
 
 
 def phases(s: Settings) -> list[Phase]:
-    long = Phase("long", s.ctx, s.batch_size, s.steps)
-    return [Phase("short", s.short_ctx, s.short_batch_size, s.short_steps), long][
-        0 if s.short_steps else 1 :
-    ]
+    """short: several short documents per window (few facts each: the easy start); long: one
+    document per window at the training length."""
+    short = Phase("short", s.short_ctx, s.short_batch_size, s.short_steps, s.short_documents)
+    long = Phase("long", s.ctx, s.batch_size, s.steps, 1)
+    return [short, long] if s.short_steps else [long]
 
 
 # RWKV-X: R R R S (3 RWKV-7 blocks, then one sparse block); RWKV-7: 4 RWKV-7 blocks (a sparse
@@ -153,12 +158,12 @@ def train_config(name: str, s: Settings, out: str, seed: int, phase: Phase) -> T
     return apply_overrides(recipe("tiny"), train_overrides(name, s, out, seed, phase))
 
 
-def task(s: Settings, seed: int, ctx: int):
+def task(s: Settings, seed: int, ctx: int, documents: int = 1):
     from rwkvx_jax.data.facts import FactsTask
 
     return FactsTask(
         key_tokens=s.key_tokens, value_tokens=s.value_tokens, n_questions=s.questions,
-        ctx=ctx, max_facts=s.max_facts, seed=seed,
+        ctx=ctx, max_facts=s.max_facts, documents_per_window=documents, seed=seed,
     )  # fmt: skip
 
 
@@ -179,7 +184,7 @@ def make_data(s: Settings, out: str, seed: int, phase: Phase) -> None:
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     # One window more than the run reads: TokenWindows needs ctx + 1 tokens for the last.
     # The phases draw from different streams (seed * 2 + phase index).
-    stream = task(s, 2 * seed + phases(s).index(phase), phase.ctx)
+    stream = task(s, 2 * seed + phases(s).index(phase), phase.ctx, phase.documents)
     n = stream.write_binidx(prefix, phase.steps * phase.batch_size + 1)
     log(f"data {phase.name} seed {seed}: {n:,} tokens in {prefix}")
 
@@ -420,6 +425,7 @@ def main(argv=None) -> int:
     for seed in s.seeds:
         for phase in phases(s):
             make_data(s, out, seed, phase)
+    for seed in s.seeds:
         for name in names:
             for phase in phases(s):
                 took = train_phase(name, s, out, seed, phase, progress)
