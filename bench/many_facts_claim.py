@@ -309,7 +309,7 @@ def plot_accuracy(table: dict, s: Settings, path: str, n_seeds: int) -> None:
     ax.set_title(
         f"Many-facts retrieval at {s.ctx} tokens (mean ± s.e. over {n_seeds} seeds)", fontsize=10
     )
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
