@@ -24,6 +24,9 @@ python bench/paper_claim.py                      # the real run: ~25-30 min trai
                                                  # CPU cores, ~6 min evaluation
 python bench/paper_claim.py --quick              # a smoke test of every step (~2 min)
 python bench/paper_claim.py --docs docs/paper_claim   # also copy the figures for the docs
+
+`--experiment facts` runs the second experiment instead (bench/many_facts_claim.py): many-facts
+retrieval inside the training length, where a recurrent state is the bottleneck.
 """
 
 from __future__ import annotations
@@ -532,9 +535,20 @@ def parse_settings(pairs: list[str], s: Settings, parser) -> dict:
 
 
 def main(argv=None) -> int:
+    experiment = argparse.ArgumentParser(add_help=False)
+    experiment.add_argument("--experiment", choices=("passkey", "facts"), default="passkey")
+    chosen, rest = experiment.parse_known_args(argv)
+    if chosen.experiment == "facts":
+        import many_facts_claim
+
+        return many_facts_claim.main(rest)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--experiment", choices=("passkey", "facts"), default="passkey",
+        help="passkey past the training length (this file) or many facts within it",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a minute-scale smoke run")
     parser.add_argument("--out", help="run directory (runs/paper_claim[_quick])")
     parser.add_argument("--docs", help="copy the figures to this directory")
