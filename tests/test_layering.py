@@ -19,7 +19,7 @@ PACKAGES = ("rwkvx_jax", "pallas_kernels")
 # docs/ARCHITECTURE.md draws the same picture; keep the two together.
 LAYERS = (
     ("base", ("config", "layers", "sharding", "tokenizer", "atomic_files")),
-    ("kernel dispatch", ("ops",)),
+    ("kernel dispatch", ("ops", "context_parallel")),
     ("blocks", ("rwkv7", "sparse")),
     ("model", ("model",)),
     ("formats", ("checkpoints", "data")),
@@ -29,7 +29,12 @@ LAYERS = (
     ("commands", ("generate", "train", "convert", "convert_demo", "evals", "__init__")),
 )
 # Wings of one layer that may import each other (one way: importer -> imported).
-SAME_LAYER_OK = {("sparse", "rwkv7"), ("api", "decoding"), ("convert", "convert_demo")}
+SAME_LAYER_OK = {
+    ("sparse", "rwkv7"),
+    ("api", "decoding"),
+    ("convert", "convert_demo"),
+    ("ops", "context_parallel"),
+}
 # Modules run as programs: nothing imports them, and nothing but the evals imports the evals'
 # shared helpers.
 COMMANDS = ("rwkvx_jax.generate", "rwkvx_jax.train", "rwkvx_jax.convert")

@@ -239,7 +239,9 @@ def test_partition_specs_follow_rules_and_divisibility():
     assert shd.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="needs 12 devices"):
         shd.make_mesh((3, 2, 2))
-    assert dict(shd.make_mesh((2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    # The three-number form: no context parallelism.
+    want = {"data": 2, "fsdp": 4, "tensor": 1, "context": 1}
+    assert dict(shd.make_mesh((2, -1, 1)).shape) == want
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -660,7 +662,7 @@ def test_aot_compile_for_a_tpu_slice(tmp_path, backend):
         *backends,
     )
     program, compiled = training.aot_compile(config, devices)
-    assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2, "context": 1}
     assert ("tpu_custom_call" in compiled.as_text()) == (backend == "auto")
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     assert "memory analysis" in training.describe_memory(compiled)

@@ -175,7 +175,9 @@ class TrainConfig:
       loss: loss terms.
       checkpoint: checkpoint cadence and export.
       sample: the greedy sample printed by `train.py` at the end.
-      mesh: (data, fsdp, tensor) mesh sizes; one may be -1 (all remaining devices).
+      mesh: (data, fsdp, tensor, context) mesh sizes, or (data, fsdp, tensor) with context 1;
+        one may be -1 (all remaining devices). context > 1 cuts each sequence into that many
+        contiguous shards (context parallelism, docs/CONTEXT_PARALLEL.md).
       steps: training steps (batches). With grad_accum_steps = k the optimiser updates every k
         steps; schedules count updates.
       seed: parameter init and data shuffle seed.
@@ -210,7 +212,7 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    mesh: tuple[int, int, int] = (-1, 1, 1)
+    mesh: tuple[int, ...] = (-1, 1, 1)
     steps: int = 300
     seed: int = 0
     remat: str = "none"
@@ -226,12 +228,13 @@ class TrainConfig:
         _check_choice(self, "stage", STAGES)
         _check_choice(self, "expand_init", EXPAND_INITS)
         if (
-            len(self.mesh) != 3
+            len(self.mesh) not in (3, 4)
             or self.mesh.count(-1) > 1
             or any(s == 0 or s < -1 for s in self.mesh)
         ):
             raise TrainConfigError(
-                f"mesh={self.mesh}: give (data, fsdp, tensor) sizes >= 1, at most one -1"
+                f"mesh={self.mesh}: give (data, fsdp, tensor) or (data, fsdp, tensor, context) "
+                "sizes >= 1, at most one -1"
             )
         if self.stage == "stage1" and self.model.n_attn_layer == 0:
             raise TrainConfigError(

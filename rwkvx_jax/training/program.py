@@ -69,6 +69,7 @@ class TrainProgram:
                 f"data.batch_size={config.data.batch_size} is not divisible by the mesh's "
                 f"data x fsdp = {shards} (mesh {dict(mesh.shape)})"
             )
+        _check_context_split(config, model_config, mesh)
         if config.data.batch_size % jax.process_count():
             raise TrainConfigError(
                 f"data.batch_size={config.data.batch_size} is not divisible by the "
@@ -84,7 +85,7 @@ class TrainProgram:
             abstract_state=abstract_state,
             state_shardings=shd.tree_shardings(abstract_state, mesh),
             batch_sharding=shd.batch_sharding(mesh),
-            activation_sharding=shd.batch_sharding(mesh, rank=3),
+            activation_sharding=shd.activation_sharding(mesh),
         )
 
     # -- state
@@ -201,6 +202,20 @@ class TrainProgram:
         if self._compiled is None:
             self.compile(tokens.shape[1] - 1)
         return self._compiled(state, tokens)
+
+
+def _check_context_split(config: TrainConfig, model_config: RWKVXConfig, mesh: Mesh) -> None:
+    """Context parallelism cuts each sequence into equal shards of whole attention chunks."""
+    shards = shd.context_shards(mesh)
+    if shards == 1:
+        return
+    unit = shards * (model_config.chunk_size if model_config.n_attn_layer else 1)
+    if config.data.ctx % unit:
+        whole = f" of whole {model_config.chunk_size}-token chunks" if unit > shards else ""
+        raise TrainConfigError(
+            f"data.ctx={config.data.ctx} cannot be cut into {shards} context shards{whole} (the "
+            f"mesh's context axis): use a multiple of {unit}"
+        )
 
 
 def init_params_fn(model: RWKVX):

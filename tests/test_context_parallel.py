@@ -1,0 +1,153 @@
+"""Context parallelism: a sequence cut over the mesh's "context" axis gives the single-device
+loss and gradients (rwkvx_jax.context_parallel, wired in rwkvx_jax.ops)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import wkv7 as kernel_wkv7
+from rwkvx_jax import ops, training
+from rwkvx_jax import sharding as shd
+from rwkvx_jax.context_parallel.state_maps import shard_state_map
+from rwkvx_jax.layers import token_shift
+from rwkvx_jax.model import RWKVX
+from rwkvx_jax.training.config import TrainConfig, apply_overrides
+
+# T = 384 = 3 * 2^7 is no power of two; it cuts into 2, 4 or 8 shards of whole attention chunks
+# (16 tokens) and whole chunks of the chunked WKV-7 form (16 tokens).
+CTX = 384
+RWKV7_RUN = (
+    "model.n_rwkv_layer=2 model.n_attn_layer=0 data.batch_size=2 "
+    f"data.ctx={CTX} optimizer.lr=1e-2 optimizer.warmup_steps=1 sample.tokens=0"
+).split()
+
+
+def _relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def assert_trees_close(got_tree, want_tree, bound=1e-5):
+    """Every leaf within `bound` of that leaf's largest entry (sums in another order move
+    entries that nearly cancel by ~1e-6 of the largest)."""
+    leaves = jax.tree_util.tree_leaves_with_path(want_tree)
+    for (path, want), got in zip(leaves, jax.tree.leaves(got_tree), strict=True):
+        assert _relative_error(got, want) <= bound, (shd.path_string(path), got, want)
+
+
+def loss_and_grads(config: TrainConfig, mesh, params, tokens):
+    """The train program's loss and gradients on `mesh` (its step's sharding and kernel mesh)."""
+    program = training.TrainProgram.create(config, config.model, mesh)
+    state_specs = program.state_shardings["params"]
+
+    def value_and_grad(p, t):
+        with training.block_transforms(config.remat, program.activation_sharding):
+            return jax.value_and_grad(program.loss_fn)(p, t)
+
+    run = jax.jit(value_and_grad, in_shardings=(state_specs, program.batch_sharding))
+    return run(params, program.global_batch(tokens))
+
+
+@pytest.fixture(scope="module")
+def rwkv7_case():
+    config = apply_overrides(TrainConfig(), RWKV7_RUN)
+    model = RWKVX(config.model)
+    params = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])(
+        jax.random.key(3)
+    )
+    # Random weights where init puts zeros (w1, a1, output, ...): every path carries signal.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+    params = jax.tree.map(np.asarray, params)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, CTX + 1)).astype(np.int32)
+    one = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    return config, params, tokens, loss_and_grads(config, one, params, tokens)
+
+
+@pytest.mark.parametrize(
+    "mesh_shape",
+    # context alone at 2, 4 and 8; with data; with fsdp and tensor.
+    [(1, 1, 1, 2), (1, 1, 1, 4), (1, 1, 1, 8), (2, 1, 1, 4), (1, 2, 2, 2)],
+)
+def test_rwkv7_loss_and_gradients_match_one_device(rwkv7_case, mesh_shape):
+    config, params, tokens, (want_loss, want_grads) = rwkv7_case
+    mesh = shd.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    loss, grads = loss_and_grads(config.replace(mesh=mesh_shape), mesh, params, tokens)
+    assert _relative_error(loss, want_loss) <= 1e-5
+    assert_trees_close(grads, want_grads)
+
+
+def test_shard_state_map_is_the_affine_map_of_the_shard():
+    """S_in -> S_in M + N and y = y0 + S_in u reproduce the kernel run from S_in."""
+    rng = np.random.default_rng(1)
+    B, T, H, N = 2, 40, 2, 8
+    x = lambda: jnp.asarray(rng.normal(size=(B, T, H, N)), jnp.float32)
+    r, k, v = x(), x(), x()
+    w = -jnp.exp(x()) * 0.3
+    kk = x()
+    kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+    a, b = -kk, kk * jax.nn.sigmoid(x())
+    start = jnp.asarray(rng.normal(size=(B, H, N, N)), jnp.float32)
+    local = lambda *xs: kernel_wkv7(*xs, backend="reference")
+    y0, u, m, n = shard_state_map(local, r, w, k, v, a, b)
+    y, end = local(r, w, k, v, a, b, start)
+    mapped = jnp.einsum("bhij,bhjk->bhik", start, m, precision="highest") + n
+    assert _relative_error(mapped, end) <= 1e-5
+    assert _relative_error(y0 + jnp.einsum("bhij,bthj->bthi", start, u), y) <= 1e-5
+
+
+def test_token_shift_and_final_state_across_shards():
+    """ops.token_shift and ops.wkv7 under a context mesh: the carried token and state enter
+    the first shard only; the final state is the whole sequence's on every shard."""
+    rng = np.random.default_rng(2)
+    mesh = shd.make_mesh((1, 1, 1, 4), devices=jax.devices()[:4])
+    x = jnp.asarray(rng.normal(size=(2, 32, 6)), jnp.float32)
+    first = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+    B, T, H, N = 2, 32, 2, 8
+    y = lambda: jnp.asarray(rng.normal(size=(B, T, H, N)), jnp.float32)
+    r, k, v, kk = y(), y(), y(), y()
+    kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+    inputs = (r, -jnp.exp(y()) * 0.3, k, v, -kk, kk * 0.5)
+    state = jnp.asarray(rng.normal(size=(B, H, N, N)), jnp.float32)
+
+    def run(x, first, inputs, state):
+        return ops.token_shift(x, first), ops.wkv7(*inputs, state, backend="xla_chunked")
+
+    with ops.kernel_mesh(mesh):
+        shifted, (out, final) = jax.jit(run)(x, first, inputs, state)
+    np.testing.assert_array_equal(shifted, token_shift(x, first))
+    want_out, want_final = ops.wkv7(*inputs, state, backend="xla_chunked")
+    assert _relative_error(out, want_out) <= 1e-5
+    assert _relative_error(final, want_final) <= 1e-5
+
+
+def test_uneven_context_split_is_refused():
+    mesh = shd.make_mesh((1, 1, 1, 4), devices=jax.devices()[:4])
+    with ops.kernel_mesh(mesh), pytest.raises(ValueError, match="4 equal context shards"):
+        jax.jit(ops.token_shift)(jnp.zeros((1, 30, 4)))
+
+
+def test_mesh_has_a_context_axis_and_the_three_number_form_keeps_working():
+    four = apply_overrides(TrainConfig(), ["mesh=2,1,1,4"])
+    assert four.mesh == (2, 1, 1, 4)
+    assert dict(shd.make_mesh(four.mesh).shape) == {"data": 2, "fsdp": 1, "tensor": 1, "context": 4}
+    three = shd.make_mesh((2, 2, 2))
+    assert dict(three.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "context": 1}
+    mesh = shd.make_mesh((2, 1, 1, 4))
+    spec = shd.activation_sharding(mesh).spec
+    assert tuple(spec) == ("data", "context", None)  # logical "length" -> context
+    with pytest.raises(training.TrainConfigError, match="context"):
+        apply_overrides(TrainConfig(), ["mesh=1,1,1,1,1"])
+
+
+def test_a_context_length_not_in_whole_chunks_per_shard_is_refused():
+    config = apply_overrides(TrainConfig(), ["data.ctx=96", "mesh=1,1,1,4"])  # chunks of 16
+    with pytest.raises(training.TrainConfigError, match="multiple of 64"):
+        mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:4])
+        training.TrainProgram.create(config, config.model, mesh)
