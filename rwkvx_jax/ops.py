@@ -9,7 +9,8 @@ operands, and a Triton (GPU) one would be given whole, replicated operands on ev
 
 On a mesh whose "context" axis cuts the sequence (context parallelism), every backend runs per
 device on its shard of the tokens, and the shards exchange what crosses their boundaries
-(`rwkvx_jax.context_parallel`): WKV-7 state maps and the token shift's last token.
+(`rwkvx_jax.context_parallel`): WKV-7 state maps, the token shift's last token, and the sparse
+attention's chunk means and keys / values.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from pallas_kernels import wkv7 as kernel_wkv7
 
 # The backend names and what "auto" means, re-exported for the library (configs, AOT).
 from pallas_kernels.backends import BACKENDS, PALLAS_BACKENDS, platform_backend, resolve_backend
+from pallas_kernels.topk_attention.xla_chunked import selected_chunks_attention
 from pallas_kernels.wkv7.xla_chunked import DEFAULT_CHUNK_SIZE
 from rwkvx_jax import layers
+from rwkvx_jax.context_parallel.chunk_attention import topk_attention_across_shards
 from rwkvx_jax.context_parallel.state_maps import wkv7_across_shards
 from rwkvx_jax.context_parallel.token_shift import shift_across_shards
 from rwkvx_jax.sharding import MESH_AXES, logical_to_partition_spec
@@ -178,11 +181,29 @@ def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str =
     kernel = lambda *qkv: (
         kernel_topk_chunk_attention(*qkv, chunk_size=chunk_size, topk=top_k, backend=backend),
     )
+    if context_shards() > 1:
+        _check_context_split(q.shape[1], "topk_chunk_attention")
+        if (q.shape[1] // context_shards()) % chunk_size:
+            raise ValueError(
+                f"topk_chunk_attention: {q.shape[1]} tokens in {context_shards()} context "
+                f"shards are not whole {chunk_size}-token chunks per shard"
+            )
+        # The own chunks are plain causal attention; the reference backend returns no lse.
+        own_backend = "xla_chunked" if backend == "reference" else backend
+        own = lambda *qkv: kernel_topk_chunk_attention(
+            *qkv, chunk_size=chunk_size, topk=1, backend=own_backend, return_lse=True
+        )
+        chosen = lambda q, k, v, sel: selected_chunks_attention(q, k, v, sel, chunk_size=chunk_size)
+        across = lambda *qkv: (
+            topk_attention_across_shards(
+                *qkv, chunk_size=chunk_size, top_k=top_k, own=own, chosen=chosen, axis=_CONTEXT
+            ),
+        )
+        plain = lambda *qkv: (jax.ShapeDtypeStruct(qkv[0].shape, qkv[0].dtype),)
+        return _per_device(across, (q, k, v), (_TOKENS,) * 3, (_TOKENS,), shapes=plain)[0]
     if backend not in PALLAS_BACKENDS:
         return kernel(q, k, v)[0]
-    # Under context parallelism each device gets whole sequences here (XLA gathers them).
-    tokens = _TOKENS if context_shards() == 1 else ("batch", None, "heads", "head_dim")
-    return _per_device(kernel, (q, k, v), (tokens,) * 3, (tokens,))[0]
+    return _per_device(kernel, (q, k, v), (_TOKENS,) * 3, (_TOKENS,))[0]
 
 
 __all__ = [

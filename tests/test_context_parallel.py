@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import wkv7 as kernel_wkv7
+from pallas_kernels.topk_attention import select_chunks
 from rwkvx_jax import ops, training
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.context_parallel.state_maps import shard_state_map
@@ -72,8 +73,14 @@ def rwkv7_case():
 
 @pytest.mark.parametrize(
     "mesh_shape",
-    # context alone at 2, 4 and 8; with data; with fsdp and tensor.
-    [(1, 1, 1, 2), (1, 1, 1, 4), (1, 1, 1, 8), (2, 1, 1, 4), (1, 2, 2, 2)],
+    # context alone at 2, 4 and 8; with data; with fsdp and tensor (slow: `bash .ci/extended`).
+    [
+        pytest.param((1, 1, 1, 2), marks=pytest.mark.slow),
+        pytest.param((1, 1, 1, 4), marks=pytest.mark.slow),
+        (1, 1, 1, 8),
+        pytest.param((2, 1, 1, 4), marks=pytest.mark.slow),
+        (1, 2, 2, 2),
+    ],
 )
 def test_rwkv7_loss_and_gradients_match_one_device(rwkv7_case, mesh_shape):
     config, params, tokens, (want_loss, want_grads) = rwkv7_case
@@ -151,3 +158,53 @@ def test_a_context_length_not_in_whole_chunks_per_shard_is_refused():
     with pytest.raises(training.TrainConfigError, match="multiple of 64"):
         mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:4])
         training.TrainProgram.create(config, config.model, mesh)
+
+
+# ----------------------------------------------------------------------------- RWKV-X
+
+RWKVX_RUN = ["model.n_rwkv_layer=2", "model.n_attn_layer=2"]  # R0 S0 R1 S1, chunk 16, top-3
+
+
+@pytest.mark.parametrize(
+    "backend", ["xla_chunked", pytest.param("reference", marks=pytest.mark.slow)]
+)
+def test_topk_attention_across_shards_matches_one_device(backend):
+    """Queries choose chunks on other shards: the output and the q, k, v gradients equal the
+    single-device kernel's (chunk 16, top 3, T = 192 in 4 shards of 3 chunks)."""
+    rng = np.random.default_rng(5)
+    shape = (2, 192, 2, 8)
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
+    cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    chosen = np.asarray(select_chunks(q, k, 16, 3))  # [B, T, H, 2] chunk indices
+    shard_of_query = (np.arange(192) // 48)[None, :, None, None]
+    assert np.any((chosen >= 0) & (chosen // 3 < shard_of_query)), "no pick on another shard"
+
+    def loss(q, k, v):
+        o = ops.topk_chunk_attention(q, k, v, chunk_size=16, top_k=3, backend=backend)
+        return jnp.sum(o * cotangent), o
+
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    mesh = shd.make_mesh((1, 1, 1, 4), devices=jax.devices()[:4])
+    with ops.kernel_mesh(mesh):
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "mesh_shape", [pytest.param((1, 1, 1, 8), marks=pytest.mark.slow), (2, 2, 1, 2)]
+)
+def test_rwkvx_loss_and_gradients_match_one_device(mesh_shape):
+    batch = 4  # data x fsdp divides it
+    config = apply_overrides(TrainConfig(), [*RWKV7_RUN, *RWKVX_RUN, f"data.batch_size={batch}"])
+    model = RWKVX(config.model)
+    params = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])(
+        jax.random.key(3)
+    )
+    params = jax.tree.map(np.asarray, params)
+    tokens = np.random.default_rng(0).integers(0, 256, (batch, CTX + 1)).astype(np.int32)
+    one = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    want_loss, want_grads = loss_and_grads(config, one, params, tokens)
+    mesh = shd.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    loss, grads = loss_and_grads(config.replace(mesh=mesh_shape), mesh, params, tokens)
+    assert _relative_error(loss, want_loss) <= 1e-5
+    assert_trees_close(grads, want_grads)

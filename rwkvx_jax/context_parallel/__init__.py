@@ -8,4 +8,6 @@ kernels. The rooms:
   map S -> S M + N ([N, N] per head, whatever the shard's length); shards all-gather their
   maps, fold their predecessors' into their entry state and correct their outputs.
 - `token_shift`: the token shift across a shard boundary (the previous shard's last token).
+- `chunk_attention`: top-k chunk attention across shards: own chunks local, chunk means and
+  keys / values all-gathered, each query's chosen chunks read from them.
 """

@@ -1,0 +1,107 @@
+"""Top-k chunk attention (SPEC §4) of a sequence cut into shards of whole chunks.
+
+A query's own chunk lies on its shard: the local kernel with top_k = 1 gives that part and its
+log-sum-exp. Choosing among the earlier chunks needs every earlier chunk's mean key: the
+shards all-gather their chunk means ([B, T / chunk, H, D] fp32, small). The chosen chunks'
+keys and values may lie on any earlier shard: the shards all-gather K and V, and each query
+reads its choices from them (`selected_chunks`, exact cost: (top_k - 1) * chunk keys per
+query). The two parts, each softmax-normalised over disjoint keys, merge by their
+log-sum-exps. The backward pass is JAX's transpose: the gathered K / V cotangents are
+reduce-scattered back to the shards that own them.
+
+Why all-gather K and V and not fetch only the chosen chunks, or pass K / V around a ring
+(docs/CONTEXT_PARALLEL.md has the numbers at 1M tokens): the chunks one shard's queries choose
+differ per query and head, so their union is in general every earlier chunk, and XLA needs
+static shapes: a fetch of "what is chosen" must be sized for that union, the whole prefix,
+and moves as many bytes as the all-gather. A ring moves the same bytes too ((C - 1) / C of
+the sequence's K / V per device) in C - 1 dependent steps, holding two shards at a time
+instead of the whole sequence: it saves memory, not traffic, at the cost of a per-step merge
+of partial softmaxes. The all-gather is one collective that XLA can overlap with the
+projections, and with remat the gathered K / V live for one sparse block at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_HIGHEST = lax.Precision.HIGHEST
+
+# own(q, k, v) -> (o [B, T, H, D], lse [B, T, H]): causal attention inside each chunk.
+OwnChunks = Callable[..., tuple[jax.Array, jax.Array]]
+# chosen(q, k_all, v_all, sel) -> (o, lse): attention over the chunks `sel` names.
+ChosenChunks = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def chunk_means(k: jax.Array, chunk_size: int) -> jax.Array:
+    """Mean key of each chunk, fp32: [B, T, H, D] -> [B, T / chunk, H, D] (T whole chunks)."""
+    b, t, h, d = k.shape
+    return k.astype(jnp.float32).reshape(b, t // chunk_size, chunk_size, h, d).mean(axis=2)
+
+
+def choose_chunks(q: jax.Array, means: jax.Array, first_chunk, chunk_size: int, n_pick: int):
+    """The earlier chunks each query attends besides its own (SPEC §4), not differentiated.
+
+    Args:
+      q: [B, T, H, D] this shard's queries, whose first token is in chunk `first_chunk`.
+      means: [B, n_chunks, H, D] fp32 mean key of every chunk of the sequence.
+      first_chunk: int (traced) the sequence's chunk index of q's first chunk.
+      chunk_size, n_pick: chunk length, and top_k - 1.
+
+    Returns:
+      int32 [B, T, H, n_pick]: chunk indices into the sequence, best first (ties to the lower
+      index, as `lax.top_k` orders them), -1 where fewer candidates exist.
+    """
+    b, t, h, _ = q.shape
+    n_chunks = means.shape[1]
+    scores = jnp.einsum("bthd,bjhd->bthj", q.astype(jnp.float32), means, precision=_HIGHEST)
+    own = first_chunk + jnp.arange(t) // chunk_size  # [T]
+    candidate = jnp.arange(n_chunks)[None, :] < own[:, None]  # [T, n_chunks]
+    scores = jnp.where(candidate[None, :, None, :], scores, -jnp.inf)
+    if n_chunks < n_pick:
+        pad = ((0, 0), (0, 0), (0, 0), (0, n_pick - n_chunks))
+        scores = jnp.pad(scores, pad, constant_values=-jnp.inf)
+    _, picked = lax.top_k(lax.stop_gradient(scores), n_pick)
+    # Masked columns have indices >= the own chunk; they come out only when candidates run out.
+    return jnp.where(picked < own[None, :, None, None], picked, -1).astype(jnp.int32)
+
+
+def merge_parts(o_a, lse_a, o_b, lse_b):
+    """One softmax from two softmax-normalised parts over disjoint keys (o [B, T, H, D], lse
+    [B, T, H])."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    weight = lambda part: jnp.exp(part - lse)[..., None]
+    return o_a * weight(lse_a) + o_b * weight(lse_b)
+
+
+def topk_attention_across_shards(
+    q, k, v, *, chunk_size: int, top_k: int, own: OwnChunks, chosen: ChosenChunks, axis: str
+):
+    """Top-k chunk attention of the whole sequence, run on one shard of it (inside shard_map).
+
+    Args:
+      q, k, v: [B, T_shard, H, D] this shard's projections; shard i holds tokens
+        [i * T_shard, (i + 1) * T_shard), T_shard a multiple of chunk_size.
+      chunk_size, top_k: the attention's settings.
+      own: the local kernel's own-chunk part with its log-sum-exp.
+      chosen: attention over chosen chunks of gathered keys (`selected_chunks_attention`).
+      axis: the mesh axis the sequence is cut along.
+
+    Returns:
+      o [B, T_shard, H, D] in q's dtype.
+    """
+    o_own, lse_own = own(q, k, v)
+    if top_k == 1:
+        return o_own.astype(q.dtype)
+    local_chunks = q.shape[1] // chunk_size
+    means = lax.all_gather(chunk_means(k, chunk_size), axis, axis=1, tiled=True)
+    first = lax.axis_index(axis) * local_chunks
+    sel = choose_chunks(q, means, first, chunk_size, top_k - 1)
+    k_all = lax.all_gather(k, axis, axis=1, tiled=True)
+    v_all = lax.all_gather(v, axis, axis=1, tiled=True)
+    o_picks, lse_picks = chosen(q, k_all, v_all, sel)
+    o = merge_parts(o_own.astype(jnp.float32), lse_own, o_picks, lse_picks)
+    return o.astype(q.dtype)
