@@ -212,6 +212,18 @@ def activation_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedS
     return NamedSharding(mesh, PartitionSpec(*spec, None))
 
 
+def context_rows_sharding(
+    mesh: Mesh, rank: int, rules: Rules = LOGICAL_AXIS_RULES
+) -> NamedSharding:
+    """Sharding of [context shards * batch, length / shards, ...]: row s * B + b is shard s of
+    sequence b; rows over "context" then the batch axes, so a [B, T, ...] array cut along T
+    keeps every device's part where it is."""
+    table = _rule_table(rules)
+    axes = tuple(a for a in (*table["length"], *table["batch"]) if mesh.shape[a] > 1)
+    rows = None if not axes else axes[0] if len(axes) == 1 else axes
+    return NamedSharding(mesh, PartitionSpec(rows, *([None] * (rank - 1))))
+
+
 def context_shards(mesh: Mesh) -> int:
     """How many contiguous pieces a sequence is cut into (the "context" axis size)."""
     return mesh.shape["context"]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_runs import kill_after_first_checkpoint, run_losses, train_cli, two_processes_and_one
 
 from pallas_kernels import wkv7 as kernel_wkv7
 from pallas_kernels.topk_attention import select_chunks
@@ -153,6 +154,19 @@ def test_mesh_has_a_context_axis_and_the_three_number_form_keeps_working():
         apply_overrides(TrainConfig(), ["mesh=1,1,1,1,1"])
 
 
+@pytest.mark.parametrize("name", ["3.6b-stage3-256k", "3.6b-stage3-1m"])
+def test_stage3_recipes_cut_sequences_into_whole_chunks_per_chip(name):
+    """64 chips (a v5p-128), fewer sequences than chips, 64K tokens of a sequence per chip in
+    whole 2048-token chunks."""
+    config = training.recipe(name)
+    data, fsdp, tensor, context = config.mesh
+    assert data * fsdp * tensor * context == 64 and config.data.batch_size < 64
+    assert config.data.batch_size % (data * fsdp) == 0
+    assert config.data.ctx // context == 65_536
+    assert (config.data.ctx // context) % config.model.chunk_size == 0
+    assert config.remat == "ordered" and config.stage == "stage2" and not config.loss.longce
+
+
 def test_a_context_length_not_in_whole_chunks_per_shard_is_refused():
     config = apply_overrides(TrainConfig(), ["data.ctx=96", "mesh=1,1,1,4"])  # chunks of 16
     with pytest.raises(training.TrainConfigError, match="multiple of 64"):
@@ -205,6 +219,95 @@ def test_rwkvx_loss_and_gradients_match_one_device(mesh_shape):
     one = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     want_loss, want_grads = loss_and_grads(config, one, params, tokens)
     mesh = shd.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
-    loss, grads = loss_and_grads(config.replace(mesh=mesh_shape), mesh, params, tokens)
+    # remat="ordered" (the long-context recipes'): each block's own backward pass, same values.
+    sharded = config.replace(mesh=mesh_shape, remat="ordered")
+    loss, grads = loss_and_grads(sharded, mesh, params, tokens)
     assert _relative_error(loss, want_loss) <= 1e-5
     assert_trees_close(grads, want_grads)
+
+
+# ----------------------------------------------------------------------------- traffic
+
+
+def _step_collectives(ctx: int, *overrides: str):
+    config = apply_overrides(
+        TrainConfig(),
+        [*RWKV7_RUN, "model.n_rwkv_layer=1", f"data.ctx={ctx}", "mesh=1,1,1,4", *overrides],
+    )
+    mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:4])
+    program = training.TrainProgram.create(config, config.model, mesh)
+    return training.collective_bytes(program.compile(ctx).as_text()), config.model
+
+
+def test_rwkv7_step_exchanges_state_sized_bytes_whatever_the_length():
+    """The compiled step's collectives at T = 256 and T = 512 (context 4, the loss in pieces of
+    32 positions) move the same bytes: the WKV state maps (all-gather forward, reduce-scatter
+    backward), [B, C] token-shift messages, and the parameter gradients' all-reduce over the
+    context axis (parameters are replicated over it) -- nothing grows with T."""
+    short, model = _step_collectives(256, "loss.chunk_tokens=32")
+    long, _ = _step_collectives(512, "loss.chunk_tokens=32")
+    assert short == long, (short, long)
+    B, H, N, C = 2, model.n_embd // model.head_size, model.head_size, model.n_embd
+    maps = 2 * 4 * B * H * N * N * 4  # M and N of the 4 shards, fp32, one RWKV block
+    assert short["all-gather"] == maps
+    assert short["reduce-scatter"] == maps // 4
+    # Token shifts: two per block forward and two backward ([B, C] fp32), plus tiny s32 bits.
+    assert 4 * B * C * 4 <= short["collective-permute"] < 4 * B * C * 4 + 1024
+
+
+# ----------------------------------------------------------------------------- runs
+
+# train.py on a context mesh: RWKV-X, ctx 128 = 8 chunks of 16, 2 per shard at context 4.
+CONTEXT_RUN = (
+    "model.n_rwkv_layer=1 model.n_attn_layer=1 model.wkv_backend=reference "
+    "model.attention_backend=reference data.ctx=128 data.batch_size=2 data.max_tokens=40000 "
+    "optimizer.lr=1e-2 optimizer.schedule=constant optimizer.lr_final=none "
+    "optimizer.total_steps=none optimizer.warmup_steps=2 log_every=1 sample.tokens=0 "
+    "checkpoint.export=false mesh=1,1,1,4"
+).split()
+
+
+@pytest.mark.slow
+def test_context_axis_across_two_processes_matches_one_process(tmp_path):
+    """mesh 1 x 1 x 1 x 4 over 2 processes x 2 CPU devices (jax.distributed, gloo): each
+    process holds half of every sequence's shards and reads the same rows; the losses equal a
+    one-device run's."""
+    multi, one = two_processes_and_one(tmp_path, 3, *CONTEXT_RUN)
+    assert [s for s, _ in multi] == [s for s, _ in one] == [1, 2, 3]
+    np.testing.assert_allclose([l for _, l in multi], [l for _, l in one], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_on_a_context_mesh_reproduce_the_losses(tmp_path):
+    steps, every, cache = 8, 2, tmp_path / "jax-cache"
+    run = lambda workdir: train_cli(workdir, cache, steps, every, *CONTEXT_RUN, devices=4)
+    reference = run(tmp_path / "reference")
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output
+    expected = run_losses(tmp_path / "reference")
+    assert [s for s, _ in expected] == list(range(1, steps + 1))
+    workdir = tmp_path / "killed"
+    assert kill_after_first_checkpoint(run(workdir), workdir / "checkpoints") < steps
+    resumed = run(workdir)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    assert run_losses(workdir) == expected  # bit-exact, every step
+
+
+@pytest.mark.aot
+def test_aot_compile_with_a_context_axis_for_a_tpu_slice():
+    """The RWKV-X step on a TPU topology with context 2 x fsdp 2: the Pallas TPU kernels run
+    per shard (the own chunks, the doubled-batch WKV) and the shards exchange state maps and
+    keys / values. Needs the TPU compiler (`pip install -e '.[aot]'`, `pytest -m aot`)."""
+    devices = training.tpu_topology_devices("v5p:2x2x1")
+    config = apply_overrides(
+        TrainConfig(),
+        [*RWKVX_RUN, "data.ctx=1024", "model.chunk_size=128", "data.batch_size=2",
+         "mesh=1,2,1,2", "model.dtype=bfloat16", "remat=ordered"],
+    )  # fmt: skip
+    program, compiled = training.aot_compile(config, devices)
+    assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1, "context": 2}
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text
+    assert training.collective_bytes(text)["all-gather"] > 0

@@ -543,9 +543,10 @@ def _picks_forward(q, k, v, sel, plan: _PicksPlan):
 def _picks_backward(plan: _PicksPlan, residuals, d_out, delta):
     q, k, v, _, lse, tiles = residuals
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+    # k, v stay in their dtype (each chunk read is promoted to fp32): no fp32 copy of the keys;
+    # their gradients accumulate in fp32.
     dq, dk, dv = _pairs_backward(
-        q, k32, v32, d_out, lse, delta, tiles, (zeros(q), zeros(k), zeros(v)), plan
+        q, k, v, d_out, lse, delta, tiles, (zeros(q), zeros(k), zeros(v)), plan
     )
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 

@@ -343,6 +343,19 @@ def _stage2(model: str, mesh: tuple[int, int, int]) -> TrainConfig:
     )
 
 
+def _stage3(model: str, ctx: int, batch: int, mesh: tuple[int, ...]) -> TrainConfig:
+    """Stage 2 continued at `ctx` tokens per sequence, each sequence cut over the mesh's
+    context axis (docs/CONTEXT_PARALLEL.md): fewer sequences per step than chips."""
+    name = f"{model}-stage3-{ctx // 1024}k" if ctx < 2**20 else f"{model}-stage3-{ctx // 2**20}m"
+    return _stage2(model, mesh).replace(
+        name=name,
+        data=DataConfig(corpus=PROLONG_64K, ctx=ctx, batch_size=batch, order="magic_prime"),
+        steps=1_000,
+        workdir=f"runs/{name}",
+        init_checkpoint=f"runs/{model}-stage2/export/params",
+    )
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny": _tiny,
     # 0.22B: RWKV-7 0.1B (L12 C768) + 4 sparse blocks. Data-parallel fits easily.
@@ -351,6 +364,10 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     # 3.6B: RWKV-7 2.9B (L32 C2560) + 8 sparse blocks. FSDP over all devices.
     "3.6b-stage1": lambda: _stage1("3.6b", RWKV7_2P9B, (1, -1, 1)),
     "3.6b-stage2": lambda: _stage2("3.6b", (1, -1, 1)),
+    # 3.6B past one chip's sequence: 64K tokens of a sequence per chip (a v5p-128, 64 chips:
+    # `--aot-topology v5p:4x4x4`), 16 sequences of 256K or 4 of 1M per step (4.2M tokens).
+    "3.6b-stage3-256k": lambda: _stage3("3.6b", 2**18, 16, (1, 16, 1, 4)),
+    "3.6b-stage3-1m": lambda: _stage3("3.6b", 2**20, 4, (1, 4, 1, 16)),
 }
 
 
