@@ -45,8 +45,12 @@ def chunk_means(k: jax.Array, chunk_size: int) -> jax.Array:
 def choose_chunks(q: jax.Array, means: jax.Array, first_chunk, chunk_size: int, n_pick: int):
     """The earlier chunks each query attends besides its own (SPEC §4), not differentiated.
 
+    One query chunk at a time (`lax.map`), so the scores take [B, chunk, H, n_chunks], not
+    [B, T, H, n_chunks] (5.4 GB per 1M-token sequence of the 3.6B shape in 16 shards).
+
     Args:
-      q: [B, T, H, D] this shard's queries, whose first token is in chunk `first_chunk`.
+      q: [B, T, H, D] this shard's queries (T whole chunks), whose first token is in chunk
+        `first_chunk` of the sequence.
       means: [B, n_chunks, H, D] fp32 mean key of every chunk of the sequence.
       first_chunk: int (traced) the sequence's chunk index of q's first chunk.
       chunk_size, n_pick: chunk length, and top_k - 1.
@@ -55,18 +59,28 @@ def choose_chunks(q: jax.Array, means: jax.Array, first_chunk, chunk_size: int, 
       int32 [B, T, H, n_pick]: chunk indices into the sequence, best first (ties to the lower
       index, as `lax.top_k` orders them), -1 where fewer candidates exist.
     """
-    b, t, h, _ = q.shape
+    b, t, h, d = q.shape
     n_chunks = means.shape[1]
-    scores = jnp.einsum("bthd,bjhd->bthj", q.astype(jnp.float32), means, precision=_HIGHEST)
-    own = first_chunk + jnp.arange(t) // chunk_size  # [T]
-    candidate = jnp.arange(n_chunks)[None, :] < own[:, None]  # [T, n_chunks]
-    scores = jnp.where(candidate[None, :, None, :], scores, -jnp.inf)
-    if n_chunks < n_pick:
-        pad = ((0, 0), (0, 0), (0, 0), (0, n_pick - n_chunks))
-        scores = jnp.pad(scores, pad, constant_values=-jnp.inf)
-    _, picked = lax.top_k(lax.stop_gradient(scores), n_pick)
-    # Masked columns have indices >= the own chunk; they come out only when candidates run out.
-    return jnp.where(picked < own[None, :, None, None], picked, -1).astype(jnp.int32)
+    q_chunks = jnp.moveaxis(
+        lax.stop_gradient(q).astype(jnp.float32).reshape(b, t // chunk_size, chunk_size, h, d),
+        1,
+        0,
+    )
+
+    def one_chunk(args):  # queries [B, chunk, H, D] of sequence chunk `own`
+        q_chunk, own = args
+        scores = jnp.einsum("bthd,bjhd->bthj", q_chunk, means, precision=_HIGHEST)
+        scores = jnp.where(jnp.arange(n_chunks) < own, scores, -jnp.inf)
+        if n_chunks < n_pick:
+            pad = ((0, 0), (0, 0), (0, 0), (0, n_pick - n_chunks))
+            scores = jnp.pad(scores, pad, constant_values=-jnp.inf)
+        _, picked = lax.top_k(scores, n_pick)
+        # Masked columns have indices >= own; they come out only when candidates run out.
+        return jnp.where(picked < own, picked, -1).astype(jnp.int32)
+
+    owns = first_chunk + jnp.arange(t // chunk_size)
+    picked = lax.map(one_chunk, (q_chunks, owns))  # [T / chunk, B, chunk, H, n_pick]
+    return jnp.moveaxis(picked, 0, 1).reshape(b, t, h, n_pick)
 
 
 def merge_parts(o_a, lse_a, o_b, lse_b):
