@@ -193,7 +193,9 @@ def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str =
         own = lambda *qkv: kernel_topk_chunk_attention(
             *qkv, chunk_size=chunk_size, topk=1, backend=own_backend, return_lse=True
         )
-        chosen = lambda q, k, v, sel: selected_chunks_attention(q, k, v, sel, chunk_size=chunk_size)
+        chosen = lambda q, k, v, sel: selected_chunks_attention(
+            q, k, v, sel, chunk_size=chunk_size, head_major_keys=True
+        )
         across = lambda *qkv: (
             topk_attention_across_shards(
                 *qkv, chunk_size=chunk_size, top_k=top_k, own=own, chosen=chosen, axis=_CONTEXT

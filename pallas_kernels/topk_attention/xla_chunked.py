@@ -554,7 +554,9 @@ def _picks_backward(plan: _PicksPlan, residuals, d_out, delta):
 _picks_attention = attention_vjp(_picks_forward, _picks_backward)
 
 
-def selected_chunks_attention(q, k, v, sel, *, chunk_size: int, pair_tile: int = 256):
+def selected_chunks_attention(
+    q, k, v, sel, *, chunk_size: int, pair_tile: int = 256, head_major_keys: bool = False
+):
     """Attention of each query over whole key chunks it chose, differentiable in q, k and v.
 
     The other half of `topk_chunk_attention` ("pairs"): the keys may be longer than the
@@ -569,19 +571,26 @@ def selected_chunks_attention(q, k, v, sel, *, chunk_size: int, pair_tile: int =
       sel: int32 [B, Tq, H, n] chunk indices into k (chunk j: rows [j*chunk, (j+1)*chunk)),
         -1 for none; a query names a chunk at most once. Not differentiated.
       chunk_size: chunk length; pair_tile: (query, chunk) pairs per tile.
+      head_major_keys: k and v are [B, H, Tk, D] instead (read without a transposed copy:
+        the gathered keys of a long sequence are large).
 
     Returns:
       (o [B, Tq, H, D] fp32, lse [B, Tq, H] fp32): the softmax over the union of the chosen
       chunks and its log-sum-exp; a query that chose nothing gets o = 0 and lse = -inf.
     """
     b, tq, h, d = q.shape
-    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], *k.shape[2:]) != (b, h, d):
-        raise ValueError(f"k, v must be [B, Tk, H, D] matching q {q.shape}; got {k.shape}")
-    if k.shape[1] % chunk_size:
-        raise ValueError(f"key length {k.shape[1]} is not a multiple of chunk_size {chunk_size}")
+    if not head_major_keys:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if k.shape != v.shape or k.ndim != 4 or (*k.shape[:2], k.shape[3]) != (b, h, d):
+        raise ValueError(
+            f"k, v must be [B, Tk, H, D] ([B, H, Tk, D] head-major) matching q {q.shape}; got "
+            f"{k.shape}"
+        )
+    if k.shape[2] % chunk_size:
+        raise ValueError(f"key length {k.shape[2]} is not a multiple of chunk_size {chunk_size}")
     if sel.shape[:3] != (b, tq, h):
         raise ValueError(f"sel must be [B, Tq, H, n] = [{b}, {tq}, {h}, n], got {sel.shape}")
-    n_candidates = k.shape[1] // chunk_size
+    n_candidates = k.shape[2] // chunk_size
     plan = _PicksPlan(
         chunk_size=chunk_size,
         pair_tile=pair_tile,
@@ -590,8 +599,9 @@ def selected_chunks_attention(q, k, v, sel, *, chunk_size: int, pair_tile: int =
         scale=1.0 / math.sqrt(d),
     )
     groups = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * h, x.shape[1], *x.shape[3:])
+    heads = lambda x: x.reshape(b * h, *x.shape[2:])  # [B, H, T, ...] -> [B*H, T, ...]
     out, lse = _picks_attention(
-        groups(q.astype(jnp.float32)), groups(k), groups(v), groups(sel.astype(jnp.int32)), plan
+        groups(q.astype(jnp.float32)), heads(k), heads(v), groups(sel.astype(jnp.int32)), plan
     )
     back = lambda x: jnp.swapaxes(x.reshape(b, h, *x.shape[1:]), 1, 2)
     return back(out), back(lse)

@@ -32,7 +32,8 @@ _HIGHEST = lax.Precision.HIGHEST
 
 # own(q, k, v) -> (o [B, T, H, D], lse [B, T, H]): causal attention inside each chunk.
 OwnChunks = Callable[..., tuple[jax.Array, jax.Array]]
-# chosen(q, k_all, v_all, sel) -> (o, lse): attention over the chunks `sel` names.
+# chosen(q, k_all, v_all, sel) -> (o, lse): attention over the chunks `sel` names, with the
+# sequence's keys and values head-major [B, H, T, D].
 ChosenChunks = Callable[..., tuple[jax.Array, jax.Array]]
 
 
@@ -101,7 +102,7 @@ def topk_attention_across_shards(
         [i * T_shard, (i + 1) * T_shard), T_shard a multiple of chunk_size.
       chunk_size, top_k: the attention's settings.
       own: the local kernel's own-chunk part with its log-sum-exp.
-      chosen: attention over chosen chunks of gathered keys (`selected_chunks_attention`).
+      chosen: attention over chosen chunks of the gathered head-major keys and values.
       axis: the mesh axis the sequence is cut along.
 
     Returns:
@@ -114,8 +115,8 @@ def topk_attention_across_shards(
     means = lax.all_gather(chunk_means(k, chunk_size), axis, axis=1, tiled=True)
     first = lax.axis_index(axis) * local_chunks
     sel = choose_chunks(q, means, first, chunk_size, top_k - 1)
-    k_all = lax.all_gather(k, axis, axis=1, tiled=True)
-    v_all = lax.all_gather(v, axis, axis=1, tiled=True)
-    o_picks, lse_picks = chosen(q, k_all, v_all, sel)
+    # Gathered head-major ([B, H, T, D]): the chosen-chunk reads need no transposed copy.
+    gather = lambda x: lax.all_gather(jnp.swapaxes(x, 1, 2), axis, axis=2, tiled=True)
+    o_picks, lse_picks = chosen(q, gather(k), gather(v), sel)
     o = merge_parts(o_own.astype(jnp.float32), lse_own, o_picks, lse_picks)
     return o.astype(q.dtype)
