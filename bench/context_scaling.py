@@ -15,8 +15,11 @@ the sparse-attention part's grow with it (the gathered keys and values).
 
 Each row compiles the train step (`training.TrainProgram`, loss, gradients, AdamW) of two
 models of the same shape: plain RWKV-7 (`n_attn_layer=0`) and RWKV-X (its sparse blocks
-added); the RWKV-X minus RWKV-7 bytes are the attention part's. Times are the median of
-`--steps` steps after a warm-up step; context = 1 in the same run is the baseline of the ratio.
+added). The bytes the shards exchange (every collective but the all-reduce) are split into
+the RWKV-7 part and the attention part (RWKV-X minus RWKV-7); the parameter gradients'
+all-reduce over the context axis is printed apart (parameter-sized, the same at every T).
+Times are the median of `--steps` steps after a warm-up step; context = 1 in the same run is
+the baseline of the ratio.
 """
 
 from __future__ import annotations
@@ -62,10 +65,14 @@ def measure(length: int, context: int, attn_layers: int, steps: int, extra: list
         state, metrics = program.step(state, batch)
         return metrics["loss"]
 
+    collectives = training.collective_bytes(compiled.as_text())
     return {
         "ms": median_ms(step, steps),
         "temp": compiled.memory_analysis().temp_size_in_bytes,
-        "bytes": sum(training.collective_bytes(compiled.as_text()).values()),
+        # What the sequence's shards exchange, apart from the parameter gradients' all-reduce
+        # over the context axis (parameters are replicated over it: parameter-sized).
+        "sequence": sum(collectives.values()) - collectives["all-reduce"],
+        "gradients": collectives["all-reduce"],
     }
 
 
@@ -80,7 +87,10 @@ def main() -> None:
     contexts = [int(x) for x in args.contexts.split(",")]
     print(f"{platform.node()}: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
           f"jax {jax.__version__}, {len(jax.devices())} CPU devices")  # fmt: skip
-    print("T       ctx  step ms (x ctx=1)   temporaries MiB   RWKV-7 bytes   attention bytes")
+    print(
+        "T       ctx  step ms (x ctx=1)   temporaries MiB   RWKV-7 bytes   attention bytes"
+        "   gradient all-reduce"
+    )
     for length in lengths:
         base = None
         for context in contexts:
@@ -89,8 +99,8 @@ def main() -> None:
             base = base or rwkvx["ms"]
             print(
                 f"{length:<7d} {context:<4d} {rwkvx['ms']:8.0f} ({rwkvx['ms'] / base:4.2f})"
-                f"   {rwkvx['temp'] / 2**20:12.1f}   {rwkv['bytes']:12,d}"
-                f"   {rwkvx['bytes'] - rwkv['bytes']:14,d}"
+                f"   {rwkvx['temp'] / 2**20:12.1f}   {rwkv['sequence']:12,d}"
+                f"   {rwkvx['sequence'] - rwkv['sequence']:14,d}   {rwkvx['gradients']:18,d}"
             )
 
 

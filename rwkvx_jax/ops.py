@@ -57,8 +57,9 @@ def kernel_mesh(mesh: Mesh | None) -> Iterator[None]:
     heads, which is exact: the recurrence and the attention never mix them. Operands sharded
     otherwise are resharded to that by XLA first. A mesh of one device, None, or the XLA /
     reference backends: calls are left as they are. With a "context" axis of size > 1 the
-    time axis is split over it too, for every backend, and `token_shift` and `wkv7` exchange
-    the shard boundaries' messages (`rwkvx_jax.context_parallel`).
+    time axis is split over it too, for every backend, and `token_shift`, `wkv7` and
+    `topk_chunk_attention` exchange what crosses the shard boundaries
+    (`rwkvx_jax.context_parallel`).
 
     The training step traces the model inside this (rwkvx_jax.training.remat.block_transforms).
 
@@ -168,6 +169,9 @@ def token_shift(x, previous=None):
 def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str = "auto"):
     """Top-k chunk sparse attention with the training semantics of SPEC §4.
 
+    Under a kernel mesh with context shards, each shard attends its own tokens' queries
+    (`_topk_across_shards`).
+
     Args:
       q, k, v: [B, T, H, D].
       chunk_size: chunk length; top_k: chunks attended per query, its own included.
@@ -178,34 +182,41 @@ def topk_chunk_attention(q, k, v, *, chunk_size: int, top_k: int, backend: str =
       o: [B, T, H, D] in q's dtype.
     """
     backend = resolve_backend(backend, what="attention_backend")
+    if context_shards() > 1:
+        return _topk_across_shards(q, k, v, chunk_size, top_k, backend)
     kernel = lambda *qkv: (
         kernel_topk_chunk_attention(*qkv, chunk_size=chunk_size, topk=top_k, backend=backend),
     )
-    if context_shards() > 1:
-        _check_context_split(q.shape[1], "topk_chunk_attention")
-        if (q.shape[1] // context_shards()) % chunk_size:
-            raise ValueError(
-                f"topk_chunk_attention: {q.shape[1]} tokens in {context_shards()} context "
-                f"shards are not whole {chunk_size}-token chunks per shard"
-            )
-        # The own chunks are plain causal attention; the reference backend returns no lse.
-        own_backend = "xla_chunked" if backend == "reference" else backend
-        own = lambda *qkv: kernel_topk_chunk_attention(
-            *qkv, chunk_size=chunk_size, topk=1, backend=own_backend, return_lse=True
-        )
-        chosen = lambda q, k, v, sel: selected_chunks_attention(
-            q, k, v, sel, chunk_size=chunk_size, head_major_keys=True
-        )
-        across = lambda *qkv: (
-            topk_attention_across_shards(
-                *qkv, chunk_size=chunk_size, top_k=top_k, own=own, chosen=chosen, axis=_CONTEXT
-            ),
-        )
-        plain = lambda *qkv: (jax.ShapeDtypeStruct(qkv[0].shape, qkv[0].dtype),)
-        return _per_device(across, (q, k, v), (_TOKENS,) * 3, (_TOKENS,), shapes=plain)[0]
     if backend not in PALLAS_BACKENDS:
         return kernel(q, k, v)[0]
     return _per_device(kernel, (q, k, v), (_TOKENS,) * 3, (_TOKENS,))[0]
+
+
+def _topk_across_shards(q, k, v, chunk_size: int, top_k: int, backend: str):
+    """`topk_chunk_attention` with the sequence cut into context shards of whole chunks: the
+    backend's kernel for the own chunks, the XLA pairs form for the chosen ones
+    (`rwkvx_jax.context_parallel.chunk_attention`)."""
+    _check_context_split(q.shape[1], "topk_chunk_attention")
+    if (q.shape[1] // context_shards()) % chunk_size:
+        raise ValueError(
+            f"topk_chunk_attention: {q.shape[1]} tokens in {context_shards()} context shards "
+            f"are not whole {chunk_size}-token chunks per shard"
+        )
+    # The own chunks are plain causal attention; the reference backend returns no lse.
+    own_backend = "xla_chunked" if backend == "reference" else backend
+    own = lambda *qkv: kernel_topk_chunk_attention(
+        *qkv, chunk_size=chunk_size, topk=1, backend=own_backend, return_lse=True
+    )
+    chosen = lambda q, k, v, sel: selected_chunks_attention(
+        q, k, v, sel, chunk_size=chunk_size, head_major_keys=True
+    )
+    across = lambda *qkv: (
+        topk_attention_across_shards(
+            *qkv, chunk_size=chunk_size, top_k=top_k, own=own, chosen=chosen, axis=_CONTEXT
+        ),
+    )
+    shapes = lambda *qkv: (jax.ShapeDtypeStruct(qkv[0].shape, qkv[0].dtype),)
+    return _per_device(across, (q, k, v), (_TOKENS,) * 3, (_TOKENS,), shapes=shapes)[0]
 
 
 __all__ = [
