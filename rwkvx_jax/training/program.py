@@ -71,7 +71,8 @@ class TrainProgram:
             )
         _check_context_split(config, model_config, mesh)
         batch_sharding = shd.batch_sharding(mesh)
-        host_rows(batch_sharding, config.data.batch_size)  # checks the split over processes
+        # The rows this process reads (`host_rows`) are checked when batches are made: an
+        # ahead-of-time compile for a slice (aot.py) has no process of its own there.
         return cls(
             config=config,
             model_config=model_config,
