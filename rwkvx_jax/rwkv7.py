@@ -21,7 +21,6 @@ from rwkvx_jax.layers import (
     per_group_broadcast,
     per_group_sum,
     scaled_orthogonal,
-    token_shift,
     uniform_symmetric,
     valid_mask,
 )
@@ -117,7 +116,7 @@ class TimeMix(nn.Module):
         )
 
         x = x.astype(self.dtype)
-        delta = token_shift(x, shift_state) - x
+        delta = ops.token_shift(x, shift_state) - x
         xr, xw, xk, xv, xa, xg = (x + delta * coeff[n] for n in mix)
 
         r = receptance(xr)
@@ -182,7 +181,7 @@ class ChannelMix(nn.Module):
         key = linear(4 * C, "key", self.dtype, self.param_dtype, uniform_symmetric(0.5 * C**-0.5))
         value = linear(C, "value", self.dtype, self.param_dtype, nn.initializers.zeros)
         x = x.astype(self.dtype)
-        h = x + (token_shift(x, shift_state) - x) * jnp.asarray(x_k, self.dtype)
+        h = x + (ops.token_shift(x, shift_state) - x) * jnp.asarray(x_k, self.dtype)
         out = value(jnp.square(jax.nn.relu(key(h))))
         return out, last_valid(x, n_valid, shift_state)
 

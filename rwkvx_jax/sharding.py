@@ -1,4 +1,7 @@
-"""Device mesh, logical-axis rules and parameter shardings for training (data / fsdp / tensor).
+"""Device mesh, logical-axis rules and parameter shardings for training.
+
+Four mesh axes: "data" and "fsdp" split the batch (fsdp also the model width of every
+matrix), "tensor" the heads, and "context" the sequence (`rwkvx_jax.context_parallel`).
 
 Layers never name mesh axes. Each parameter gets logical axis names from its path (the official
 key layout is fixed, so the path says what a tensor is), and one rules table maps logical names
@@ -18,14 +21,15 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 # Logical name -> mesh axis (or axes, outermost first, or None = replicated). Megatron-style
 # tensor parallelism splits the heads / MLP / vocabulary dimension, so a key -> value matmul
 # pair needs no collective in between; FSDP splits the model width of every matrix.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    # Context parallelism: a sequence in contiguous shards, one per "context" device.
+    ("length", "context"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -57,11 +61,11 @@ _PARAM_AXES: tuple[tuple[re.Pattern, Logical], ...] = tuple(
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
-    """A Mesh with axes ("data", "fsdp", "tensor").
+    """A Mesh with axes ("data", "fsdp", "tensor", "context").
 
     Args:
-      shape: sizes of (data, fsdp, tensor); at most one may be -1, meaning "all remaining
-        devices".
+      shape: sizes of (data, fsdp, tensor, context), or of (data, fsdp, tensor) with context 1;
+        at most one may be -1, meaning "all remaining devices".
       devices: the devices to use (default: all, `jax.devices()`; or e.g. the devices of a TPU
         topology description for ahead-of-time compilation); their count must equal the
         product of the shape.
@@ -71,8 +75,12 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(int(s) for s in shape)
+    if len(shape) == len(MESH_AXES) - 1:
+        shape = (*shape, 1)  # the three-number form: no context parallelism
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {shape} must have one size per axis {MESH_AXES}")
+        raise ValueError(
+            f"mesh shape {shape} must have one size per axis {MESH_AXES} (or the first three)"
+        )
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"mesh shape {shape}: sizes must be >= 1, with at most one -1")
     known = math.prod(s for s in shape if s != -1)
@@ -193,6 +201,32 @@ def batch_sharding(mesh: Mesh, rank: int = 2, rules: Rules = LOGICAL_AXIS_RULES)
     axes = tuple(a for a in axes if mesh.shape[a] > 1)
     batch_axes = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (rank - 1))))
+
+
+def activation_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Sharding of [batch, length, channels] activations: batch over ("data", "fsdp"), length
+    over "context" (context parallelism), channels replicated."""
+    axes = _rule_table(rules)
+    kept = lambda name: tuple(a for a in axes[name] if mesh.shape[a] > 1)
+    spec = [None if not a else a[0] if len(a) == 1 else a for a in (kept("batch"), kept("length"))]
+    return NamedSharding(mesh, PartitionSpec(*spec, None))
+
+
+def context_rows_sharding(
+    mesh: Mesh, rank: int, rules: Rules = LOGICAL_AXIS_RULES
+) -> NamedSharding:
+    """Sharding of [context shards * batch, length / shards, ...]: row s * B + b is shard s of
+    sequence b; rows over "context" then the batch axes, so a [B, T, ...] array cut along T
+    keeps every device's part where it is."""
+    table = _rule_table(rules)
+    axes = tuple(a for a in (*table["length"], *table["batch"]) if mesh.shape[a] > 1)
+    rows = None if not axes else axes[0] if len(axes) == 1 else axes
+    return NamedSharding(mesh, PartitionSpec(rows, *([None] * (rank - 1))))
+
+
+def context_shards(mesh: Mesh) -> int:
+    """How many contiguous pieces a sequence is cut into (the "context" axis size)."""
+    return mesh.shape["context"]
 
 
 def batch_shards(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> int:

@@ -170,6 +170,7 @@ def _aot(config, topology: str) -> None:
         f"in {time.perf_counter() - start:.0f} s"
     )
     print(training.describe_memory(compiled))
+    print(training.describe_collectives(compiled))
 
 
 if __name__ == "__main__":

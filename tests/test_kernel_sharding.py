@@ -103,6 +103,6 @@ def test_per_device_kernels_match_one_device(backend, heads, interpreted_kernels
 
 def test_kernel_mesh_needs_the_training_axes():
     mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
-    with pytest.raises(ValueError, match=r"axes must be \('data', 'fsdp', 'tensor'\)"):
+    with pytest.raises(ValueError, match=r"axes must be \('data', 'fsdp', 'tensor', 'context'\)"):
         with ops.kernel_mesh(mesh):
             pass

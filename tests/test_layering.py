@@ -19,7 +19,7 @@ PACKAGES = ("rwkvx_jax", "pallas_kernels")
 # docs/ARCHITECTURE.md draws the same picture; keep the two together.
 LAYERS = (
     ("base", ("config", "layers", "sharding", "tokenizer", "atomic_files")),
-    ("kernel dispatch", ("ops",)),
+    ("kernel dispatch", ("ops", "context_parallel")),
     ("blocks", ("rwkv7", "sparse")),
     ("model", ("model",)),
     ("formats", ("checkpoints", "data")),
@@ -34,6 +34,7 @@ SAME_LAYER_OK = {
     ("api", "decoding"),
     ("serving", "decoding"),
     ("convert", "convert_demo"),
+    ("ops", "context_parallel"),
 }
 # Modules run as programs: nothing imports them, and nothing but the evals imports the evals'
 # shared helpers.

@@ -6,8 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
+from train_runs import kill_after_first_checkpoint, run_losses, train_cli, two_processes_and_one
 
 from rwkvx_jax import sharding as shd
 from rwkvx_jax import training
@@ -239,7 +238,9 @@ def test_partition_specs_follow_rules_and_divisibility():
     assert shd.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="needs 12 devices"):
         shd.make_mesh((3, 2, 2))
-    assert dict(shd.make_mesh((2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    # The three-number form: no context parallelism.
+    want = {"data": 2, "fsdp": 4, "tensor": 1, "context": 1}
+    assert dict(shd.make_mesh((2, -1, 1)).shape) == want
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -523,25 +524,8 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def _train_cli(workdir, cache_dir, steps, every, extra=()):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    args = [
-        sys.executable, os.path.join(REPO, "train.py"), "--workdir", str(workdir),
-        "--steps", str(steps), "--no-progress", *SMALL_RUN, *REFERENCE_KERNELS, "data.batch_size=4",
-        "data.prefetch=1", f"checkpoint.every={every}", "checkpoint.keep=2", *extra,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _losses(workdir):
-    return [(r["step"], r["loss"]) for r in training.read_metrics(str(workdir / "metrics.jsonl"))]
+    return train_cli(workdir, cache_dir, steps, every, *SMALL_RUN, *REFERENCE_KERNELS,
+                     "data.batch_size=4", *extra)  # fmt: skip
 
 
 def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path):
@@ -556,22 +540,14 @@ def check_kill_9_and_ctrl_c_resume(tmp_path, extra=()):
     reference = _train_cli(tmp_path / "reference", cache, steps, every, extra)
     output, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, output
-    expected = _losses(tmp_path / "reference")
+    expected = run_losses(tmp_path / "reference")
     assert [s for s, _ in expected] == list(range(1, steps + 1))
 
     workdir = tmp_path / "killed"
-    run = _train_cli(workdir, cache, steps, every, extra)
     checkpoints = workdir / "checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and run.poll() is None:
-        done = [d for d in os.listdir(checkpoints) if d.isdigit()] if checkpoints.exists() else []
-        if done:
-            break
-        time.sleep(0.02)
-    assert run.poll() is None, "the run finished before it could be killed"
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    killed_at = kill_after_first_checkpoint(
+        _train_cli(workdir, cache, steps, every, extra), checkpoints
+    )
     assert killed_at < steps
 
     # Ctrl-C after the next checkpoint: the run saves the step it is on, says so in one line
@@ -599,48 +575,13 @@ def check_kill_9_and_ctrl_c_resume(tmp_path, extra=()):
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     assert "resumed from" in output
-    assert _losses(workdir) == expected  # bit-exact, every step, after kill -9 and Ctrl-C
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    assert run_losses(workdir) == expected  # bit-exact, every step, after kill -9 and Ctrl-C
 
 
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 2 CPU devices through jax.distributed (gloo) == 1 process, 1 device."""
-    common = [
-        sys.executable, os.path.join(REPO, "train.py"), "--no-progress", "--steps", "3",
-        *SMALL_RUN, *REFERENCE_KERNELS, "data.batch_size=4", "checkpoint.every=0",
-    ]  # fmt: skip
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    coordinator = f"localhost:{_free_port()}"
-    multi = ["--workdir", str(tmp_path / "multi"), "--distributed", "--coordinator", coordinator]
-    workers = [
-        subprocess.Popen(
-            [*common, *multi, "--num-processes", "2", "--process-id", str(i)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, output
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    single = subprocess.run(
-        [*common, "--workdir", str(tmp_path / "single")], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert single.returncode == 0, single.stdout + single.stderr
-    multi, one = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
+    args = [*SMALL_RUN, *REFERENCE_KERNELS, "data.batch_size=4"]
+    multi, one = two_processes_and_one(tmp_path, 3, *args)
     assert [s for s, _ in multi] == [s for s, _ in one] == [1, 2, 3]
     np.testing.assert_allclose([l for _, l in multi], [l for _, l in one], rtol=1e-5)
 
@@ -666,7 +607,7 @@ def test_aot_compile_for_a_tpu_slice(tmp_path, backend):
         *backends,
     )
     program, compiled = training.aot_compile(config, devices)
-    assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert dict(program.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2, "context": 1}
     assert ("tpu_custom_call" in compiled.as_text()) == (backend == "auto")
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     assert "memory analysis" in training.describe_memory(compiled)

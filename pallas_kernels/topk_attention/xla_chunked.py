@@ -503,3 +503,105 @@ def topk_chunk_attention(
     if return_lse:
         return out, jnp.swapaxes(lse[:, :, : plan.seq_len], 1, 2)
     return out
+
+
+# ----------------------------------------------------------------------------- chosen chunks
+
+
+class _PicksPlan(NamedTuple):
+    """Static description of a `selected_chunks_attention` call (what `_pairs_backward` reads)."""
+
+    chunk_size: int
+    pair_tile: int
+    n_tiles: int
+    n_candidates: int
+    scale: float
+
+
+def _picks_forward(q, k, v, sel, plan: _PicksPlan):
+    """(o, lse, tiles) of queries [G, Tq, D] over their chosen chunks of k, v [G, Tk, D]."""
+    g, tq, d = q.shape
+    tiles = pack_pair_tiles(
+        sel, pair_tile=plan.pair_tile, n_tiles=plan.n_tiles, n_candidates=plan.n_candidates
+    )
+    state = (
+        jnp.full((g, tq), MASKED_LOGIT, jnp.float32),
+        jnp.zeros((g, tq), jnp.float32),
+        jnp.zeros((g, tq, d), jnp.float32),
+    )
+
+    def read(kv, chunk):  # one chunk per group, fp32 (the sources keep their dtype)
+        return tuple(x.astype(jnp.float32) for x in chunk_reader(*kv, plan.chunk_size)(chunk))
+
+    (m, l, acc), _ = fold_pair_tiles(q, tiles, state, read, (k, v), scale=plan.scale)
+    some = l > 0
+    out = jnp.where(some[..., None], acc / jnp.where(some, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
+    return out, lse, tiles
+
+
+def _picks_backward(plan: _PicksPlan, residuals, d_out, delta):
+    q, k, v, _, lse, tiles = residuals
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    # k, v stay in their dtype (each chunk read is promoted to fp32): no fp32 copy of the keys;
+    # their gradients accumulate in fp32.
+    dq, dk, dv = _pairs_backward(
+        q, k, v, d_out, lse, delta, tiles, (zeros(q), zeros(k), zeros(v)), plan
+    )
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_picks_attention = attention_vjp(_picks_forward, _picks_backward)
+
+
+def selected_chunks_attention(
+    q, k, v, sel, *, chunk_size: int, pair_tile: int = 256, head_major_keys: bool = False
+):
+    """Attention of each query over whole key chunks it chose, differentiable in q, k and v.
+
+    The other half of `topk_chunk_attention` ("pairs"): the keys may be longer than the
+    queries and lie anywhere (context parallelism gathers the sequence's keys and lets each
+    shard's queries read their choices from them). Cost follows the pairs:
+    Tq * n * chunk_size query-key products per (batch, head), forward and backward.
+
+    Args:
+      q: [B, Tq, H, D] queries (computed in fp32).
+      k, v: [B, Tk, H, D] keys and values, Tk a multiple of chunk_size (kept in their dtype;
+        each chunk is read in fp32).
+      sel: int32 [B, Tq, H, n] chunk indices into k (chunk j: rows [j*chunk, (j+1)*chunk)),
+        -1 for none; a query names a chunk at most once. Not differentiated.
+      chunk_size: chunk length; pair_tile: (query, chunk) pairs per tile.
+      head_major_keys: k and v are [B, H, Tk, D] instead (read without a transposed copy:
+        the gathered keys of a long sequence are large).
+
+    Returns:
+      (o [B, Tq, H, D] fp32, lse [B, Tq, H] fp32): the softmax over the union of the chosen
+      chunks and its log-sum-exp; a query that chose nothing gets o = 0 and lse = -inf.
+    """
+    b, tq, h, d = q.shape
+    if not head_major_keys:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if k.shape != v.shape or k.ndim != 4 or (*k.shape[:2], k.shape[3]) != (b, h, d):
+        raise ValueError(
+            f"k, v must be [B, Tk, H, D] ([B, H, Tk, D] head-major) matching q {q.shape}; got "
+            f"{k.shape}"
+        )
+    if k.shape[2] % chunk_size:
+        raise ValueError(f"key length {k.shape[2]} is not a multiple of chunk_size {chunk_size}")
+    if sel.shape[:3] != (b, tq, h):
+        raise ValueError(f"sel must be [B, Tq, H, n] = [{b}, {tq}, {h}, n], got {sel.shape}")
+    n_candidates = k.shape[2] // chunk_size
+    plan = _PicksPlan(
+        chunk_size=chunk_size,
+        pair_tile=pair_tile,
+        n_tiles=max_pair_tiles(tq * sel.shape[-1], n_candidates, pair_tile),
+        n_candidates=n_candidates,
+        scale=1.0 / math.sqrt(d),
+    )
+    groups = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * h, x.shape[1], *x.shape[3:])
+    heads = lambda x: x.reshape(b * h, *x.shape[2:])  # [B, H, T, ...] -> [B*H, T, ...]
+    out, lse = _picks_attention(
+        groups(q.astype(jnp.float32)), heads(k), heads(v), groups(sel.astype(jnp.int32)), plan
+    )
+    back = lambda x: jnp.swapaxes(x.reshape(b, h, *x.shape[1:]), 1, 2)
+    return back(out), back(lse)

@@ -22,7 +22,13 @@ The command line is `rwkvx_jax.train` (`train.py`, `rwkvx-train`). Checkpoint fo
 """
 
 from rwkvx_jax.checkpoints.train_state import CheckpointStore
-from rwkvx_jax.training.aot import aot_compile, describe_memory, tpu_topology_devices
+from rwkvx_jax.training.aot import (
+    aot_compile,
+    collective_bytes,
+    describe_collectives,
+    describe_memory,
+    tpu_topology_devices,
+)
 from rwkvx_jax.training.config import (
     RECIPES,
     TrainConfig,
@@ -56,6 +62,8 @@ __all__ = [
     "TrainProgram",
     "TrainResult",
     "aot_compile",
+    "collective_bytes",
+    "describe_collectives",
     "apply_overrides",
     "block_transforms",
     "describe_memory",

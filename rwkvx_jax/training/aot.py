@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 from rwkvx_jax import ops
 from rwkvx_jax import sharding as shd
 from rwkvx_jax.config import RWKVXConfig
@@ -25,6 +28,57 @@ def describe_memory(compiled) -> str:
         f"{label} {_bytes(getattr(stats, attr))}" for label, attr in fields if hasattr(stats, attr)
     ]
     return "memory analysis of the train step (per device): " + ", ".join(parts)
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<kind>all-gather|all-reduce|reduce-scatter|"
+    r"collective-permute|all-to-all)(?:-start)?\("
+)
+_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]")
+_GROUPS = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
+_ELEMENT_BYTES = {"pred": 1, "bf16": 2}
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+    size = _ELEMENT_BYTES.get(dtype) or max(int(dtype[1:]) // 8, 1)
+    for d in filter(None, dims.split(",")):
+        size *= int(d)
+    return size
+
+
+def collective_bytes(hlo_text: str) -> Counter:
+    """Bytes of each kind of collective in a compiled module's HLO text, per device.
+
+    Counts each collective instruction's result (for an asynchronous `-start`, its largest
+    array: the gathered / received buffer), skipping the ones whose replica groups are single
+    devices (no data moves: shard_map's transposes over size-1 axes leave those). A measure of
+    what crosses devices per step, not a timing: all-gather counts the gathered array,
+    reduce-scatter its scattered result, all-reduce the reduced array.
+
+    Returns:
+      Counter {"all-gather": bytes, "all-reduce": ..., "reduce-scatter": ...,
+      "collective-permute": ..., "all-to-all": ...} (kinds absent count 0).
+    """
+    totals: Counter = Counter()
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if match is None or "-done(" in line:
+            continue
+        groups = _GROUPS.search(line)
+        if groups and all("," not in g for g in groups.group(1).split("},{")):
+            continue  # every group is one device
+        if match["kind"] == "collective-permute" and "source_target_pairs={}" in line:
+            continue
+        arrays = [_array_bytes(*a) for a in _ARRAY.findall(match["shape"])]
+        totals[match["kind"]] += max(arrays) if "-start(" in line else sum(arrays)
+    return totals
+
+
+def describe_collectives(compiled) -> str:
+    """`collective_bytes` of a compiled step as one line."""
+    totals = collective_bytes(compiled.as_text())
+    parts = [f"{kind} {_bytes(n)}" for kind, n in sorted(totals.items())] or ["none"]
+    return "collectives of the train step (per device): " + ", ".join(parts)
 
 
 def _bytes(n: int) -> str:

@@ -236,7 +236,9 @@ class TrainConfig:
       loss: loss terms.
       checkpoint: checkpoint cadence and export.
       sample: the greedy sample printed by `train.py` at the end.
-      mesh: (data, fsdp, tensor) mesh sizes; one may be -1 (all remaining devices).
+      mesh: (data, fsdp, tensor, context) mesh sizes, or (data, fsdp, tensor) with context 1;
+        one may be -1 (all remaining devices). context > 1 cuts each sequence into that many
+        contiguous shards (context parallelism, docs/CONTEXT_PARALLEL.md).
       steps: training steps (batches). With grad_accum_steps = k the optimiser updates every k
         steps; schedules count updates.
       seed: parameter init and data shuffle seed.
@@ -276,7 +278,7 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    mesh: tuple[int, int, int] = (-1, 1, 1)
+    mesh: tuple[int, ...] = (-1, 1, 1)
     steps: int = 300
     seed: int = 0
     remat: str = "none"
@@ -297,12 +299,13 @@ class TrainConfig:
         _check_choice(self, "finetune", FINETUNE_METHODS)
         self._check_finetune()
         if (
-            len(self.mesh) != 3
+            len(self.mesh) not in (3, 4)
             or self.mesh.count(-1) > 1
             or any(s == 0 or s < -1 for s in self.mesh)
         ):
             raise TrainConfigError(
-                f"mesh={self.mesh}: give (data, fsdp, tensor) sizes >= 1, at most one -1"
+                f"mesh={self.mesh}: give (data, fsdp, tensor) or (data, fsdp, tensor, context) "
+                "sizes >= 1, at most one -1"
             )
         if self.stage == "stage1" and self.model.n_attn_layer == 0:
             raise TrainConfigError(
@@ -431,6 +434,19 @@ def _stage2(model: str, mesh: tuple[int, int, int]) -> TrainConfig:
     )
 
 
+def _stage3(model: str, ctx: int, batch: int, mesh: tuple[int, ...]) -> TrainConfig:
+    """Stage 2 continued at `ctx` tokens per sequence, each sequence cut over the mesh's
+    context axis (docs/CONTEXT_PARALLEL.md): fewer sequences per step than chips."""
+    name = f"{model}-stage3-{ctx // 1024}k" if ctx < 2**20 else f"{model}-stage3-{ctx // 2**20}m"
+    return _stage2(model, mesh).replace(
+        name=name,
+        data=DataConfig(corpus=PROLONG_64K, ctx=ctx, batch_size=batch, order="magic_prime"),
+        steps=1_000,
+        workdir=f"runs/{name}",
+        init_checkpoint=f"runs/{model}-stage2/export/params",
+    )
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny": _tiny,
     # 0.22B: RWKV-7 0.1B (L12 C768) + 4 sparse blocks. Data-parallel fits easily.
@@ -439,6 +455,10 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     # 3.6B: RWKV-7 2.9B (L32 C2560) + 8 sparse blocks. FSDP over all devices.
     "3.6b-stage1": lambda: _stage1("3.6b", RWKV7_2P9B, (1, -1, 1)),
     "3.6b-stage2": lambda: _stage2("3.6b", (1, -1, 1)),
+    # 3.6B past one chip's sequence: 64K tokens of a sequence per chip (a v5p-128, 64 chips:
+    # `--aot-topology v5p:4x4x4`), 16 sequences of 256K or 4 of 1M per step (4.2M tokens).
+    "3.6b-stage3-256k": lambda: _stage3("3.6b", 2**18, 16, (1, 16, 1, 4)),
+    "3.6b-stage3-1m": lambda: _stage3("3.6b", 2**20, 4, (1, 4, 1, 16)),
 }
 
 

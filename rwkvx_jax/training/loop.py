@@ -183,6 +183,8 @@ def _prepare(
         tokens,
         ctx=config.data.ctx,
         batch_size=program.host_batch_size,
+        shard_index=program.host_shard[0],
+        shard_count=program.host_shard[1],
         seed=config.seed,
         order=config.data.order,
         prefetch=config.data.prefetch,

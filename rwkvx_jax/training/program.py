@@ -69,11 +69,10 @@ class TrainProgram:
                 f"data.batch_size={config.data.batch_size} is not divisible by the mesh's "
                 f"data x fsdp = {shards} (mesh {dict(mesh.shape)})"
             )
-        if config.data.batch_size % jax.process_count():
-            raise TrainConfigError(
-                f"data.batch_size={config.data.batch_size} is not divisible by the "
-                f"{jax.process_count()} processes"
-            )
+        _check_context_split(config, model_config, mesh)
+        batch_sharding = shd.batch_sharding(mesh)
+        # The rows this process reads (`host_rows`) are checked when batches are made: an
+        # ahead-of-time compile for a slice (aot.py) has no process of its own there.
         return cls(
             config=config,
             model_config=model_config,
@@ -83,8 +82,8 @@ class TrainProgram:
             trainable=trainable,
             abstract_state=abstract_state,
             state_shardings=shd.tree_shardings(abstract_state, mesh),
-            batch_sharding=shd.batch_sharding(mesh),
-            activation_sharding=shd.batch_sharding(mesh, rank=3),
+            batch_sharding=batch_sharding,
+            activation_sharding=shd.activation_sharding(mesh),
         )
 
     # -- state
@@ -123,10 +122,18 @@ class TrainProgram:
 
     @property
     def host_batch_size(self) -> int:
-        return self.config.data.batch_size // jax.process_count()
+        """Rows of each global batch this process reads (`host_rows`)."""
+        return host_rows(self.batch_sharding, self.config.data.batch_size)[0]
+
+    @property
+    def host_shard(self) -> tuple[int, int]:
+        """(index, count) of this process's rows among the global batch's row groups: the
+        data pipeline's shard_index and shard_count."""
+        rows, first = host_rows(self.batch_sharding, self.config.data.batch_size)
+        return first // rows, self.config.data.batch_size // rows
 
     def global_batch(self, host_tokens) -> jax.Array:
-        """This host's rows [B / processes, T + 1] as the global, batch-sharded array."""
+        """This host's rows [`host_batch_size`, T + 1] as the global, batch-sharded array."""
         host_tokens = _to_int32(host_tokens)
         shape = (self.config.data.batch_size, host_tokens.shape[1])
         return jax.make_array_from_process_local_data(self.batch_sharding, host_tokens, shape)
@@ -143,10 +150,15 @@ class TrainProgram:
 
         def per_token(tok, tgt):
             hidden = self.model.apply({"params": params}, tok, hidden_only=True)
-            return chunked_token_cross_entropy(
-                hidden, tgt, functools.partial(output_logits, self.model_config, params),
+            hidden, tgt_rows = (
+                self._rows_per_context_shard(hidden),
+                self._rows_per_context_shard(tgt),
+            )
+            losses = chunked_token_cross_entropy(
+                hidden, tgt_rows, functools.partial(output_logits, self.model_config, params),
                 chunk_tokens=loss_cfg.chunk_tokens, l2wrap_logits=loss_cfg.l2wrap,
             )  # fmt: skip
+            return self._positions_back(losses, *tgt.shape)
 
         if loss_cfg.longce:
             return longce_loss(
@@ -154,6 +166,29 @@ class TrainProgram:
                 stride=loss_cfg.longce_stride, start=loss_cfg.longce_start, cap=loss_cfg.longce_cap,
             )  # fmt: skip
         return jnp.mean(per_token(inputs, targets))
+
+    def _rows_per_context_shard(self, x):
+        """[B, T, ...] -> [shards * B, T / shards, ...] when the mesh cuts sequences into context
+        shards: each shard's positions become rows of their own (shard-major, so every device
+        keeps its rows), the loss's pieces along T are cut from local positions, and no device
+        gathers another shard's hidden states. Per-position losses are unchanged (L2Wrap still
+        divides by the same B * T); `_positions_back` undoes it."""
+        shards = shd.context_shards(self.mesh)
+        batch, length = x.shape[:2]
+        if shards == 1 or length % shards:
+            return x
+        pieces = x.reshape(batch, shards, length // shards, *x.shape[2:])
+        rows = jnp.swapaxes(pieces, 0, 1).reshape(shards * batch, length // shards, *x.shape[2:])
+        return jax.lax.with_sharding_constraint(
+            rows, shd.context_rows_sharding(self.mesh, rows.ndim)
+        )
+
+    def _positions_back(self, rows, batch: int, length: int):
+        """[shards * B, T / shards] -> [B, T], the inverse of `_rows_per_context_shard`."""
+        if rows.shape[0] == batch:
+            return rows
+        pieces = rows.reshape(-1, batch, length // (rows.shape[0] // batch))
+        return jnp.swapaxes(pieces, 0, 1).reshape(batch, length)
 
     def step_fn(self, state: TrainState, tokens) -> tuple[TrainState, dict]:
         """One training step (not jitted): loss, gradients of the trainable params, update."""
@@ -201,6 +236,42 @@ class TrainProgram:
         if self._compiled is None:
             self.compile(tokens.shape[1] - 1)
         return self._compiled(state, tokens)
+
+
+def _check_context_split(config: TrainConfig, model_config: RWKVXConfig, mesh: Mesh) -> None:
+    """Context parallelism cuts each sequence into equal shards of whole attention chunks."""
+    shards = shd.context_shards(mesh)
+    if shards == 1:
+        return
+    unit = shards * (model_config.chunk_size if model_config.n_attn_layer else 1)
+    if config.data.ctx % unit:
+        whole = f" of whole {model_config.chunk_size}-token chunks" if unit > shards else ""
+        raise TrainConfigError(
+            f"data.ctx={config.data.ctx} cannot be cut into {shards} context shards{whole} (the "
+            f"mesh's context axis): use a multiple of {unit}"
+        )
+
+
+def host_rows(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+    """(rows, first row) of the global batch that this process's devices hold.
+
+    The batch is split over ("data", "fsdp") and repeated over the other axes: processes whose
+    devices differ only in "tensor" or "context" (a sequence cut over processes) read the
+    same rows, and no process reads rows it does not hold.
+
+    Raises:
+      TrainConfigError: the rows do not split evenly over the processes.
+    """
+    index_map = batch_sharding.addressable_devices_indices_map((batch_size, 1))
+    spans = [index[0].indices(batch_size)[:2] for index in index_map.values()]
+    first, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    rows = stop - first
+    if batch_size % rows or first % rows:
+        raise TrainConfigError(
+            f"data.batch_size={batch_size} does not split evenly over the {jax.process_count()} "
+            f"processes (this one holds rows [{first}, {stop}) of the mesh's batch split)"
+        )
+    return rows, first
 
 
 def init_params_fn(model: RWKVX):
