@@ -85,7 +85,7 @@ def test_overrides_are_typed():
         ("data.ctx=abc", "data.ctx expects int"),
         ("data.ctx=1.5", "data.ctx expects int"),
         ("checkpoint.async_save=maybe", "use true/false"),
-        ("mesh=2,2", "expects 3 values"),
+        ("mesh=2,2", r"give \(data, fsdp, tensor\) or \(data, fsdp, tensor, context\)"),
         ("data=stdlib", "data is a section"),
         ("model=gpt2", "unknown model preset"),
         ("model.n_embd=100", "not a multiple of head_size"),
