@@ -206,6 +206,48 @@ def test_a_state_file_written_offline_serves_and_a_mismatched_one_is_refused(ser
     assert refused.status_code == 400 and "cache size 256" in refused.json()["error"]["message"]
 
 
+def test_a_state_tuning_export_serves_as_a_named_state(server, client):
+    """Issue 25 item 2: the state `finetune=state` exports (`tuned_decode_state`, written by
+    `save_state` as `StateMethod.export` does) is a named state the server starts from: its
+    greedy text equals `Decoder.generate` from the same state, and differs from a fresh start."""
+    import jax
+
+    from rwkvx_jax.checkpoints.random_weights import demo_model
+    from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
+    from rwkvx_jax.decoding.sampling import SamplingConfig
+    from rwkvx_jax.decoding.state_files import save_state
+    from rwkvx_jax.training.config import StateTuningConfig
+    from rwkvx_jax.training.state_tuning import init_tuned_states, tuned_decode_state
+
+    config, params = demo_model()
+    zeros = init_tuned_states(config, StateTuningConfig(token_shift=True))
+    leaves, tree = jax.tree_util.tree_flatten(zeros)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    tuned = tree.unflatten(
+        [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+    state = tuned_decode_state(config, tuned, cache_size=CONTEXT)
+    save_state(server[2] / "tuned.npz", config, state)
+
+    prompt, max_tokens = "Q: hi", 8
+    settings = DecodeConfig(cache_size=CONTEXT, prefill_chunk=32, kernel_layout="in_out")
+    decoder = Decoder(config, params, settings)
+    # Greedy with no penalties: what an OpenAI request without penalty fields asks for.
+    greedy = SamplingConfig(temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0)
+    steps = decoder.generate(
+        [list(prompt.encode())], greedy, max_tokens,
+        state=tuned_decode_state(config, tuned, cache_size=CONTEXT),
+    )  # fmt: skip
+    tokens = [int(t[0]) for t in steps]
+    tokens = tokens[: tokens.index(-1)] if -1 in tokens else tokens
+    args = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    served = client.completions.create(**args, extra_body={"state": "tuned"}).choices[0].text
+    fresh = client.completions.create(**args).choices[0].text
+    expected = bytes(t for t in tokens if t != 0).decode("utf-8", errors="replace")
+    assert served == expected
+    assert served != fresh
+
+
 def _stream_and_drop(server, tokens_read: int, max_tokens: int = CONTEXT - 8) -> None:
     """Streams a long generation and hangs up after `tokens_read` events."""
     body = {**LONG, "max_tokens": max_tokens, "stream": True}
@@ -338,45 +380,3 @@ def test_sigterm_drains_a_running_stream_and_exits_0(server):
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     assert server[1].wait(timeout=30) == 0, server[1].stderr.read()
-
-
-def test_a_state_tuning_export_serves_as_a_named_state(server, client):
-    """Issue 25 item 2: the state `finetune=state` exports (`tuned_decode_state`, written by
-    `save_state` as `StateMethod.export` does) is a named state the server starts from: its
-    greedy text equals `Decoder.generate` from the same state, and differs from a fresh start."""
-    import jax
-
-    from rwkvx_jax.checkpoints.random_weights import demo_model
-    from rwkvx_jax.decoding.decoder import DecodeConfig, Decoder
-    from rwkvx_jax.decoding.sampling import SamplingConfig
-    from rwkvx_jax.decoding.state_files import save_state
-    from rwkvx_jax.training.config import StateTuningConfig
-    from rwkvx_jax.training.state_tuning import init_tuned_states, tuned_decode_state
-
-    config, params = demo_model()
-    zeros = init_tuned_states(config, StateTuningConfig(token_shift=True))
-    leaves, tree = jax.tree_util.tree_flatten(zeros)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    tuned = tree.unflatten(
-        [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    )
-    state = tuned_decode_state(config, tuned, cache_size=CONTEXT)
-    save_state(server[2] / "tuned.npz", config, state)
-
-    prompt, max_tokens = "Q: hi", 8
-    settings = DecodeConfig(cache_size=CONTEXT, prefill_chunk=32, kernel_layout="in_out")
-    decoder = Decoder(config, params, settings)
-    # Greedy with no penalties: what an OpenAI request without penalty fields asks for.
-    greedy = SamplingConfig(temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0)
-    steps = decoder.generate(
-        [list(prompt.encode())], greedy, max_tokens,
-        state=tuned_decode_state(config, tuned, cache_size=CONTEXT),
-    )  # fmt: skip
-    tokens = [int(t[0]) for t in steps]
-    tokens = tokens[: tokens.index(-1)] if -1 in tokens else tokens
-    args = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    served = client.completions.create(**args, extra_body={"state": "tuned"}).choices[0].text
-    fresh = client.completions.create(**args).choices[0].text
-    expected = bytes(t for t in tokens if t != 0).decode("utf-8", errors="replace")
-    assert served == expected
-    assert served != fresh
