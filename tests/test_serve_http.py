@@ -282,10 +282,15 @@ def test_a_full_queue_is_429_and_the_server_keeps_serving(server, client):
         # SLOTS streams take the slots, QUEUE more wait for one; all hold on until released.
         holders = [pool.submit(_stream_until, server, release) for _ in range(SLOTS + QUEUE)]
         try:
+            # A burst first queues more than QUEUE (the engine moves them into slots one
+            # prefill at a time): wait for the steady state, every slot busy and QUEUE waiting.
+            def occupancy():
+                return _metric(server, "rwkvx_busy_slots"), _metric(server, "rwkvx_queue_depth")
+
             deadline = time.monotonic() + 60
-            while _metric(server, "rwkvx_queue_depth") < QUEUE and time.monotonic() < deadline:
+            while occupancy() != (SLOTS, QUEUE) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert _metric(server, "rwkvx_queue_depth") == QUEUE
+            assert occupancy() == (SLOTS, QUEUE)
             with pytest.raises(openai.RateLimitError, match="queue holds"):
                 client.completions.create(model="demo", prompt="x", max_tokens=1)
         finally:
