@@ -30,7 +30,14 @@ import shutil
 import sys
 
 import numpy as np
-from paper_claim import _read_json, _write_json, log, parameter_count, read_losses
+from paper_claim import (
+    log,
+    parameter_count,
+    read_json,
+    read_losses,
+    timed_training,
+    write_json,
+)
 from timing import Stopwatch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -191,21 +198,9 @@ def make_data(s: Settings, out: str, seed: int, phase: Phase) -> None:
 
 def train_phase(name: str, s: Settings, out: str, seed: int, phase: Phase, progress) -> float:
     """Trains (or resumes) one run; returns its wall seconds (all attempts)."""
-    from rwkvx_jax import training
-
+    command = " ".join(["python train.py"] + train_overrides(name, s, out, seed, phase))
     config = train_config(name, s, out, seed, phase)
-    timing_path = os.path.join(config.workdir, "train_seconds.json")
-    previous = _read_json(timing_path, {"seconds": 0.0, "complete": False})
-    if previous["complete"]:
-        return previous["seconds"]
-    log("train: python train.py " + " ".join(train_overrides(name, s, out, seed, phase)))
-    os.makedirs(config.workdir, exist_ok=True)
-    clock = Stopwatch()
-    training.train(config, progress=progress, log=log)
-    seconds = previous["seconds"] + clock.seconds()
-    _write_json(timing_path, {"seconds": seconds, "complete": True})
-    log(f"train {name} seed {seed} {phase.name}: {seconds:.0f} s")
-    return seconds
+    return timed_training(config, command, f"{name} seed {seed} {phase.name}", progress)
 
 
 def evaluate(name: str, s: Settings, out: str, seed: int) -> list:
@@ -361,7 +356,7 @@ def report(s: Settings, out: str, counts, seconds, rows_by_eval, docs: str | Non
         "breaks_at_training_length": {n: breaking_point(table[n][s.ctx]) for n in table},
         "verdict": result,
     }
-    _write_json(os.path.join(out, "summary.json"), summary)
+    write_json(os.path.join(out, "summary.json"), summary)
     for length in s.eval_lengths:
         log(f"\nexact answers at {length} tokens (mean ± s.e. over {len(s.seeds)} seeds):")
         log(markdown_table(table, s, length))
@@ -413,10 +408,10 @@ def main(argv=None) -> int:
     if sorted(set(names) - set(MODELS)):
         parser.error(f"unknown models in {names}; known: {sorted(MODELS)}")
     os.makedirs(out, exist_ok=True)
-    saved = _read_json(os.path.join(out, "settings.json"), None)
+    saved = read_json(os.path.join(out, "settings.json"), None)
     if saved is not None and saved != json.loads(json.dumps(dataclasses.asdict(s))):
         parser.error(f"{out} holds a run with other settings ({saved}); choose another --out")
-    _write_json(os.path.join(out, "settings.json"), dataclasses.asdict(s))
+    write_json(os.path.join(out, "settings.json"), dataclasses.asdict(s))
     log(f"pass criterion, fixed before the run: RWKV-X >= {s.pass_rwkvx:.0%} where RWKV-7 <= "
         f"{s.pass_rwkv7:.0%} at the same number of facts, {s.ctx} tokens")  # fmt: skip
     counts = check_budget(s, out)

@@ -44,6 +44,7 @@ from timing import Stopwatch
 # The bench scripts run from the repository root without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rwkvx_jax.atomic_files import write_text_atomically
 from rwkvx_jax.training.config import TrainConfig, apply_overrides, recipe
 
 
@@ -270,22 +271,29 @@ def check_budget(s: Settings, out: str) -> dict[str, int]:
 
 def train_phase(name: str, s: Settings, out: str, phase: Phase, progress: bool) -> float:
     """Trains (or resumes) one model's phase; returns the wall seconds it took (all attempts)."""
+    command = " ".join(["python train.py"] + train_overrides(name, s, out, phase))
+    return timed_training(
+        train_config(name, s, out, phase), command, f"{name} {phase.name}", progress
+    )
+
+
+def timed_training(config: TrainConfig, command: str, label: str, progress: bool) -> float:
+    """Trains (or resumes) one run, logging its `train.py` command; returns its wall seconds
+    over all attempts, kept in the run's train_seconds.json so a finished run is not retrained."""
     from rwkvx_jax import training
 
-    config = train_config(name, s, out, phase)
     timing_path = os.path.join(config.workdir, "train_seconds.json")
-    previous = _read_json(timing_path, {"seconds": 0.0, "complete": False})
+    previous = read_json(timing_path, {"seconds": 0.0, "complete": False})
     if previous["complete"]:
-        log(f"train {name} {phase.name}: done ({previous['seconds']:.0f} s)")
+        log(f"train {label}: done ({previous['seconds']:.0f} s)")
         return previous["seconds"]
-    command = " ".join(["python train.py"] + train_overrides(name, s, out, phase))
-    log(f"train {name} {phase.name}: {command}")
+    log(f"train {label}: {command}")
     os.makedirs(config.workdir, exist_ok=True)
     clock = Stopwatch()
     training.train(config, progress=progress, log=log)
     seconds = previous["seconds"] + clock.seconds()
-    _write_json(timing_path, {"seconds": seconds, "complete": True})
-    log(f"train {name} {phase.name}: {seconds:.0f} s")
+    write_json(timing_path, {"seconds": seconds, "complete": True})
+    log(f"train {label}: {seconds:.0f} s")
     return seconds
 
 
@@ -479,7 +487,7 @@ def report(s: Settings, out: str, counts, seconds, rows_by_model, docs: str | No
         "accuracy": {name: {str(n): a for n, a in acc.items()} for name, acc in results.items()},
         "prompts_per_length": s.depths * s.seeds,
     }
-    _write_json(os.path.join(out, "summary.json"), summary)
+    write_json(os.path.join(out, "summary.json"), summary)
     head = "| model | params | train s | final loss | " + " | ".join(
         f"{n} ({n // s.ctx}x)" for n in s.lengths
     )
@@ -505,19 +513,17 @@ def report(s: Settings, out: str, counts, seconds, rows_by_model, docs: str | No
 # ----------------------------------------------------------------------------- main
 
 
-def _read_json(path: str, default):
+def read_json(path: str, default):
+    """The JSON in `path`, or `default` when there is no such file."""
     if not os.path.exists(path):
         return default
     with open(path) as f:
         return json.load(f)
 
 
-def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: str, data) -> None:
+    """Writes `data` as sorted, indented JSON, atomically."""
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def parse_settings(pairs: list[str], s: Settings, parser) -> dict:
@@ -578,10 +584,10 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown models {unknown}; known: {sorted(MODELS)}")
     os.makedirs(out, exist_ok=True)
-    saved = _read_json(os.path.join(out, "settings.json"), None)
+    saved = read_json(os.path.join(out, "settings.json"), None)
     if saved is not None and saved != json.loads(json.dumps(dataclasses.asdict(s))):
         parser.error(f"{out} holds a run with other settings ({saved}); choose another --out")
-    _write_json(os.path.join(out, "settings.json"), dataclasses.asdict(s))
+    write_json(os.path.join(out, "settings.json"), dataclasses.asdict(s))
     progress = not args.no_progress
 
     counts = check_budget(s, out)

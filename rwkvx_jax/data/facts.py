@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from rwkvx_jax.data.binidx import write_binidx
+from rwkvx_jax.data.windows import windows_stream, write_windows_binidx
 
 KEY_ALPHABET = tuple(range(0x80, 0x100))  # bytes no ASCII text uses
 VALUE_ALPHABET = tuple(string.ascii_lowercase.encode())
@@ -231,11 +231,7 @@ class FactsTask:
         Returns:
           int32 [count * ctx + 1]; `TokenWindows(stream, ctx)` reads exactly these windows.
         """
-        stream = np.empty(count * self.ctx + 1, np.int32)
-        for index, window in enumerate(self.windows(count)):
-            stream[index * self.ctx : (index + 1) * self.ctx] = window
-        stream[-1] = END_OF_DOCUMENT
-        return stream
+        return windows_stream(self.windows(count), count, self.ctx, END_OF_DOCUMENT)
 
     def write_binidx(self, prefix: str | os.PathLike, count: int) -> int:
         """Writes `tokens(count)` as a binidx pair of bytes (one item per window, the closing
@@ -244,14 +240,8 @@ class FactsTask:
         Returns:
           Tokens written: count * ctx + 1.
         """
-        if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
-
-        def documents() -> Iterator[list[int]]:
-            for index, window in enumerate(self.windows(count)):
-                yield window + [END_OF_DOCUMENT] if index == count - 1 else window
-
-        return write_binidx(prefix, documents(), dtype=np.uint8)
+        windows = self.windows(count)
+        return write_windows_binidx(prefix, windows, count, END_OF_DOCUMENT, np.uint8)
 
 
 def _spell(number: int, alphabet: tuple[int, ...], width: int) -> list[int]:

@@ -33,8 +33,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from rwkvx_jax.data.binidx import write_binidx
 from rwkvx_jax.data.passkey import DEFAULT_KEY_DIGITS, PasskeyPromptBuilder
+from rwkvx_jax.data.windows import windows_stream, write_windows_binidx
 from rwkvx_jax.tokenizer import Tokenizer
 
 ANSWER = " {key}."
@@ -233,11 +233,7 @@ class RetrievalMix:
         Returns:
           int32 [count * ctx + 1]; `TokenWindows(stream, ctx)` reads exactly these windows.
         """
-        stream = np.empty(count * self.ctx + 1, np.int32)
-        for index, window in enumerate(self.windows(count)):
-            stream[index * self.ctx : (index + 1) * self.ctx] = window
-        stream[-1] = self.end_of_document
-        return stream
+        return windows_stream(self.windows(count), count, self.ctx, self.end_of_document)
 
     def write_binidx(self, prefix: str | os.PathLike, count: int) -> int:
         """Writes `tokens(count)` as a binidx pair (one item per window, the closing token
@@ -246,12 +242,6 @@ class RetrievalMix:
         Returns:
           Tokens written: count * ctx + 1.
         """
-        if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
-
-        def documents() -> Iterator[list[int]]:
-            for index, window in enumerate(self.windows(count)):
-                yield window + [self.end_of_document] if index == count - 1 else window
-
         dtype = np.uint8 if self.tokenizer.vocab_size <= 256 else np.uint16
-        return write_binidx(prefix, documents(), dtype=dtype)
+        windows = self.windows(count)
+        return write_windows_binidx(prefix, windows, count, self.end_of_document, dtype)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import grain
 import numpy as np
 
-from rwkvx_jax.data.binidx import BinIdxTokens
+from rwkvx_jax.data.binidx import BinIdxTokens, write_binidx
 
 Order = Literal["shuffle", "magic_prime", "sequential"]
 ORDERS: tuple[str, ...] = ("shuffle", "magic_prime", "sequential")
@@ -125,3 +127,36 @@ def window_order(windows: TokenWindows, order: Order, seed: int) -> grain.MapDat
         return grain.MapDataset.range(prime).map(functools.partial(magic_prime_window, prime=prime))
     indices = grain.MapDataset.range(len(windows))
     return indices.shuffle(seed) if order == "shuffle" else indices
+
+
+def windows_stream(windows: Iterable[list[int]], count: int, ctx: int, end: int) -> np.ndarray:
+    """The flat stream of `count` ctx-token windows plus a closing `end` token (what a synthetic
+    task's `tokens(count)` returns).
+
+    Returns:
+      int32 [count * ctx + 1]; `TokenWindows(stream, ctx)` reads exactly these windows.
+    """
+    stream = np.empty(count * ctx + 1, np.int32)
+    for index, window in enumerate(windows):
+        stream[index * ctx : (index + 1) * ctx] = window
+    stream[-1] = end
+    return stream
+
+
+def write_windows_binidx(
+    prefix: str | os.PathLike, windows: Iterable[list[int]], count: int, end: int, dtype
+) -> int:
+    """Writes `count` windows as a binidx pair (one item per window, the closing `end` token
+    appended to the last), for `train.py data.corpus=PREFIX data.order=sequential`.
+
+    Returns:
+      Tokens written: count * ctx + 1.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+
+    def documents() -> Iterator[list[int]]:
+        for index, window in enumerate(windows):
+            yield window + [end] if index == count - 1 else window
+
+    return write_binidx(prefix, documents(), dtype=dtype)

@@ -288,14 +288,14 @@ class Engine:
             return
         request = self._waiting.popleft()
         job = _Prefill(request, slot, 0, 0, None, None)
-        start = request.start
-        if start is not None:
-            job.state, job.logits = start.state.to_device()
+        hit = None
         if self.cache is not None:
             hit = self.cache.longest_prefix(self._cache_name(request), request.prompt, self.piece)
-            if hit is not None:
-                job.position = job.cached = hit.length_in_prompt
-                job.state, job.logits = hit.entry.to_device()
+        if hit is not None:  # the cached state already continues any saved start state
+            job.position = job.cached = hit.length_in_prompt
+            job.state, job.logits = hit.entry.to_device()
+        elif request.start is not None:
+            job.state, job.logits = request.start.state.to_device()
         self._prefill = job
 
     @staticmethod
